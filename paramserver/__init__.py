@@ -1,0 +1,9 @@
+"""Parameter server for classifier rows: numpy + pyzmq, never torch.
+
+Start a server with ``python paramserver/paramserver.py``; talk to it with
+:class:`paramserver.ParamClient`. The wire protocol is in ``paramserver/PROTOCOL.md``.
+"""
+from .optim import SGDConfig, reduce_duplicate_rows, sgd_rows
+from .table import Table
+
+__all__ = ["SGDConfig", "Table", "reduce_duplicate_rows", "sgd_rows"]

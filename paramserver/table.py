@@ -1,0 +1,114 @@
+"""A table of float32 rows with its momentum buffers: what a parameter server (or a shard of
+one) holds, and what the trainer's in-process row store holds.
+
+A table may hold a slice ``[row_start, row_start + num_rows)`` of a larger global table (a
+shard). Initialisation depends only on the *global* row id and the seed, so a table split
+over any number of shards starts with exactly the same rows as one unsplit table. All other
+methods take *local* row ids ``0 .. num_rows-1``; mapping global ids to shards is the
+client's job.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .optim import SGDConfig, sgd_rows
+
+__all__ = ["Table", "INITS", "init_rows"]
+
+INITS = ("zeros", "normal", "uniform")
+# Rows are initialised in blocks of this many global rows, each from its own seeded stream,
+# so any shard can generate its rows without generating the rows before it.
+_INIT_BLOCK = 4096
+
+
+def init_rows(init: str, start: int, stop: int, dim: int, std: float, seed: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of a table initialised with ``init`` (float32).
+
+    ``normal``: N(0, std^2); ``uniform``: U(-std, std); ``zeros``: 0. Deterministic in
+    (init, global row, dim, std, seed).
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+    out = np.zeros((stop - start, dim), dtype=np.float32)
+    if init == "zeros" or stop <= start:
+        return out
+    first_block, last_block = start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK
+    for block in range(first_block, last_block + 1):
+        b0 = block * _INIT_BLOCK
+        rng = np.random.default_rng([seed, block])
+        if init == "normal":
+            vals = rng.standard_normal((_INIT_BLOCK, dim), dtype=np.float32) * np.float32(std)
+        else:
+            vals = rng.uniform(-std, std, (_INIT_BLOCK, dim)).astype(np.float32)
+        lo, hi = max(start, b0), min(stop, b0 + _INIT_BLOCK)
+        out[lo - start:hi - start] = vals[lo - b0:hi - b0]
+    return out
+
+
+class Table:
+    """Rows, momentum buffers and SGD settings of one table (or one shard of it)."""
+
+    def __init__(self, name: str, num_rows: int, dim: int, *, init: str = "normal",
+                 std: float = 0.01, seed: int = 0, row_start: int = 0,
+                 optim: SGDConfig | None = None, weight: np.ndarray | None = None,
+                 momentum: np.ndarray | None = None):
+        if num_rows < 0 or dim <= 0:
+            raise ValueError(f"table {name!r}: need num_rows >= 0 and dim > 0, "
+                             f"got num_rows={num_rows}, dim={dim}")
+        self.name = name
+        self.num_rows = int(num_rows)
+        self.dim = int(dim)
+        self.row_start = int(row_start)
+        self.init, self.std, self.seed = init, float(std), int(seed)
+        self.optim = optim if optim is not None else SGDConfig()
+        if weight is None:
+            weight = init_rows(init, row_start, row_start + num_rows, dim, std, seed)
+        if weight.shape != (num_rows, dim) or weight.dtype != np.float32:
+            raise ValueError(f"table {name!r}: weight must be float32 {(num_rows, dim)}, "
+                             f"got {weight.dtype} {weight.shape}")
+        self.weight = weight
+        self.momentum = momentum if momentum is not None else np.zeros_like(weight)
+        self.updates = 0  # number of SGD steps applied to this table
+
+    def check_rows(self, rows: np.ndarray) -> None:
+        """Raise ``IndexError`` naming the first local row id outside ``[0, num_rows)``."""
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            bad = rows[(rows < 0) | (rows >= self.num_rows)][0]
+            raise IndexError(f"table {self.name!r}: row {int(bad) + self.row_start} outside "
+                             f"[{self.row_start}, {self.row_start + self.num_rows})")
+
+    def pull(self, rows: np.ndarray) -> np.ndarray:
+        """A float32 copy of the given (local) rows; duplicates allowed."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self.check_rows(rows)
+        return self.weight[rows]
+
+    def apply_grad(self, rows: np.ndarray, grads: np.ndarray) -> None:
+        """One SGD step with this table's settings; repeated rows accumulate."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self.check_rows(rows)
+        sgd_rows(self.weight, self.momentum, rows, grads, self.optim)
+        self.updates += 1
+
+    def set_rows(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Overwrite rows (their momentum buffers are left as they are)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self.check_rows(rows)
+        self.weight[rows] = values
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Local rows ``[start, stop)`` as a float32 copy."""
+        if not 0 <= start <= stop <= self.num_rows:
+            raise IndexError(f"table {self.name!r}: read range [{start}, {stop}) outside "
+                             f"[0, {self.num_rows}]")
+        return self.weight[start:stop].copy()
+
+    def checksum(self) -> str:
+        """A hash of weights, momentum and settings, to tell whether anything changed."""
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(self.weight.tobytes())
+        h.update(self.momentum.tobytes())
+        h.update(repr(sorted(self.optim.to_dict().items())).encode())
+        return h.hexdigest()
