@@ -1,0 +1,131 @@
+"""The per-batch class-selection rule of HF-Softmax, on plain numpy arrays.
+
+Zhang et al., "Accelerated Training for Massive Classification via Dynamic Class Selection"
+(AAAI 2018), section 3: the softmax of a minibatch runs over the batch's own classes plus the
+classes whose rows are nearest to the batch features (the hardest negatives). Here the
+selected set is, in this order:
+
+1. every unique label of the batch (sorted ascending);
+2. the nearest classes of the features, interleaved by rank across the batch (everyone's
+   1st neighbour, then everyone's 2nd, ...) so that no sample's 10th neighbour comes before
+   another sample's 1st, de-duplicated, first occurrence kept;
+3. uniformly random other classes (without replacement) up to exactly ``sample_num``.
+
+Everything is vectorized; the only loop is the (rare) redraw of the random top-up.
+
+>>> ids, remapped = select_classes(labels, neighbours, sample_num=1000, num_classes=10**6, rng=rng)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["check_labels", "interleave_neighbours", "random_topup", "select_classes"]
+
+
+def check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Return ``labels`` as a 1-D int64 array, raising ValueError on shape or range errors."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be a 1D array of shape (batch_size,), got shape "
+                         f"{tuple(labels.shape)}")
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64, copy=False)
+    if labels.size:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"label {bad} is outside [0, num_classes={num_classes}); "
+                             "check the dataset's class count and the sampler's num_classes")
+    return labels
+
+
+def interleave_neighbours(neighbours: np.ndarray, exclude_sorted: np.ndarray,
+                          limit: int) -> np.ndarray:
+    """Rank-interleaved, de-duplicated neighbour ids, at most ``limit`` of them.
+
+    ``neighbours`` is (B, k) with best first per row; negative entries are padding (an ANN
+    index may return fewer than k). Ids in ``exclude_sorted`` (sorted) are dropped.
+    """
+    if limit <= 0 or neighbours.size == 0:
+        return np.empty(0, dtype=np.int64)
+    flat = np.ascontiguousarray(neighbours.T).reshape(-1)  # rank-major: all 1st, all 2nd...
+    flat = flat[flat >= 0]
+    if exclude_sorted.size:
+        pos = np.searchsorted(exclude_sorted, flat)
+        pos[pos == exclude_sorted.size] = 0
+        flat = flat[exclude_sorted[pos] != flat]
+    if flat.size == 0:
+        return np.empty(0, dtype=np.int64)
+    _, first = np.unique(flat, return_index=True)
+    first.sort()  # keep first occurrences in rank order
+    return flat[first[:limit]].astype(np.int64, copy=False)
+
+
+def random_topup(rng: np.random.Generator, num_classes: int, exclude: np.ndarray,
+                 count: int) -> np.ndarray:
+    """``count`` distinct ids drawn uniformly from [0, num_classes) minus ``exclude``.
+
+    Sequential rejection of duplicates and excluded ids is the same distribution as drawing
+    without replacement from the complement; when the complement is small (dense case) it is
+    materialised and permuted instead, so the loop below always ends quickly.
+    """
+    if count <= 0:
+        return np.empty(0, dtype=np.int64)
+    exclude = np.unique(np.asarray(exclude, dtype=np.int64))
+    available = num_classes - exclude.size
+    if count > available:
+        raise ValueError(f"cannot draw {count} random classes: only {available} of "
+                         f"{num_classes} classes are not selected yet")
+    if num_classes <= 4 * (exclude.size + count) or num_classes <= 65536:
+        mask = np.ones(num_classes, dtype=bool)
+        mask[exclude] = False
+        pool = np.flatnonzero(mask)
+        return rng.choice(pool, size=count, replace=False).astype(np.int64, copy=False)
+    taken = exclude
+    out: list[np.ndarray] = []
+    got = 0
+    while got < count:  # sparse case: a handful of iterations at most
+        draw = rng.integers(0, num_classes, size=int((count - got) * 1.1) + 16, dtype=np.int64)
+        _, first = np.unique(draw, return_index=True)
+        draw = draw[np.sort(first)]
+        draw = draw[~np.isin(draw, taken, assume_unique=False)][:count - got]
+        out.append(draw)
+        got += draw.size
+        taken = np.union1d(taken, draw)
+    return np.concatenate(out)
+
+
+def select_classes(labels: np.ndarray, neighbours: np.ndarray | None, sample_num: int,
+                   num_classes: int, rng: np.random.Generator):
+    """Apply the selection rule; returns ``(class_ids (S,), remapped_labels (B,), n_neighbours)``.
+
+    ``class_ids[remapped_labels] == labels`` always holds. With ``sample_num >= num_classes``
+    all classes are selected as ``arange(num_classes)`` (so the sampled head equals the full
+    head and the labels are unchanged). ``neighbours`` may be None (no index yet): labels plus
+    random classes.
+    """
+    labels = check_labels(labels, num_classes)
+    if isinstance(sample_num, bool) or not isinstance(sample_num, (int, np.integer)) \
+            or sample_num <= 0:
+        raise ValueError(f"sample_num must be a positive integer, got {sample_num!r}")
+    sample_num = int(sample_num)
+    if sample_num >= num_classes:
+        return np.arange(num_classes, dtype=np.int64), labels.copy(), 0
+    uniq = np.unique(labels)
+    if sample_num < uniq.size:
+        raise ValueError(f"sample_num={sample_num} is smaller than the {uniq.size} distinct "
+                         "labels in this batch; raise sample_num or lower the batch size")
+    need = sample_num - uniq.size
+    if neighbours is not None:
+        near = interleave_neighbours(np.asarray(neighbours, dtype=np.int64), uniq, need)
+        if near.size and (near.max() >= num_classes):
+            raise ValueError(f"the index returned class id {int(near.max())} >= num_classes="
+                             f"{num_classes}: it was built from a row table of another size")
+    else:
+        near = np.empty(0, dtype=np.int64)
+    chosen = np.concatenate([uniq, near])
+    rand = random_topup(rng, num_classes, chosen, need - near.size)
+    class_ids = np.concatenate([chosen, rand])
+    remapped = np.searchsorted(uniq, labels).astype(np.int64, copy=False)
+    return class_ids, remapped, int(near.size)
