@@ -1,0 +1,170 @@
+"""Distributed helpers in one module (``torch.distributed``, launched by ``torchrun``).
+
+Nothing here runs at import: :func:`init_distributed` reads torchrun's environment
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) when ``main()``
+calls it. A world of one process needs no process group at all, so every helper below also
+works, as the identity, in a plain ``python train.py`` run.
+
+>>> init_distributed()          # no torchrun env: a no-op returning (rank 0, world 1)
+(0, 1)
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["init_distributed", "is_dist", "rank", "world_size", "local_rank", "is_main",
+           "all_gather_tensor", "broadcast", "all_reduce_mean", "barrier",
+           "destroy_distributed"]
+
+logger = logging.getLogger(__name__)
+
+
+def is_dist() -> bool:
+    """True when a process group with more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    """The rank within this host (torchrun's ``LOCAL_RANK``; 0 when unset)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """True on rank 0: the process that logs, writes checkpoints and plots."""
+    return rank() == 0
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> tuple[int, int]:
+    """Join the process group described by torchrun's environment; return ``(rank, world)``.
+
+    Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) nothing is initialised. ``backend``
+    None picks ``nccl`` when CUDA is available and ``gloo`` otherwise; on CUDA the current
+    device is set to ``LOCAL_RANK``. Calling it again once initialised is harmless.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            raise RuntimeError(f"WORLD_SIZE={world} but {key} is not set; launch with "
+                               "torchrun (or set RANK, MASTER_ADDR and MASTER_PORT)")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    valid = ("nccl", "gloo", "mpi")
+    if backend not in valid:
+        raise ValueError(f"unknown distributed backend {backend!r}; valid: {', '.join(valid)}")
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    from datetime import timedelta
+
+    dist.init_process_group(backend=backend, init_method="env://",
+                            timeout=timedelta(seconds=timeout_s))
+    logger.info("joined process group: rank %d of %d (%s)", dist.get_rank(),
+                dist.get_world_size(), backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def destroy_distributed() -> None:
+    """Leave the process group, if one is running."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a world of one)."""
+    if is_dist():
+        dist.barrier()
+
+
+def _comm_device(t: torch.Tensor) -> torch.device:
+    # gloo only moves CPU tensors; nccl only CUDA ones.
+    return torch.device("cpu") if dist.get_backend() == "gloo" else t.device
+
+
+def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` from every rank along dim 0, in rank order (no autograd).
+
+    Ranks may hold different numbers of rows (e.g. a short last batch): sizes are gathered
+    first and tensors padded to the largest. In a world of one, returns ``t`` itself.
+    """
+    if not is_dist():
+        return t
+    src = t.detach().contiguous()
+    dev = _comm_device(src)
+    n = torch.tensor([src.shape[0]], dtype=torch.int64, device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    max_n = max(sizes)
+    padded = torch.zeros((max_n, *src.shape[1:]), dtype=src.dtype, device=dev)
+    padded[:src.shape[0]] = src.to(dev)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    out = torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+    return out.to(t.device)
+
+
+def broadcast(t: torch.Tensor | None, src: int = 0, *, shape: tuple[int, ...] | None = None,
+              dtype: torch.dtype | None = None, device: torch.device | None = None
+              ) -> torch.Tensor:
+    """Send ``t`` from rank ``src`` to every rank and return it.
+
+    On ranks other than ``src``, ``t`` may be None when ``shape`` and ``dtype`` are given;
+    when they are not, the shape travels first. In a world of one, returns ``t``.
+    """
+    if not is_dist():
+        if t is None:
+            raise ValueError("broadcast without a process group needs the tensor itself")
+        return t
+    me = dist.get_rank()
+    backend_dev = torch.device("cpu") if dist.get_backend() == "gloo" else (
+        t.device if t is not None else (device or torch.device("cuda", torch.cuda.current_device())))
+    out_dev = t.device if t is not None else (device or backend_dev)
+    if shape is None or dtype is None:
+        # Send the header (ndim, shape..., dtype code) first.
+        codes = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+                 torch.int32, torch.uint8, torch.bool]
+        header = torch.zeros(10, dtype=torch.int64, device=backend_dev)
+        if me == src:
+            if t.dim() > 8:
+                raise ValueError(f"broadcast supports at most 8 dims, got {t.dim()}")
+            header[0] = t.dim()
+            header[1:1 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+            header[9] = codes.index(t.dtype)
+        dist.broadcast(header, src)
+        ndim = int(header[0])
+        shape = tuple(int(x) for x in header[1:1 + ndim])
+        dtype = codes[int(header[9])]
+    if me == src:
+        buf = t.detach().contiguous().to(backend_dev)
+    else:
+        buf = torch.empty(shape, dtype=dtype, device=backend_dev)
+    dist.broadcast(buf, src)
+    return buf.to(out_dev)
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over all ranks (a new tensor; ``t`` itself in a world of one)."""
+    if not is_dist():
+        return t
+    dev = _comm_device(t)
+    buf = t.detach().clone().to(dev)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    buf /= dist.get_world_size()
+    return buf.to(t.device)

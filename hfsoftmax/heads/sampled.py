@@ -1,0 +1,254 @@
+"""The HF-Softmax sampled head: softmax over a dynamically selected subset of the classes.
+
+Zhang, Yang, Yan, Lin, "Accelerated Training for Massive Classification via Dynamic Class
+Selection", AAAI 2018 (arXiv 1801.01687). The classifier rows W live in a row store
+(:mod:`hfsoftmax.rowstore`: in-process, or a parameter server), never as an ``nn.Parameter``
+of the trainer. Per training step:
+
+1. ``ids, target = sampler.select(features, labels, sample_num)``: the batch's labels, the
+   classes nearest to the features in the sampler's index (hard negatives), random classes
+   up to exactly ``sample_num``; ``target`` = the labels remapped into ``ids``;
+2. ``W_S = rowstore.pull(ids)``: one request; a leaf tensor on the features' device;
+3. logits over ``W_S`` only (linear, CosFace or ArcFace, the same code as the full head:
+   :class:`~hfsoftmax.heads.logits.LogitSpec`), cross-entropy;
+4. inside ``loss.backward()`` a hook on ``W_S`` pushes ``grad W_S`` to the row store, which
+   applies one SGD step to those rows (the ids are unique, so no reduction is needed);
+5. every ``interval`` steps the sampler's index is rebuilt from all rows, in the background
+   when the sampler supports it (training keeps querying the old index meanwhile).
+
+With ``sample_num == num_classes`` it gives exactly the full head's loss and gradients.
+
+**Distributed (torch.distributed, world size W > 1).** Every rank all-gathers the features
+(detached) and labels of all ranks; rank 0 runs the selection over the *global* batch and
+broadcasts the class ids and the remapped global labels; every rank then pulls the same rows,
+computes the logits of *its own* samples over them, and pushes its gradient of its own mean
+loss as parameter-server worker ``rank``. The server (or :class:`~hfsoftmax.rowstore.
+LocalRowStore`, by an all-reduce) averages the W pushes, so the row update is the gradient of
+the mean loss over the global batch: W ranks at batch B equal one process at batch W*B
+exactly (the backbone's gradients, averaged by DDP, agree as well). Only rank 0 holds an
+index; the other ranks never rebuild.
+
+>>> store = RemoteRowStore(ParamClient("tcp://127.0.0.1:5570"), "classifier", N, 256, sgd)
+>>> head = SampledHead(store, build_sampler("annoy", N, 256), sample_num=1000,
+...                    logit="cosface", s=30.0, m=0.2, interval=100)
+>>> out = head(features, labels); out.loss.backward()   # rows updated in the row store
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed as hd
+from .base import HeadOutput, check_batch, register_head
+from .logits import DEFAULT_SCALE, LogitSpec
+
+__all__ = ["SampledHead", "exact_topk"]
+
+logger = logging.getLogger(__name__)
+
+
+def exact_topk(features: torch.Tensor, rowstore, k: int, cosine: bool,
+               chunk_rows: int = 65536) -> torch.Tensor:
+    """The true top-``k`` classes of each feature over *all* rows, read in chunks (CPU).
+
+    The reference for the selection-recall telemetry: memory stays at one chunk of rows.
+    """
+    q = features.detach().float().cpu()
+    if cosine:
+        q = F.normalize(q, dim=1)
+    best_v = torch.full((q.shape[0], 0), -float("inf"))
+    best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64)
+    for start, block in rowstore.iter_chunks(chunk_rows):
+        w = torch.from_numpy(block)
+        if cosine:
+            w = F.normalize(w, dim=1)
+        scores = q @ w.T
+        kk = min(k, scores.shape[1])
+        v, i = scores.topk(kk, dim=1)
+        best_v = torch.cat([best_v, v], 1)
+        best_i = torch.cat([best_i, i + start], 1)
+        if best_v.shape[1] > k:
+            best_v, pos = best_v.topk(k, dim=1)
+            best_i = best_i.gather(1, pos)
+    return best_i
+
+
+@register_head("sampled")
+class SampledHead(nn.Module):
+    """Softmax over ``sample_num`` selected rows of a row store (see the module docstring).
+
+    ``interval``: rebuild the sampler's index every this many training steps (0: only the
+    initial build). ``recall_every`` (0: off) logs, every this many steps, the fraction of each
+    sample's true top-``recall_k`` classes (exact scores over all rows, read in chunks) that
+    the selection contains. ``telemetry`` holds the latest figures. The head has no
+    parameters: the trainer's LR schedule reaches the rows through :meth:`set_lr`.
+    """
+
+    def __init__(self, rowstore, sampler, sample_num: int, logit: str = "linear",
+                 s: float = DEFAULT_SCALE, m: float | None = None, interval: int = 100,
+                 easy_margin: bool = False, recall_every: int = 0, recall_k: int = 10,
+                 background: bool = True, chunk_rows: int = 65536):
+        super().__init__()
+        if isinstance(sample_num, bool) or not isinstance(sample_num, (int, np.integer)) \
+                or not 0 < sample_num <= rowstore.num_rows:
+            raise ValueError(f"sample_num must be an integer in [1, {rowstore.num_rows}] "
+                             f"(the row store's num_rows), got {sample_num!r}")
+        for name, v in (("interval", interval), ("recall_every", recall_every),
+                        ("recall_k", recall_k), ("chunk_rows", chunk_rows)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        self.rowstore = rowstore
+        self.sampler = sampler
+        self.sample_num = int(sample_num)
+        self.spec = LogitSpec(logit, s, m, easy_margin)
+        self.num_classes, self.dim = int(rowstore.num_rows), int(rowstore.dim)
+        self.interval = int(interval)
+        self.recall_every, self.recall_k = int(recall_every), int(recall_k)
+        self.background = bool(background)
+        self.chunk_rows = int(chunk_rows)
+        self.step = 0  # training steps taken (forward passes in training mode)
+        self._built_once = False
+        self.telemetry: dict = {"step": 0, "rebuilds": 0, "last_rebuild_step": None,
+                                "rebuild_s": None, "recall": None, "pull_s": None,
+                                "push_s": None, "select_s": None}
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, dim={self.dim}, sample_num={self.sample_num},"
+                f" logit={self.spec.logit}, s={self.spec.s}, m={self.spec.m}, "
+                f"interval={self.interval}")
+
+    # -- what the trainer calls besides forward ----------------------------------------
+    def set_lr(self, lr: float) -> None:
+        """Set the row store's SGD learning rate (call it with the backbone's LR)."""
+        self.rowstore.set_lr(lr)
+
+    def get_extra_state(self):
+        return {"step": self.step}
+
+    def set_extra_state(self, state) -> None:
+        self.step = int(state.get("step", 0))
+        self._built_once = False  # the restored rows need a fresh index
+
+    # -- index maintenance ---------------------------------------------------------------
+    def _rows_source(self):
+        return self.rowstore.read_all(self.chunk_rows)
+
+    def rebuild_index(self, wait: bool = True) -> None:
+        """Rebuild the sampler's index from the current rows now (rank 0 only).
+
+        ``wait=False`` starts a background rebuild when the sampler has one; training keeps
+        querying the old index until the new one is swapped in.
+        """
+        if hd.rank() != 0:
+            return
+        t0 = time.perf_counter()
+        if not wait and hasattr(self.sampler, "start_rebuild"):
+            self.sampler.start_rebuild(self._rows_source())
+        else:
+            self.sampler.rebuild(self._rows_source())
+            self.telemetry["rebuild_s"] = time.perf_counter() - t0
+        self.telemetry["rebuilds"] += 1
+        self.telemetry["last_rebuild_step"] = self.step
+        self._built_once = True
+        logger.info("sampler index %s at step %d (%.2f s in the training thread)",
+                    "rebuilt" if wait else "rebuild started", self.step,
+                    time.perf_counter() - t0)
+
+    def _maybe_rebuild(self) -> None:
+        if not self._built_once:
+            self.rebuild_index(wait=True)  # the first index: nothing to query meanwhile
+        elif self.interval and self.step % self.interval == 0:
+            self.rebuild_index(wait=not self.background)
+
+    # -- the step ------------------------------------------------------------------------
+    def _select(self, features: torch.Tensor, labels: torch.Tensor):
+        """Class ids (S,) and this rank's labels remapped into them, over the global batch."""
+        if not hd.is_dist():
+            ids, target = self.sampler.select(features.detach(), labels, self.sample_num)
+            return (torch.as_tensor(ids, dtype=torch.int64).cpu(),
+                    torch.as_tensor(target, dtype=torch.int64), features.detach(),
+                    torch.as_tensor(ids, dtype=torch.int64))
+        g_feat = hd.all_gather_tensor(features.detach())
+        g_lab = hd.all_gather_tensor(labels)
+        sizes = hd.all_gather_tensor(torch.tensor([labels.shape[0]], device=labels.device))
+        offset = int(sizes[:hd.rank()].sum())
+        if hd.rank() == 0:
+            ids, g_target = self.sampler.select(g_feat, g_lab, self.sample_num)
+            ids = torch.as_tensor(ids, dtype=torch.int64)
+            g_target = torch.as_tensor(g_target, dtype=torch.int64)
+        else:
+            ids = g_target = None
+        ids = hd.broadcast(ids, 0, shape=(self.sample_num,), dtype=torch.int64,
+                           device=torch.device("cpu"))
+        g_target = hd.broadcast(g_target, 0, shape=(g_lab.shape[0],), dtype=torch.int64,
+                                device=torch.device("cpu"))
+        target = g_target[offset:offset + labels.shape[0]]
+        return ids.cpu(), target, g_feat, ids
+
+    def _recall(self, g_feat: torch.Tensor, ids: torch.Tensor) -> float:
+        top = exact_topk(g_feat, self.rowstore, self.recall_k, self.spec.normalized,
+                         self.chunk_rows)
+        chosen = torch.zeros(self.num_classes, dtype=torch.bool)
+        chosen[ids.cpu()] = True
+        return float(chosen[top].float().mean())
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+        check_batch(features, labels, self.dim)
+        labels = labels.long()
+        training = self.training and torch.is_grad_enabled()
+        if training:
+            self._maybe_rebuild()
+        elif not self._built_once:
+            self.rebuild_index(wait=True)
+        t0 = time.perf_counter()
+        ids, target, g_feat, ids_sel = self._select(features, labels)
+        t1 = time.perf_counter()
+        ids_np = ids.numpy()
+        if ids_np.shape != (self.sample_num,):
+            raise RuntimeError(f"sampler returned {ids_np.shape[0]} class ids, expected "
+                               f"sample_num={self.sample_num}")
+        w_np = self.rowstore.pull(ids_np)
+        t2 = time.perf_counter()
+        dtype = features.dtype if features.is_floating_point() else torch.float32
+        weight = torch.from_numpy(w_np).to(device=features.device, dtype=dtype)
+        target = target.to(features.device)
+        if training:
+            weight.requires_grad_(True)
+            weight.register_hook(self._push_hook(ids_np))
+        logits = self.spec(features, weight, target)
+        loss = F.cross_entropy(logits, target)
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(f"sampled-head loss became {float(loss)} at step "
+                                     f"{self.step}")
+        tel = self.telemetry
+        tel["select_s"], tel["pull_s"] = t1 - t0, t2 - t1
+        if training:
+            self.step += 1
+            tel["step"] = self.step
+            if self.recall_every and self.step % self.recall_every == 0 and hd.rank() == 0:
+                tel["recall"] = self._recall(g_feat, ids_sel)
+                logger.info("step %d: selection recall@%d %.3f (index rebuilt at step %s)",
+                            self.step, self.recall_k, tel["recall"], tel["last_rebuild_step"])
+        return HeadOutput(loss, logits, target)
+
+    def _push_hook(self, ids_np: np.ndarray):
+        state = {"pushed": False}
+
+        def hook(grad: torch.Tensor):
+            if state["pushed"]:
+                raise RuntimeError("backward ran twice through one sampled-head step; its row "
+                                   "gradient was already pushed (one push per forward)")
+            state["pushed"] = True
+            t0 = time.perf_counter()
+            # note: a device-to-host copy, a sync point on CUDA; the push needs the values.
+            g = grad.detach().to(device="cpu", dtype=torch.float32).numpy()
+            self.rowstore.push(ids_np, g)
+            self.telemetry["push_s"] = time.perf_counter() - t0
+            return None
+
+        return hook

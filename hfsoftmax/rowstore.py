@@ -1,0 +1,280 @@
+"""Row stores: where the classifier rows W (num_classes x dim) live for the sampled head.
+
+One small interface, two implementations, so the sampled head never knows which it has:
+
+- :class:`LocalRowStore`: the rows in this process, in a :class:`paramserver.Table`, trained
+  by the same numpy SGD (:func:`paramserver.optim.sgd_rows`) the server uses. For small runs
+  and tests. Under ``torch.distributed`` (world size > 1) every rank holds a copy; a push
+  averages the ranks' gradients (all-reduce) before the update, so the copies stay equal and
+  the result equals the parameter server's average over workers.
+- :class:`RemoteRowStore`: the rows in a parameter-server process (or shards of them), over
+  :class:`paramserver.ParamClient`. The trainer holds only the rows it pulled.
+
+>>> store = LocalRowStore(100_000, 256, SGDConfig(lr=0.1, momentum=0.9, weight_decay=5e-4))
+>>> w = store.pull(np.array([3, 7]))          # (2, 256) float32
+>>> store.push(np.array([3, 7]), grad)        # one SGD step on those rows
+
+Snapshots: a ``.safetensors`` file (no pickle) with, per table, ``<table>.weight`` and
+``<table>.momentum`` (float32) and a JSON header entry ``hfsoftmax.rowstore`` holding the
+table's name, sizes, optimizer settings, update count and init settings; the local store
+writes it atomically (temp file, fsync, rename). The remote store asks the server to write
+its own snapshot (path on the server's host), see ``paramserver/PROTOCOL.md``.
+"""
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import os
+import tempfile
+from typing import Iterator
+
+import numpy as np
+
+from paramserver.optim import SGDConfig
+from paramserver.table import Table
+
+__all__ = ["RowStore", "LocalRowStore", "RemoteRowStore", "SGDConfig"]
+
+logger = logging.getLogger(__name__)
+
+_META_KEY = "hfsoftmax.rowstore"
+
+
+def _as_rows(rows, num_rows: int) -> np.ndarray:
+    rows = np.ascontiguousarray(np.asarray(rows).reshape(-1))
+    if rows.dtype.kind not in "iu":
+        raise ValueError(f"row ids must be integers, got dtype {rows.dtype}")
+    rows = rows.astype(np.int64, copy=False)
+    if rows.size and (rows.min() < 0 or rows.max() >= num_rows):
+        bad = rows[(rows < 0) | (rows >= num_rows)][0]
+        raise IndexError(f"row id {int(bad)} outside [0, {num_rows})")
+    return rows
+
+
+def _as_grads(grads, n: int, dim: int) -> np.ndarray:
+    grads = np.ascontiguousarray(np.asarray(grads, dtype=np.float32))
+    if grads.shape != (n, dim):
+        raise ValueError(f"gradients must have shape ({n}, {dim}) (one row per id), got "
+                         f"{grads.shape}")
+    if not np.isfinite(grads).all():
+        raise FloatingPointError("row gradients contain NaN or inf; refusing to push them")
+    return grads
+
+
+class RowStore(abc.ABC):
+    """The classifier rows: pull some, push their gradients (one SGD step), read them all."""
+
+    num_rows: int
+    dim: int
+
+    @abc.abstractmethod
+    def pull(self, rows: np.ndarray) -> np.ndarray:
+        """The current values of ``rows`` (int64 ids), float32 ``(len(rows), dim)``."""
+
+    @abc.abstractmethod
+    def push(self, rows: np.ndarray, grads: np.ndarray) -> None:
+        """One synchronous SGD step on ``rows`` with gradients ``grads`` (n, dim)."""
+
+    @abc.abstractmethod
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as float32 (a copy)."""
+
+    @abc.abstractmethod
+    def set_lr(self, lr: float) -> None:
+        """Change the learning rate of the rows' SGD (the trainer's schedule)."""
+
+    @abc.abstractmethod
+    def snapshot(self, path: str | os.PathLike) -> None:
+        """Write the rows, momentum and optimizer settings to ``path``."""
+
+    @abc.abstractmethod
+    def restore(self, path: str | os.PathLike) -> None:
+        """Load what :meth:`snapshot` wrote."""
+
+    def iter_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, rows[start:start+chunk_rows])`` over the whole table, so that a
+        reader (an index build, a recall probe) never needs all of W at once."""
+        if chunk_rows <= 0:
+            raise ValueError(f"chunk_rows must be > 0, got {chunk_rows}")
+        for start in range(0, self.num_rows, chunk_rows):
+            yield start, self.read_range(start, min(start + chunk_rows, self.num_rows))
+
+    def read_all(self, chunk_rows: int = 65536) -> np.ndarray:
+        """All rows, float32 ``(num_rows, dim)``, read in chunks of ``chunk_rows``."""
+        out = np.empty((self.num_rows, self.dim), dtype=np.float32)
+        for start, block in self.iter_chunks(chunk_rows):
+            out[start:start + len(block)] = block
+        return out
+
+    def close(self) -> None:
+        """Release connections (no-op for the local store)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _dist_mean(grads: np.ndarray) -> np.ndarray:
+    """Average a gradient over torch.distributed ranks (identity in a world of one)."""
+    from . import distributed as hd
+
+    if not hd.is_dist():
+        return grads
+    import torch
+
+    return hd.all_reduce_mean(torch.from_numpy(grads)).numpy()
+
+
+class LocalRowStore(RowStore):
+    """Rows in this process: a :class:`paramserver.Table` and its numpy SGD."""
+
+    def __init__(self, num_rows: int, dim: int, optim: SGDConfig | None = None, *,
+                 init: str = "normal", std: float = 0.01, seed: int = 0,
+                 name: str = "classifier"):
+        if optim is not None and not isinstance(optim, SGDConfig):
+            raise ValueError(f"optim must be a paramserver.SGDConfig, got {type(optim).__name__}")
+        self.table = Table(name, int(num_rows), int(dim), init=init, std=std, seed=seed,
+                           optim=optim if optim is not None else SGDConfig())
+        self.name = name
+        self.num_rows, self.dim = self.table.num_rows, self.table.dim
+
+    @property
+    def optim(self) -> SGDConfig:
+        return self.table.optim
+
+    def pull(self, rows: np.ndarray) -> np.ndarray:
+        return self.table.pull(_as_rows(rows, self.num_rows))
+
+    def push(self, rows: np.ndarray, grads: np.ndarray) -> None:
+        rows = _as_rows(rows, self.num_rows)
+        grads = _dist_mean(_as_grads(grads, rows.size, self.dim))
+        self.table.apply_grad(rows, grads)
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        return self.table.read(start, stop)
+
+    def set_lr(self, lr: float) -> None:
+        cfg = SGDConfig.from_dict({**self.table.optim.to_dict(), "lr": lr})
+        self.table.optim = cfg
+
+    def set_rows(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Overwrite rows (e.g. to start from given weights); momentum is left as it is."""
+        rows = _as_rows(rows, self.num_rows)
+        self.table.set_rows(rows, _as_grads(values, rows.size, self.dim))
+
+    def snapshot(self, path: str | os.PathLike) -> None:
+        from safetensors.numpy import save
+
+        t = self.table
+        meta = {"name": t.name, "num_rows": t.num_rows, "dim": t.dim, "updates": t.updates,
+                "optimizer": t.optim.to_dict(), "init": t.init, "std": t.std, "seed": t.seed}
+        data = save({f"{t.name}.weight": t.weight, f"{t.name}.momentum": t.momentum},
+                    metadata={_META_KEY: json.dumps({"tables": [meta]})})
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".rowstore-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        logger.info("row store %r snapshot written to %s", t.name, path)
+
+    def restore(self, path: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        t = self.table
+        with safe_open(os.fspath(path), framework="numpy") as f:
+            header = (f.metadata() or {}).get(_META_KEY)
+            if header is None:
+                raise ValueError(f"{path} is not a row-store snapshot (no {_META_KEY!r} header)")
+            tables = {m["name"]: m for m in json.loads(header)["tables"]}
+            if t.name not in tables:
+                raise ValueError(f"snapshot {path} has no table {t.name!r}; it holds "
+                                 f"{sorted(tables)}")
+            meta = tables[t.name]
+            if (meta["num_rows"], meta["dim"]) != (t.num_rows, t.dim):
+                raise ValueError(f"snapshot {path}: table {t.name!r} is {meta['num_rows']} x "
+                                 f"{meta['dim']}, this store is {t.num_rows} x {t.dim}")
+            weight = f.get_tensor(f"{t.name}.weight")
+            momentum = f.get_tensor(f"{t.name}.momentum")
+        t.weight[...] = weight
+        t.momentum[...] = momentum
+        t.optim = SGDConfig.from_dict(meta["optimizer"])
+        t.updates = int(meta.get("updates", 0))
+        logger.info("row store %r restored from %s (%d updates)", t.name, path, t.updates)
+
+
+class RemoteRowStore(RowStore):
+    """Rows in a parameter server, through a :class:`paramserver.ParamClient`.
+
+    With ``num_rows``/``dim`` given, the table is created (idempotently: an existing table of
+    the same shape is kept) and, with ``optim`` given, its optimizer set; without them the
+    table must exist and its shape is read from the server.
+    """
+
+    def __init__(self, client, table: str = "classifier", num_rows: int | None = None,
+                 dim: int | None = None, optim: SGDConfig | None = None, *,
+                 init: str = "normal", std: float = 0.01, seed: int = 0,
+                 own_client: bool = False):
+        self.client = client
+        self.name = table
+        self.own_client = own_client
+        if (num_rows is None) != (dim is None):
+            raise ValueError("give both num_rows and dim (to create the table) or neither "
+                             f"(to use an existing one), got num_rows={num_rows}, dim={dim}")
+        if num_rows is not None:
+            client.create_table(table, int(num_rows), int(dim), init=init, std=std, seed=seed)
+        if optim is not None:
+            client.set_optimizer(table, optim.lr, momentum=optim.momentum,
+                                 weight_decay=optim.weight_decay, nesterov=optim.nesterov)
+        info = client.table_info(table)
+        self.num_rows, self.dim = int(info["num_rows"]), int(info["dim"])
+        if num_rows is not None and (self.num_rows, self.dim) != (int(num_rows), int(dim)):
+            raise ValueError(f"server table {table!r} is {self.num_rows} x {self.dim}, asked "
+                             f"for {num_rows} x {dim}; use another table name")
+
+    def pull(self, rows: np.ndarray) -> np.ndarray:
+        return self.client.pull(self.name, _as_rows(rows, self.num_rows))
+
+    def push(self, rows: np.ndarray, grads: np.ndarray) -> None:
+        rows = _as_rows(rows, self.num_rows)
+        self.client.push(self.name, rows, _as_grads(grads, rows.size, self.dim))
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        if not 0 <= start <= stop <= self.num_rows:
+            raise IndexError(f"read range [{start}, {stop}) outside [0, {self.num_rows}]")
+        return self.client.pull(self.name, np.arange(start, stop, dtype=np.int64))
+
+    def read_all(self, chunk_rows: int = 65536) -> np.ndarray:
+        return self.client.read_all(self.name, chunk_rows=chunk_rows)
+
+    def set_lr(self, lr: float) -> None:
+        self.client.set_lr(self.name, lr)
+
+    def set_rows(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Overwrite rows on the server (momentum is left as it is)."""
+        rows = _as_rows(rows, self.num_rows)
+        self.client.set_rows(self.name, rows, _as_grads(values, rows.size, self.dim))
+
+    def info(self) -> dict:
+        """The server's description of the table (sizes, step, optimizer)."""
+        return self.client.table_info(self.name)
+
+    def snapshot(self, path: str | os.PathLike) -> None:
+        self.client.snapshot(os.fspath(path))
+
+    def restore(self, path: str | os.PathLike) -> None:
+        self.client.restore(os.fspath(path))
+
+    def close(self) -> None:
+        if self.own_client:
+            self.client.close()
