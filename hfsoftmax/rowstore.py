@@ -23,6 +23,7 @@ its own snapshot (path on the server's host), see ``paramserver/PROTOCOL.md``.
 from __future__ import annotations
 
 import abc
+import functools
 import json
 import logging
 import os
@@ -99,6 +100,11 @@ class RowStore(abc.ABC):
             raise ValueError(f"chunk_rows must be > 0, got {chunk_rows}")
         for start in range(0, self.num_rows, chunk_rows):
             yield start, self.read_range(start, min(start + chunk_rows, self.num_rows))
+
+    def reader(self, chunk_rows: int = 65536):
+        """A callable returning all rows (read in chunks), safe to call on another thread
+        while this store serves the training thread: what a background index rebuild calls."""
+        return functools.partial(self.read_all, chunk_rows)
 
     def read_all(self, chunk_rows: int = 65536) -> np.ndarray:
         """All rows, float32 ``(num_rows, dim)``, read in chunks of ``chunk_rows``."""

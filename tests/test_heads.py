@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from hfsoftmax.heads import FullHead, HeadOutput, LogitSpec, SampledHead, build_head
 from hfsoftmax.rowstore import LocalRowStore, SGDConfig
+from hfsoftmax.samplers import ClassSampler, build_sampler
 
 torch.set_num_threads(1)
 
@@ -18,19 +19,23 @@ LOGITS = [("linear", {}), ("cosface", {"s": 30.0, "m": 0.35}),
           ("arcface", {"s": 64.0, "m": 0.5})]
 
 
-class PermutingSampler:
+class PermutingSampler(ClassSampler):
     """Selects every class in a random order (so remapping is exercised) or, with
     ``sample_num < num_classes``, the batch labels plus random others. The samplers package
-    is tested on its own; this keeps the head tests independent of any index backend."""
+    is tested on its own; this keeps the head tests independent of any index backend while
+    using the real rebuild policy of :class:`ClassSampler`."""
 
-    def __init__(self, num_classes: int, seed: int = 0):
-        self.num_classes = num_classes
-        self.rng = np.random.default_rng(seed)
-        self.builds = 0
+    name = "permuting"
+    angular_index = False  # index the raw rows (metric "ip")
 
-    def rebuild(self, rows):
-        assert rows.shape[0] == self.num_classes
-        self.builds += 1
+    def __init__(self, num_classes: int, dim: int = D, seed: int = 0, **kw):
+        kw.setdefault("background", False)
+        super().__init__(num_classes, dim, seed=seed, **kw)
+        self.built_from: list[np.ndarray] = []
+
+    def _build_index(self, rows):
+        self.built_from.append(rows.copy())
+        return "index"
 
     def select(self, features, labels, sample_num):
         labels = labels.cpu().numpy()
@@ -49,9 +54,7 @@ class PermutingSampler:
 def sampler_for(name: str, num_classes: int, dim: int, metric: str):
     if name == "permuting":
         return PermutingSampler(num_classes)
-    from hfsoftmax.samplers import build_sampler
-
-    return build_sampler(name, num_classes, dim, metric=metric, seed=0)
+    return build_sampler(name, num_classes, dim, metric=metric, seed=0, background=False)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -161,7 +164,7 @@ def _pair(logit: str, kw: dict, sampler_name: str, optim: SGDConfig | None = Non
 
 
 @pytest.mark.parametrize("logit,kw", LOGITS)
-@pytest.mark.parametrize("sampler_name", ["permuting"])
+@pytest.mark.parametrize("sampler_name", ["permuting", "exact"])
 def test_sampled_equals_full_loss_and_gradients(logit, kw, sampler_name):
     store, full, sampled = _pair(logit, kw, sampler_name, SGDConfig(lr=1.0))
     g = torch.Generator().manual_seed(5)
@@ -181,7 +184,7 @@ def test_sampled_equals_full_loss_and_gradients(logit, kw, sampler_name):
 
 
 @pytest.mark.parametrize("logit,kw", LOGITS)
-@pytest.mark.parametrize("sampler_name", ["permuting"])
+@pytest.mark.parametrize("sampler_name", ["permuting", "exact"])
 def test_sampled_equals_full_after_five_sgd_steps(logit, kw, sampler_name):
     cfg = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
     store, full, sampled = _pair(logit, kw, sampler_name, SGDConfig(**cfg))
@@ -204,7 +207,7 @@ def test_sampled_equals_full_after_five_sgd_steps(logit, kw, sampler_name):
     assert rel_err(w_sampled, w_full) <= 1e-5
     assert not torch.allclose(w_full, torch.from_numpy(LocalRowStore(N, D, std=0.5, seed=3)
                                                        .read_all()))  # rows did move
-    assert sampled.step == 5 and sampled.telemetry["rebuilds"] == 3  # steps 0 (initial), 2, 4
+    assert sampled.step == 5 and sampled.stats()["rebuilds"] == 3  # steps 0 (initial), 2, 4
 
 
 def test_sampled_subset_loss_and_untouched_rows():
@@ -270,3 +273,20 @@ def test_recall_telemetry_counts_true_topk_in_selection():
     head2 = SampledHead(store, PermutingSampler(N), sample_num=B, recall_every=1, recall_k=5)
     head2(torch.randn(B, D), torch.arange(B)).loss.backward()
     assert 0.0 <= head2.telemetry["recall"] < 1.0
+
+
+def test_index_rebuilt_from_current_rows_every_interval():
+    store = LocalRowStore(N, D, SGDConfig(lr=0.5), seed=6)
+    sampler = PermutingSampler(N)
+    head = SampledHead(store, sampler, sample_num=20, interval=2)
+    assert sampler.interval == 2 and head.interval == 2
+    snapshots = []
+    for step in range(3):
+        snapshots.append(store.read_all())
+        head(torch.randn(B, D), torch.randint(0, N, (B,))).loss.backward()
+    assert len(sampler.built_from) == 2  # steps 0 and 2
+    np.testing.assert_array_equal(sampler.built_from[0], snapshots[0])
+    np.testing.assert_array_equal(sampler.built_from[1], snapshots[2])
+    assert not np.array_equal(snapshots[0], snapshots[2])
+    stats = head.stats()
+    assert stats["rebuilds"] == 2 and stats["index_age"] == 0 and stats["step"] == 3

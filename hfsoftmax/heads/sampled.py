@@ -13,8 +13,10 @@ of the trainer. Per training step:
    :class:`~hfsoftmax.heads.logits.LogitSpec`), cross-entropy;
 4. inside ``loss.backward()`` a hook on ``W_S`` pushes ``grad W_S`` to the row store, which
    applies one SGD step to those rows (the ids are unique, so no reduction is needed);
-5. every ``interval`` steps the sampler's index is rebuilt from all rows, in the background
-   when the sampler supports it (training keeps querying the old index meanwhile).
+5. every ``interval`` steps (``sampler.maybe_rebuild``) the sampler's index is rebuilt from
+   all rows on a background thread; training keeps querying the old index meanwhile. The
+   rows are read in chunks through ``rowstore.reader()`` (its own connection for a remote
+   store): the trainer holds all of W only transiently, while the index is built.
 
 With ``sample_num == num_classes`` it gives exactly the full head's loss and gradients.
 
@@ -82,40 +84,51 @@ def exact_topk(features: torch.Tensor, rowstore, k: int, cosine: bool,
 class SampledHead(nn.Module):
     """Softmax over ``sample_num`` selected rows of a row store (see the module docstring).
 
-    ``interval``: rebuild the sampler's index every this many training steps (0: only the
-    initial build). ``recall_every`` (0: off) logs, every this many steps, the fraction of each
+    ``interval``: rebuild the sampler's index every this many training steps (None: the
+    sampler's own ``interval``; the first training step builds the first index, and until it
+    is ready the selection is labels + random classes). ``recall_every`` (0: off) logs, every this many steps, the fraction of each
     sample's true top-``recall_k`` classes (exact scores over all rows, read in chunks) that
-    the selection contains. ``telemetry`` holds the latest figures. The head has no
+    the selection contains. :meth:`stats` gives the latest figures. The head has no
     parameters: the trainer's LR schedule reaches the rows through :meth:`set_lr`.
     """
 
     def __init__(self, rowstore, sampler, sample_num: int, logit: str = "linear",
-                 s: float = DEFAULT_SCALE, m: float | None = None, interval: int = 100,
+                 s: float = DEFAULT_SCALE, m: float | None = None, interval: int | None = None,
                  easy_margin: bool = False, recall_every: int = 0, recall_k: int = 10,
-                 background: bool = True, chunk_rows: int = 65536):
+                 chunk_rows: int = 65536):
         super().__init__()
         if isinstance(sample_num, bool) or not isinstance(sample_num, (int, np.integer)) \
                 or not 0 < sample_num <= rowstore.num_rows:
             raise ValueError(f"sample_num must be an integer in [1, {rowstore.num_rows}] "
                              f"(the row store's num_rows), got {sample_num!r}")
-        for name, v in (("interval", interval), ("recall_every", recall_every),
-                        ("recall_k", recall_k), ("chunk_rows", chunk_rows)):
+        for name, v in (("recall_every", recall_every), ("recall_k", recall_k),
+                        ("chunk_rows", chunk_rows)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if getattr(sampler, "num_classes", rowstore.num_rows) != rowstore.num_rows:
+            raise ValueError(f"sampler is for {sampler.num_classes} classes but the row store "
+                             f"holds {rowstore.num_rows} rows; build both with the same count")
+        if interval is not None:
+            if isinstance(interval, bool) or not isinstance(interval, (int, np.integer)) \
+                    or interval <= 0:
+                raise ValueError(f"interval must be a positive number of steps (or None for "
+                                 f"the sampler's own), got {interval!r}")
+            sampler.interval = int(interval)  # the sampler owns the rebuild policy
         self.rowstore = rowstore
         self.sampler = sampler
         self.sample_num = int(sample_num)
         self.spec = LogitSpec(logit, s, m, easy_margin)
         self.num_classes, self.dim = int(rowstore.num_rows), int(rowstore.dim)
-        self.interval = int(interval)
         self.recall_every, self.recall_k = int(recall_every), int(recall_k)
-        self.background = bool(background)
         self.chunk_rows = int(chunk_rows)
         self.step = 0  # training steps taken (forward passes in training mode)
-        self._built_once = False
-        self.telemetry: dict = {"step": 0, "rebuilds": 0, "last_rebuild_step": None,
-                                "rebuild_s": None, "recall": None, "pull_s": None,
-                                "push_s": None, "select_s": None}
+        self.telemetry: dict = {"step": 0, "recall": None, "select_s": None, "pull_s": None,
+                                "push_s": None}
+
+    @property
+    def interval(self) -> int | None:
+        """Steps between index rebuilds (the sampler's setting)."""
+        return getattr(self.sampler, "interval", None)
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, dim={self.dim}, sample_num={self.sample_num},"
@@ -132,38 +145,35 @@ class SampledHead(nn.Module):
 
     def set_extra_state(self, state) -> None:
         self.step = int(state.get("step", 0))
-        self._built_once = False  # the restored rows need a fresh index
+
+    def stats(self) -> dict:
+        """Telemetry for logs: this head's timings and recall, plus the sampler's figures
+        (rebuild time, index age in steps, rebuild count)."""
+        out = dict(self.telemetry)
+        if hasattr(self.sampler, "stats"):
+            out.update(self.sampler.stats())
+        return out
 
     # -- index maintenance ---------------------------------------------------------------
-    def _rows_source(self):
-        return self.rowstore.read_all(self.chunk_rows)
-
     def rebuild_index(self, wait: bool = True) -> None:
         """Rebuild the sampler's index from the current rows now (rank 0 only).
 
-        ``wait=False`` starts a background rebuild when the sampler has one; training keeps
-        querying the old index until the new one is swapped in.
+        ``wait=False`` starts a background rebuild; training keeps querying the old index
+        until the new one is swapped in. Rows are read through ``rowstore.reader()``, which
+        is safe to run on the rebuild thread.
         """
         if hd.rank() != 0:
             return
-        t0 = time.perf_counter()
-        if not wait and hasattr(self.sampler, "start_rebuild"):
-            self.sampler.start_rebuild(self._rows_source())
+        read = self.rowstore.reader(self.chunk_rows)
+        if wait:
+            self.sampler.rebuild(read, self.step)
         else:
-            self.sampler.rebuild(self._rows_source())
-            self.telemetry["rebuild_s"] = time.perf_counter() - t0
-        self.telemetry["rebuilds"] += 1
-        self.telemetry["last_rebuild_step"] = self.step
-        self._built_once = True
-        logger.info("sampler index %s at step %d (%.2f s in the training thread)",
-                    "rebuilt" if wait else "rebuild started", self.step,
-                    time.perf_counter() - t0)
+            self.sampler.start_rebuild(read, self.step)
 
     def _maybe_rebuild(self) -> None:
-        if not self._built_once:
-            self.rebuild_index(wait=True)  # the first index: nothing to query meanwhile
-        elif self.interval and self.step % self.interval == 0:
-            self.rebuild_index(wait=not self.background)
+        # Only rank 0 selects, so only rank 0 holds an index.
+        if hd.rank() == 0:
+            self.sampler.maybe_rebuild(self.step, self.rowstore.reader(self.chunk_rows))
 
     # -- the step ------------------------------------------------------------------------
     def _select(self, features: torch.Tensor, labels: torch.Tensor):
@@ -203,8 +213,6 @@ class SampledHead(nn.Module):
         training = self.training and torch.is_grad_enabled()
         if training:
             self._maybe_rebuild()
-        elif not self._built_once:
-            self.rebuild_index(wait=True)
         t0 = time.perf_counter()
         ids, target, g_feat, ids_sel = self._select(features, labels)
         t1 = time.perf_counter()
@@ -232,8 +240,9 @@ class SampledHead(nn.Module):
             tel["step"] = self.step
             if self.recall_every and self.step % self.recall_every == 0 and hd.rank() == 0:
                 tel["recall"] = self._recall(g_feat, ids_sel)
-                logger.info("step %d: selection recall@%d %.3f (index rebuilt at step %s)",
-                            self.step, self.recall_k, tel["recall"], tel["last_rebuild_step"])
+                logger.info("step %d: selection recall@%d %.3f (index age %s steps)",
+                            self.step, self.recall_k, tel["recall"],
+                            getattr(self.sampler, "index_age", None))
         return HeadOutput(loss, logits, target)
 
     def _push_hook(self, ids_np: np.ndarray):
