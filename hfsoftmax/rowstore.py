@@ -14,20 +14,18 @@ One small interface, two implementations, so the sampled head never knows which 
 >>> w = store.pull(np.array([3, 7]))          # (2, 256) float32
 >>> store.push(np.array([3, 7]), grad)        # one SGD step on those rows
 
-Snapshots: a ``.safetensors`` file (no pickle) with, per table, ``<table>.weight`` and
-``<table>.momentum`` (float32) and a JSON header entry ``hfsoftmax.rowstore`` holding the
-table's name, sizes, optimizer settings, update count and init settings; the local store
-writes it atomically (temp file, fsync, rename). The remote store asks the server to write
-its own snapshot (path on the server's host), see ``paramserver/PROTOCOL.md``.
+Snapshots: both stores write the parameter server's snapshot file
+(:mod:`paramserver.snapshot`: safetensors layout, ``<table>/weight`` and
+``<table>/momentum``, written atomically), so a local run's snapshot restores into a server
+and back. The remote store asks the server to write it (the path is on the server's host;
+one file per shard, see ``ParamClient.shard_paths``).
 """
 from __future__ import annotations
 
 import abc
 import functools
-import json
 import logging
 import os
-import tempfile
 from typing import Iterator
 
 import numpy as np
@@ -39,7 +37,6 @@ __all__ = ["RowStore", "LocalRowStore", "RemoteRowStore", "SGDConfig"]
 
 logger = logging.getLogger(__name__)
 
-_META_KEY = "hfsoftmax.rowstore"
 
 
 def _as_rows(rows, num_rows: int) -> np.ndarray:
@@ -172,51 +169,27 @@ class LocalRowStore(RowStore):
         self.table.set_rows(rows, _as_grads(values, rows.size, self.dim))
 
     def snapshot(self, path: str | os.PathLike) -> None:
-        from safetensors.numpy import save
+        from paramserver.snapshot import write_snapshot
 
-        t = self.table
-        meta = {"name": t.name, "num_rows": t.num_rows, "dim": t.dim, "updates": t.updates,
-                "optimizer": t.optim.to_dict(), "init": t.init, "std": t.std, "seed": t.seed}
-        data = save({f"{t.name}.weight": t.weight, f"{t.name}.momentum": t.momentum},
-                    metadata={_META_KEY: json.dumps({"tables": [meta]})})
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".rowstore-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        logger.info("row store %r snapshot written to %s", t.name, path)
+        write_snapshot(path, {self.table.name: self.table})
+        logger.info("row store %r snapshot written to %s", self.table.name, path)
 
     def restore(self, path: str | os.PathLike) -> None:
-        from safetensors import safe_open
+        from paramserver.snapshot import read_snapshot
 
+        tables, _ = read_snapshot(path)
         t = self.table
-        with safe_open(os.fspath(path), framework="numpy") as f:
-            header = (f.metadata() or {}).get(_META_KEY)
-            if header is None:
-                raise ValueError(f"{path} is not a row-store snapshot (no {_META_KEY!r} header)")
-            tables = {m["name"]: m for m in json.loads(header)["tables"]}
-            if t.name not in tables:
-                raise ValueError(f"snapshot {path} has no table {t.name!r}; it holds "
-                                 f"{sorted(tables)}")
-            meta = tables[t.name]
-            if (meta["num_rows"], meta["dim"]) != (t.num_rows, t.dim):
-                raise ValueError(f"snapshot {path}: table {t.name!r} is {meta['num_rows']} x "
-                                 f"{meta['dim']}, this store is {t.num_rows} x {t.dim}")
-            weight = f.get_tensor(f"{t.name}.weight")
-            momentum = f.get_tensor(f"{t.name}.momentum")
-        t.weight[...] = weight
-        t.momentum[...] = momentum
-        t.optim = SGDConfig.from_dict(meta["optimizer"])
-        t.updates = int(meta.get("updates", 0))
-        logger.info("row store %r restored from %s (%d updates)", t.name, path, t.updates)
+        if t.name not in tables:
+            raise ValueError(f"snapshot {path} has no table {t.name!r}; it holds "
+                             f"{sorted(tables)}")
+        new = tables[t.name]
+        if (new.row_start, new.num_rows, new.dim) != (0, t.num_rows, t.dim):
+            raise ValueError(f"snapshot {path}: table {t.name!r} holds rows [{new.row_start}, "
+                             f"{new.row_start + new.num_rows}) x {new.dim}, this store is "
+                             f"[0, {t.num_rows}) x {t.dim} (a shard of a sharded server "
+                             "cannot be restored into one local store)")
+        self.table = new
+        logger.info("row store %r restored from %s (%d updates)", t.name, path, new.updates)
 
 
 class RemoteRowStore(RowStore):
@@ -224,14 +197,17 @@ class RemoteRowStore(RowStore):
 
     With ``num_rows``/``dim`` given, the table is created (idempotently: an existing table of
     the same shape is kept) and, with ``optim`` given, its optimizer set; without them the
-    table must exist and its shape is read from the server.
+    table must exist and its shape is read from the server. ``own_client``: close the
+    client with the store. ``client_factory``: makes another client like ``client`` (needed
+    only with CURVE keys) for reads on the rebuild thread.
     """
 
     def __init__(self, client, table: str = "classifier", num_rows: int | None = None,
                  dim: int | None = None, optim: SGDConfig | None = None, *,
                  init: str = "normal", std: float = 0.01, seed: int = 0,
-                 own_client: bool = False):
+                 own_client: bool = False, client_factory=None):
         self.client = client
+        self.client_factory = client_factory
         self.name = table
         self.own_client = own_client
         if (num_rows is None) != (dim is None):
@@ -262,6 +238,26 @@ class RemoteRowStore(RowStore):
 
     def read_all(self, chunk_rows: int = 65536) -> np.ndarray:
         return self.client.read_all(self.name, chunk_rows=chunk_rows)
+
+    def _new_client(self):
+        if self.client_factory is not None:
+            return self.client_factory()
+        from paramserver import ParamClient
+
+        c = self.client
+        return ParamClient(c.addresses, worker_id=c.worker_id, timeout_s=c.timeout_s)
+
+    def reader(self, chunk_rows: int = 65536):
+        """A callable reading all rows over its *own* connection (a ZeroMQ socket must not
+        be shared between threads), for the sampler's background rebuild. With CURVE, give
+        the store a ``client_factory`` that makes clients with the keys."""
+        def read() -> np.ndarray:
+            client = self._new_client()
+            try:
+                return client.read_all(self.name, chunk_rows=chunk_rows)
+            finally:
+                client.close()
+        return read
 
     def set_lr(self, lr: float) -> None:
         self.client.set_lr(self.name, lr)
