@@ -1,0 +1,37 @@
+"""Image transforms for 112x112 RGB face crops (torchvision).
+
+InsightFace's normalisation maps pixel values x in [0, 255] to ``(x/255 - 0.5) / 0.5`` in
+[-1, 1]: ``ToTensor`` then ``Normalize(mean=0.5, std=0.5)``. Training adds a random horizontal
+flip (faces are roughly symmetric; InsightFace's arcface_torch does the same).
+
+>>> tensor = train_transform()(pil_image)   # float32 (3, 112, 112) in [-1, 1]
+"""
+from __future__ import annotations
+
+__all__ = ["MEAN", "STD", "train_transform", "eval_transform", "normalize_uint8"]
+
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+
+def train_transform(flip_p: float = 0.5):
+    """PIL RGB image -> normalised float CHW tensor, with a random horizontal flip."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.RandomHorizontalFlip(flip_p), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def eval_transform():
+    """PIL RGB image -> normalised float CHW tensor (no augmentation)."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def normalize_uint8(images):
+    """uint8 array/tensor (N, H, W, 3) -> float32 tensor (N, 3, H, W) with the same
+    normalisation, for batches decoded with :func:`verification.decode_pairs`."""
+    import torch
+
+    t = torch.as_tensor(images)
+    return t.permute(0, 3, 1, 2).float().div_(255.0).sub_(0.5).div_(0.5)
