@@ -3,7 +3,9 @@
 Start a server with ``python paramserver/paramserver.py``; talk to it with
 :class:`paramserver.ParamClient`. The wire protocol is in ``paramserver/PROTOCOL.md``.
 """
+from .client import ParamClient, ParamServerError
 from .optim import SGDConfig, reduce_duplicate_rows, sgd_rows
 from .table import Table
 
-__all__ = ["SGDConfig", "Table", "reduce_duplicate_rows", "sgd_rows"]
+__all__ = ["ParamClient", "ParamServerError", "SGDConfig", "Table", "reduce_duplicate_rows",
+           "sgd_rows"]

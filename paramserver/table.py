@@ -51,7 +51,7 @@ class Table:
     def __init__(self, name: str, num_rows: int, dim: int, *, init: str = "normal",
                  std: float = 0.01, seed: int = 0, row_start: int = 0,
                  optim: SGDConfig | None = None, weight: np.ndarray | None = None,
-                 momentum: np.ndarray | None = None):
+                 momentum: np.ndarray | None = None, global_rows: int | None = None):
         if num_rows < 0 or dim <= 0:
             raise ValueError(f"table {name!r}: need num_rows >= 0 and dim > 0, "
                              f"got num_rows={num_rows}, dim={dim}")
@@ -59,6 +59,11 @@ class Table:
         self.num_rows = int(num_rows)
         self.dim = int(dim)
         self.row_start = int(row_start)
+        # Rows of the whole (unsharded) table; this table holds [row_start, row_start+num_rows).
+        self.global_rows = int(global_rows) if global_rows is not None else row_start + num_rows
+        if row_start < 0 or self.global_rows < row_start + num_rows:
+            raise ValueError(f"table {name!r}: rows [{row_start}, {row_start + num_rows}) do "
+                             f"not fit a global table of {self.global_rows} rows")
         self.init, self.std, self.seed = init, float(std), int(seed)
         self.optim = optim if optim is not None else SGDConfig()
         if weight is None:
@@ -68,6 +73,9 @@ class Table:
                              f"got {weight.dtype} {weight.shape}")
         self.weight = weight
         self.momentum = momentum if momentum is not None else np.zeros_like(weight)
+        if self.momentum.shape != weight.shape or self.momentum.dtype != np.float32:
+            raise ValueError(f"table {name!r}: momentum must be float32 {(num_rows, dim)}, "
+                             f"got {self.momentum.dtype} {self.momentum.shape}")
         self.updates = 0  # number of SGD steps applied to this table
 
     def check_rows(self, rows: np.ndarray) -> None:
@@ -77,6 +85,18 @@ class Table:
             raise IndexError(f"table {self.name!r}: row {int(bad) + self.row_start} outside "
                              f"[{self.row_start}, {self.row_start + self.num_rows})")
 
+    def check_values(self, rows: np.ndarray, values: np.ndarray, what: str = "grads") -> None:
+        """Raise ``ValueError`` unless ``values`` is finite with shape ``(len(rows), dim)``."""
+        if values.ndim != 2 or values.shape != (rows.shape[0], self.dim):
+            raise ValueError(f"table {self.name!r}: {what} must have shape "
+                             f"({rows.shape[0]}, {self.dim}) for {rows.shape[0]} rows, got "
+                             f"{tuple(values.shape)}")
+        if not np.isfinite(values).all():
+            bad = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
+            raise ValueError(f"table {self.name!r}: {what} for row "
+                             f"{int(rows[bad]) + self.row_start} are not finite "
+                             "(NaN or inf); nothing was changed")
+
     def pull(self, rows: np.ndarray) -> np.ndarray:
         """A float32 copy of the given (local) rows; duplicates allowed."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -84,16 +104,23 @@ class Table:
         return self.weight[rows]
 
     def apply_grad(self, rows: np.ndarray, grads: np.ndarray) -> None:
-        """One SGD step with this table's settings; repeated rows accumulate."""
-        rows = np.asarray(rows, dtype=np.int64)
+        """One SGD step with this table's settings; repeated rows accumulate.
+
+        Validates rows, shape and finiteness first: a bad call changes nothing."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        grads = np.asarray(grads, dtype=np.float32)
         self.check_rows(rows)
+        self.check_values(rows, grads, "grads")
         sgd_rows(self.weight, self.momentum, rows, grads, self.optim)
         self.updates += 1
 
     def set_rows(self, rows: np.ndarray, values: np.ndarray) -> None:
-        """Overwrite rows (their momentum buffers are left as they are)."""
-        rows = np.asarray(rows, dtype=np.int64)
+        """Overwrite rows (their momentum buffers are left as they are); for a repeated row
+        the last value wins."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        values = np.asarray(values, dtype=np.float32)
         self.check_rows(rows)
+        self.check_values(rows, values, "values")
         self.weight[rows] = values
 
     def read(self, start: int, stop: int) -> np.ndarray:

@@ -1,0 +1,80 @@
+"""Start real parameter-server processes on free loopback ports, for tests.
+
+>>> proc, address = start_server("--workers", "2")      # doctest: +SKIP
+>>> ...
+>>> stop_server(proc)                                      # doctest: +SKIP
+
+or, as a context manager that always stops it: ``with running_server() as (proc, addr):``.
+The server binds ``tcp://127.0.0.1:*`` (the OS picks a free port, so no races between
+parallel tests) and reports the bound address through ``--ready-file``. Its log goes to a
+file whose path is ``proc.log_path`` (shown when a start fails).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_SCRIPT = ROOT / "paramserver" / "paramserver.py"
+
+__all__ = ["start_server", "stop_server", "running_server", "SERVER_SCRIPT"]
+
+
+def start_server(*extra_args: str, timeout_s: float = 30.0, bind: str = "tcp://127.0.0.1:*",
+                 log_level: str = "INFO") -> tuple[subprocess.Popen, str]:
+    """Run ``python paramserver/paramserver.py`` as a subprocess; return ``(process,
+    address)`` once it serves. Raises ``RuntimeError`` with the server's log if it exits or
+    does not come up within ``timeout_s``."""
+    workdir = Path(tempfile.mkdtemp(prefix="ps-test-"))
+    ready = workdir / "address"
+    log_path = workdir / "server.log"
+    log = open(log_path, "wb")
+    cmd = [sys.executable, str(SERVER_SCRIPT), "--bind", bind, "--ready-file", str(ready),
+           "--log-level", log_level, *map(str, extra_args)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                            start_new_session=True)
+    log.close()
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ready.exists():
+            return proc, ready.read_text().strip()
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    stop_server(proc)
+    raise RuntimeError(f"parameter server {cmd} did not start (exit code {proc.returncode}); "
+                       f"log:\n{log_path.read_text(errors='replace')}")
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 10.0) -> int | None:
+    """SIGTERM, wait, then SIGKILL if needed; returns the exit code."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout_s)
+    return proc.returncode
+
+
+def server_log(proc: subprocess.Popen) -> str:
+    """The server's log so far."""
+    return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def running_server(*extra_args: str, **kwargs):
+    """``with running_server("--workers", "2") as (proc, address): ...``; always stopped."""
+    proc, address = start_server(*extra_args, **kwargs)
+    try:
+        yield proc, address
+    finally:
+        stop_server(proc)

@@ -1,0 +1,107 @@
+"""The numpy SGD (paramserver.optim / Table) against torch.optim.SGD, in process."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from paramserver import SGDConfig, Table, reduce_duplicate_rows, sgd_rows
+from paramserver.table import init_rows
+
+torch.set_num_threads(1)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """Max relative error: the largest |a - b| over the largest |b|."""
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_dense_matches_torch_sgd(nesterov):
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((30, 7)).astype(np.float32)
+    cfg = SGDConfig(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+    w, buf = w0.copy(), np.zeros_like(w0)
+    p = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+    for step in range(20):
+        if step == 10:
+            cfg.lr = 0.01
+            opt.param_groups[0]["lr"] = 0.01
+        g = rng.standard_normal(w0.shape).astype(np.float32)
+        sgd_rows(w, buf, np.arange(30), g, cfg)
+        p.grad = torch.from_numpy(g.copy())
+        opt.step()
+    assert rel_err(w, p.detach().numpy()) <= 1e-5
+    assert rel_err(buf, opt.state[p]["momentum_buffer"].numpy()) <= 1e-5
+
+
+def test_sparse_lazy_rows_match_per_row_torch_sgd():
+    """Lazy updates: each row evolves like its own torch parameter, stepped only when pushed;
+    duplicate ids accumulate like autograd's index backward."""
+    rng = np.random.default_rng(1)
+    n, d = 25, 5
+    w0 = rng.standard_normal((n, d)).astype(np.float32)
+    cfg = SGDConfig(lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    table = Table("t", n, d, weight=w0.copy(), optim=cfg)
+    params = [torch.nn.Parameter(torch.from_numpy(w0[i].copy())) for i in range(n)]
+    opts = [torch.optim.SGD([q], lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+            for q in params]
+    for step in range(20):
+        if step == 10:
+            table.optim = SGDConfig(lr=0.2, momentum=0.9, weight_decay=5e-4, nesterov=True)
+            for o in opts:
+                o.param_groups[0]["lr"] = 0.2
+        rows = rng.integers(0, n, size=12)  # duplicates likely
+        g = rng.standard_normal((12, d)).astype(np.float32)
+        table.apply_grad(rows, g)
+        for r in np.unique(rows):
+            params[r].grad = torch.from_numpy(g[rows == r].sum(axis=0))
+            opts[r].step()
+    ref = np.stack([q.detach().numpy() for q in params])
+    assert rel_err(table.weight, ref) <= 1e-5
+    untouched = [i for i in range(n) if opts[i].state.get(params[i]) is None]
+    np.testing.assert_array_equal(table.weight[untouched], w0[untouched])
+    assert table.updates == 20
+
+
+def test_reduce_duplicate_rows_sums_like_autograd():
+    rows = np.array([3, 1, 3, 0, 3])
+    g = np.arange(10, dtype=np.float32).reshape(5, 2)
+    u, s = reduce_duplicate_rows(rows, g)
+    assert u.tolist() == [0, 1, 3]
+    w = torch.zeros(4, 2, requires_grad=True)
+    (w[torch.from_numpy(rows)] * torch.from_numpy(g)).sum().backward()
+    np.testing.assert_array_equal(s, w.grad.numpy()[u])
+
+
+def test_table_rejects_bad_input_without_changing_anything():
+    t = Table("t", 10, 3, seed=3)
+    before = t.checksum()
+    with pytest.raises(IndexError, match="row 10 outside"):
+        t.apply_grad(np.array([1, 10]), np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="not finite"):
+        t.apply_grad(np.array([1, 2]), np.array([[1, 2, 3], [np.nan, 0, 0]], np.float32))
+    with pytest.raises(ValueError, match=r"shape \(2, 3\)"):
+        t.apply_grad(np.array([1, 2]), np.ones((2, 4), np.float32))
+    with pytest.raises(ValueError, match="not finite"):
+        t.set_rows(np.array([0]), np.full((1, 3), np.inf, np.float32))
+    assert t.checksum() == before and t.updates == 0
+
+
+def test_sgd_config_validation_names_the_setting():
+    with pytest.raises(ValueError, match="lr"):
+        SGDConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="nesterov"):
+        SGDConfig(lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="unknown SGD settings"):
+        SGDConfig.from_dict({"lr": 0.1, "dampening": 0.1})
+
+
+def test_init_is_independent_of_sharding():
+    whole = init_rows("normal", 0, 10000, 4, 0.01, 7)
+    parts = [init_rows("normal", a, b, 4, 0.01, 7) for a, b in [(0, 3333), (3333, 6666),
+                                                                 (6666, 10000)]]
+    np.testing.assert_array_equal(whole, np.concatenate(parts))
+    u = init_rows("uniform", 100, 5000, 3, 0.5, 1)
+    assert u.dtype == np.float32 and np.abs(u).max() <= 0.5 and u.std() > 0.2
