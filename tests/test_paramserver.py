@@ -1,0 +1,279 @@
+"""The parameter server through real server processes on random loopback ports.
+
+Must-show tests 1-3 of issue 2 (SGD equals torch, 2 workers at B equal 1 at 2B, 8 concurrent
+clients equal a sequential reference), plus the client API, CLI and error replies.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from paramserver import ParamClient, ParamServerError
+from paramserver.table import init_rows
+from tests.ps_utils import SERVER_SCRIPT, running_server, server_log, start_server, stop_server
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.timeout(120)
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """Max relative error: the largest |a - b| over the largest |b|."""
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# ------------------------------------------------------------------ must show 1: torch SGD
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_20_steps_equal_torch_sgd_dense(nesterov):
+    n, d = 40, 16
+    rng = np.random.default_rng(10)
+    with running_server() as (_, addr), ParamClient(addr, timeout_s=10) as ps:
+        ps.create_table("w", n, d, init="normal", std=0.5, seed=3)
+        ps.set_optimizer("w", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+        p = torch.nn.Parameter(torch.from_numpy(ps.read_all("w")))
+        opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+        for step in range(1, 21):
+            if step == 11:  # lr changed at step 10 -> 11
+                ps.set_lr("w", 0.01)
+                opt.param_groups[0]["lr"] = 0.01
+            g = rng.standard_normal((n, d)).astype(np.float32)
+            assert ps.push("w", np.arange(n), g) == step
+            p.grad = torch.from_numpy(g)
+            opt.step()
+        info = ps.table_info("w")
+        assert info["step"] == 20 and info["optimizer"]["lr"] == 0.01
+        assert rel_err(ps.read_all("w", chunk_rows=7), p.detach().numpy()) <= 1e-5
+        buf = opt.state[p]["momentum_buffer"].numpy()
+        assert rel_err(ps.read_all("w", field="momentum"), buf) <= 1e-5
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_20_steps_equal_torch_sgd_sparse_rows(nesterov):
+    """Pushes of varying row subsets with duplicates: each touched row follows torch SGD on
+    that row (lazy update); untouched rows never move."""
+    n, d = 30, 8
+    rng = np.random.default_rng(11)
+    with running_server() as (_, addr), ParamClient(addr, timeout_s=10) as ps:
+        ps.create_table("w", n, d, init="uniform", std=1.0, seed=4)
+        ps.set_optimizer("w", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov)
+        w0 = ps.read_all("w")
+        params = [torch.nn.Parameter(torch.from_numpy(w0[i].copy())) for i in range(n)]
+        opts = [torch.optim.SGD([q], lr=0.1, momentum=0.9, weight_decay=5e-4,
+                                nesterov=nesterov) for q in params]
+        touched = set()
+        for step in range(1, 21):
+            if step == 11:
+                ps.set_lr("w", 0.02)
+                for o in opts:
+                    o.param_groups[0]["lr"] = 0.02
+            rows = rng.integers(0, n - 5, size=15)  # rows n-5.. never pushed
+            g = rng.standard_normal((15, d)).astype(np.float32)
+            ps.push("w", rows, g)
+            for r in np.unique(rows):
+                params[r].grad = torch.from_numpy(g[rows == r].sum(axis=0))
+                opts[r].step()
+                touched.add(int(r))
+        ref = np.stack([q.detach().numpy() for q in params])
+        got = ps.read_all("w")
+        assert rel_err(got, ref) <= 1e-5
+        np.testing.assert_array_equal(got[n - 5:], w0[n - 5:])
+        assert len(touched) > 10
+
+
+# ------------------------------------------------ must show 2: 2 workers at B == 1 at 2B
+def _quadratic_grads(w_rows: np.ndarray, targets: np.ndarray, batch: int) -> np.ndarray:
+    """Gradient of mean_i 0.5 * |w[r_i] - t_i|^2 over a batch: depends on the pulled rows."""
+    return ((w_rows - targets) / batch).astype(np.float32)
+
+
+def test_two_workers_at_b_equal_one_worker_at_2b():
+    n, d, B, steps = 50, 8, 16, 10
+    rng = np.random.default_rng(2)
+    rows = rng.integers(0, n, size=(steps, 2 * B))  # overlapping rows across the halves
+    targets = rng.standard_normal((steps, 2 * B, d)).astype(np.float32)
+
+    def setup(ps):
+        ps.create_table("w", n, d, init="normal", std=0.1, seed=9)
+        ps.set_optimizer("w", lr=0.5, momentum=0.9, weight_decay=5e-4)
+
+    with running_server("--workers", "1") as (_, addr), ParamClient(addr, timeout_s=10) as ps:
+        setup(ps)
+        for t in range(steps):
+            w = ps.pull("w", rows[t])
+            ps.push("w", rows[t], _quadratic_grads(w, targets[t], 2 * B))
+        single = ps.read_all("w")
+
+    with running_server("--workers", "2", "--worker-timeout", "30") as (_, addr):
+        with ParamClient(addr, worker_id=0, timeout_s=30) as ps:
+            setup(ps)
+        errors = []
+
+        def worker(k):
+            try:
+                with ParamClient(addr, worker_id=k, timeout_s=30) as ps:
+                    half = slice(k * B, (k + 1) * B)
+                    for t in range(steps):
+                        w = ps.pull("w", rows[t, half])
+                        assert ps.push("w", rows[t, half],
+                                       _quadratic_grads(w, targets[t, half], B)) == t + 1
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert not errors, errors
+        with ParamClient(addr) as ps:
+            double = ps.read_all("w")
+            assert ps.table_info("w")["step"] == steps
+
+    assert rel_err(double, single) <= 1e-5
+    assert not np.allclose(double, init_rows("normal", 0, n, d, 0.1, 9)), "nothing trained"
+
+
+# --------------------------------- must show 3: 8 concurrent clients == sequential reference
+def test_eight_concurrent_clients_equal_sequential_reference():
+    n, d, W, steps = 20, 4, 8, 5
+    lr, mom, wd = 0.1, 0.9, 1e-3
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, n, size=(steps, W, 12))  # heavy overlap across clients
+    targets = rng.standard_normal((steps, W, 12, d)).astype(np.float32)
+
+    with running_server("--workers", str(W), "--worker-timeout", "30") as (proc, addr):
+        with ParamClient(addr) as ps:
+            ps.create_table("w", n, d, init="normal", std=1.0, seed=1)
+            ps.set_optimizer("w", lr=lr, momentum=mom, weight_decay=wd)
+            w0 = ps.read_all("w")
+        errors = []
+        barrier = threading.Barrier(W)
+
+        def client(k):
+            try:
+                with ParamClient(addr, worker_id=k, timeout_s=30) as ps:
+                    barrier.wait()
+                    for t in range(steps):
+                        w = ps.pull("w", rows[t, k])
+                        ps.push("w", rows[t, k], _quadratic_grads(w, targets[t, k], 12))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(W)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert not errors, errors
+        with ParamClient(addr) as ps:
+            got = ps.read_all("w")
+
+    # Sequential reference in plain numpy (float64): per step, every client's gradient from
+    # the weights after the previous step, summed per row, averaged over the W clients.
+    w = w0.astype(np.float64)
+    buf = np.zeros_like(w)
+    for t in range(steps):
+        g = np.zeros_like(w)
+        touched = np.zeros(n, bool)
+        for k in range(W):
+            np.add.at(g, rows[t, k], (w[rows[t, k]] - targets[t, k]) / 12 / W)
+            touched[rows[t, k]] = True
+        g[touched] += wd * w[touched]
+        buf[touched] = mom * buf[touched] + g[touched]
+        w[touched] -= lr * buf[touched]
+    assert rel_err(got, w.astype(np.float32)) <= 1e-5
+    assert not np.allclose(got, w0)
+
+
+# ------------------------------------------------------------------------- client API
+def test_client_api_and_error_replies(tmp_path):
+    with running_server() as (proc, addr), ParamClient(addr, timeout_s=10) as ps:
+        assert ps.ping()[0]["protocol"] == 1
+        assert ps.create_table("emb", 100, 6, init="zeros") is True
+        assert ps.create_table("emb", 100, 6, init="zeros") is False  # idempotent
+        with pytest.raises(ParamServerError, match="different settings"):
+            ps.create_table("emb", 100, 7, init="zeros")
+        with pytest.raises(ParamServerError, match="unknown init"):
+            ps.create_table("other", 10, 2, init="xavier")
+        with pytest.raises(ParamServerError, match="no table"):
+            ps.pull("missing", [0])
+        with pytest.raises(IndexError, match="row 100 outside"):
+            ps.pull("emb", [5, 100])
+        out = ps.pull("emb", np.array([3, 3, 99], dtype=np.int32))
+        assert out.dtype == np.float32 and out.shape == (3, 6) and not out.any()
+        vals = np.arange(12, dtype=np.float32).reshape(2, 6)
+        ps.set_rows("emb", [7, 2], vals)
+        np.testing.assert_array_equal(ps.pull("emb", [2, 7, 2]), vals[[1, 0, 1]])
+        with pytest.raises(ParamServerError, match="lr must be finite and >= 0"):
+            ps.set_optimizer("emb", lr=-0.1)
+        with pytest.raises(ParamServerError, match="nesterov"):
+            ps.set_optimizer("emb", lr=0.1, nesterov=True)
+        ps.set_optimizer("emb", lr=1.0)
+        with pytest.raises(ParamServerError, match="not finite"):
+            ps.push("emb", [1], np.full((1, 6), np.nan))
+        with pytest.raises(ParamServerError, match="is ahead"):
+            ps.push("emb", [1], np.ones((1, 6)), step=3)
+        assert ps.push("emb", [1, 1], np.ones((2, 6))) == 1
+        np.testing.assert_array_equal(ps.pull("emb", [1]), np.full((1, 6), -2.0, np.float32))
+        with pytest.raises(ParamServerError, match="stale"):
+            ps.push("emb", [1], np.ones((1, 6)), step=1)
+        full = ps.read_all("emb", chunk_rows=9)
+        assert full.shape == (100, 6) and full[7, 1] == 1.0
+        with pytest.raises(ParamServerError, match="does not exist"):
+            ps.snapshot(tmp_path / "nope" / "snap")
+    assert "refused" in server_log(proc)
+
+
+def test_timeout_names_address_and_client_recovers():
+    proc, addr = start_server()
+    try:
+        with ParamClient(addr, timeout_s=5) as ps:
+            ps.create_table("t", 4, 2)
+            proc.send_signal(signal.SIGSTOP)  # server alive but silent
+            try:
+                with pytest.raises(TimeoutError, match=addr.replace(".", r"\.")):
+                    ps.pull("t", [0])
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            assert ps.pull("t", [1]).shape == (1, 2)  # new socket, no stale reply mix-up
+    finally:
+        stop_server(proc)
+
+
+def test_sigterm_stops_cleanly_and_help_lists_flags():
+    proc, addr = start_server()
+    assert stop_server(proc) == 0
+    assert "stopped" in server_log(proc)
+    out = subprocess.run([sys.executable, str(SERVER_SCRIPT), "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0
+    for flag in ("--bind", "--workers", "--worker-timeout", "--restore", "--curve-secret-key",
+                 "--curve-public-keys-dir", "--insecure", "--snapshot-dir"):
+        assert flag in out.stdout
+
+
+def test_non_loopback_bind_needs_auth_or_insecure():
+    out = subprocess.run([sys.executable, str(SERVER_SCRIPT), "--bind", "tcp://0.0.0.0:*"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "refusing to bind" in out.stderr
+    proc, addr = start_server("--insecure", bind="tcp://0.0.0.0:*")
+    try:
+        assert "NO authentication" in server_log(proc)
+    finally:
+        stop_server(proc)
+
+
+def test_is_loopback():
+    from paramserver.paramserver import is_loopback
+
+    for a in ("tcp://127.0.0.1:5570", "tcp://localhost:1", "tcp://[::1]:5", "ipc:///tmp/x",
+              "tcp://127.0.0.5:*"):
+        assert is_loopback(a), a
+    for a in ("tcp://*:5570", "tcp://0.0.0.0:1", "tcp://10.0.0.1:5", "tcp://eth0:5",
+              "tcp://example.com:5"):
+        assert not is_loopback(a), a
