@@ -165,10 +165,13 @@ class SampledHead(nn.Module):
         if hd.rank() != 0:
             return
         read = self.rowstore.reader(self.chunk_rows)
+        # start_rebuild also restarts the sampler's interval count from this step
+        started = self.sampler.start_rebuild(read, self.step)
         if wait:
-            self.sampler.rebuild(read, self.step)
-        else:
-            self.sampler.start_rebuild(read, self.step)
+            self.sampler.wait_rebuild()
+            if not started:  # one was running already: now build from the current rows
+                self.sampler.start_rebuild(read, self.step)
+                self.sampler.wait_rebuild()
 
     def _maybe_rebuild(self) -> None:
         # Only rank 0 selects, so only rank 0 holds an index.
