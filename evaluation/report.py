@@ -17,7 +17,8 @@ from .verification import VerificationResult
 logger = logging.getLogger(__name__)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -36,7 +37,7 @@ def write_json_report(result: VerificationResult, path: str | os.PathLike, **ext
     """Write ``result`` (plus ``extra`` keys such as name, model, bin path) as JSON, atomically."""
     path = Path(path)
     payload = {**extra, **result.to_dict()}
-    _atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
     return path
 
 
