@@ -1,0 +1,506 @@
+"""Train a face-embedding backbone with a full softmax or with HF-Softmax.
+
+``python -m hfsoftmax.train --help`` (console entry ``hfsoftmax-train``) lists every flag;
+they are defined in :mod:`hfsoftmax.engine.config`. Launch several processes with
+``torchrun --nproc_per_node N -m hfsoftmax.train ...``.
+
+The loop is plain (torchvision's ``train_one_epoch``): per step, load a batch, compute the
+embeddings (DDP over the ranks), the head's loss, backward, one SGD step of the backbone
+(and of the full head's weight). The sampled head's rows are not trainer parameters: its
+backward pushes their gradients to the row store, whose SGD (same lr, momentum and weight
+decay; the LR schedule reaches it through ``head.set_lr``) updates them.
+
+Distributed: every rank is a parameter-server worker (``worker_id = rank``); the sampled
+head selects classes over the gathered global batch on rank 0 and broadcasts them, so W
+ranks at batch B train exactly like one process at batch W*B (for a batch-independent
+backbone: BatchNorm's statistics are per rank). Outputs in ``--save-path``: ``last.pth``
+and ``best.pth`` (checkpoints), ``rows_step*.safetensors`` (the row store at the
+checkpoint's step), ``train.log``, ``metrics.csv``, ``val.csv`` and TensorBoard events in
+``tb/``.
+
+>>> python -m hfsoftmax.train --train-rec datasets/data/synthetic --arch convnet-s \\
+...     --sampled --sampler hnsw --sample-num 500 --max-steps 300 --save-path runs/demo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed as hd
+from .engine.checkpoint import (load_checkpoint, prune_row_snapshots, rows_snapshot_name,
+                                save_checkpoint)
+from .engine.config import args_to_dict, parse_args, resolve_resume_path
+from .engine.data import FlipDataset, ShardedBatchSampler, build_train_dataset
+from .engine.metrics import CsvWriter, ScalarWriter, SmoothedValue, format_eta
+from .engine.schedule import StepSchedule
+
+__all__ = ["main", "run", "TrainModel", "train_one_epoch"]
+
+logger = logging.getLogger("hfsoftmax.train")
+
+TRAIN_FIELDS = ["step", "epoch", "loss", "acc", "lr", "img_s", "data_s", "step_s", "recall",
+                "rebuild_s", "select_s", "pull_s", "push_s"]
+VAL_FIELDS = ["step", "epoch", "name", "acc", "acc_std", "threshold", "mean_acc"]
+
+
+class TrainModel(nn.Module):
+    """Backbone + head as one module: ``forward(images, labels) -> HeadOutput``.
+
+    The unit DDP wraps; with ``amp`` the backbone runs under bfloat16 autocast and the head
+    (logits, softmax, the row gradients it pushes) in float32.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, amp: bool = False):
+        super().__init__()
+        self.backbone, self.head, self.amp = backbone, head, amp
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            features = self.backbone(images)
+        return self.head(features.float(), labels)
+
+
+# --------------------------------------------------------------------------- setup
+def setup_logging(save_path: str, rank: int) -> None:
+    """Handlers on rank 0 only (console and ``train.log``); other ranks log warnings."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+    if rank == 0:
+        root.setLevel(logging.INFO)
+        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr),
+                                           logging.FileHandler(os.path.join(save_path,
+                                                                            "train.log"))]
+    else:
+        root.setLevel(logging.WARNING)
+        handlers = [logging.StreamHandler(sys.stderr)]
+        fmt = logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    for h in handlers:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: this rank's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda", hd.local_rank()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use "
+                             "--device cpu (or auto)")
+        if dev.index is None:
+            dev = torch.device("cuda", hd.local_rank())
+    return dev
+
+
+def build_row_store(args: argparse.Namespace, num_classes: int, rank: int):
+    """The sampled head's rows: in this process, or on the parameter server(s) of ``--ps``."""
+    from .rowstore import LocalRowStore, RemoteRowStore, SGDConfig
+
+    sgd = SGDConfig(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    if not args.ps:
+        return LocalRowStore(num_classes, args.embedding_size, sgd, seed=args.seed)
+    from paramserver import ParamClient
+
+    client = ParamClient(args.ps, worker_id=rank, timeout_s=args.ps_timeout)
+    try:
+        status = client.ping()
+    except Exception as e:
+        client.close()
+        raise RuntimeError(f"no parameter server answers at {','.join(args.ps)}: {e}. Start "
+                           "one with `python paramserver/paramserver.py --bind "
+                           f"{args.ps[0]} --workers {hd.world_size()}`") from None
+    world = hd.world_size()
+    expected = set(status[0].get("workers", []) or [])
+    if expected and max(expected) >= world:
+        client.close()
+        raise RuntimeError(f"the parameter server waits for workers {sorted(expected)} but "
+                           f"this run has {world} process(es); restart it with --workers "
+                           f"{world}")
+    store = RemoteRowStore(client, args.ps_table, num_classes, args.embedding_size, sgd,
+                           seed=args.seed, own_client=True)
+    client.register()  # every step now waits for this rank's push
+    return store
+
+
+def build_head(args: argparse.Namespace, num_classes: int, rank: int):
+    """``(head, row store or None)`` for ``--head`` / ``--sampled``."""
+    from .heads import FullHead, SampledHead
+
+    kw: dict[str, Any] = {"logit": args.head}
+    if args.scale is not None:
+        kw["s"] = args.scale
+    if args.margin is not None:
+        kw["m"] = args.margin
+    if not args.sampled:
+        return FullHead(num_classes, args.embedding_size, **kw), None
+    if args.sample_num > num_classes:
+        raise ValueError(f"--sample-num {args.sample_num} exceeds the {num_classes} classes of "
+                         "the data; lower --sample-num")
+    global_batch = args.batch_size * hd.world_size()
+    if args.sample_num < min(global_batch, num_classes):
+        raise ValueError(f"--sample-num {args.sample_num} is smaller than the global batch "
+                         f"({args.batch_size} x {hd.world_size()} processes = {global_batch}): "
+                         "a batch's own labels alone may not fit; raise --sample-num or lower "
+                         "--batch-size")
+    from .samplers import build_sampler
+
+    opts: dict[str, Any] = {"interval": args.interval, "background": args.background_rebuild}
+    if args.sampler == "annoy":
+        opts["ntrees"] = args.ntrees
+    sampler = build_sampler(args.sampler, num_classes, args.embedding_size,
+                            metric="ip" if args.head == "linear" else "cosine",
+                            seed=args.seed, **opts)
+    store = build_row_store(args, num_classes, rank)
+    head = SampledHead(store, sampler, args.sample_num, interval=args.interval,
+                       recall_every=args.recall_every, **kw)
+    return head, store
+
+
+def _sampler_rng_state(head) -> str | None:
+    sampler = getattr(head, "sampler", None)
+    rng = getattr(sampler, "rng", None)
+    return json.dumps(rng.bit_generator.state) if rng is not None else None
+
+
+def _set_sampler_rng_state(head, state: str | None) -> None:
+    sampler = getattr(head, "sampler", None)
+    if state and getattr(sampler, "rng", None) is not None:
+        sampler.rng.bit_generator.state = json.loads(state)
+
+
+# --------------------------------------------------------------------------- checkpoints
+class Checkpointer:
+    """Writes ``last.pth`` / ``best.pth`` and the row snapshot of the same step (rank 0)."""
+
+    def __init__(self, args, backbone, head, store, optimizer, schedule):
+        self.args, self.backbone, self.head, self.store = args, backbone, head, store
+        self.optimizer, self.schedule = optimizer, schedule
+        self.best = -math.inf
+        self.last_rows: str | None = None
+        self.best_rows: str | None = None
+
+    def state(self, step: int, epoch: int, rows: str | None) -> dict:
+        return {"model": self.backbone.state_dict(), "head": self.head.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.schedule.state_dict(), "step": step, "epoch": epoch,
+                "args": args_to_dict(self.args), "ps_snapshot": rows,
+                "ps_kind": None if self.store is None else ("remote" if self.args.ps
+                                                            else "local"),
+                "rng": {"sampler": _sampler_rng_state(self.head)},
+                "best": self.best if math.isfinite(self.best) else None}
+
+    def save(self, step: int, epoch: int, is_best: bool = False) -> None:
+        # Every rank has pushed this step's rows (a push returns once the step is applied
+        # for all workers), so rank 0's snapshot is the rows after exactly `step` steps.
+        if not hd.is_main():
+            return
+        folder = os.path.abspath(self.args.save_path)
+        rows = None
+        if self.store is not None:
+            rows = os.path.join(folder, rows_snapshot_name(step))
+            if rows != self.last_rows:
+                self.store.snapshot(rows)
+        state = self.state(step, epoch, rows)
+        save_checkpoint(os.path.join(folder, "last.pth"), state)
+        self.last_rows = rows
+        if is_best:
+            save_checkpoint(os.path.join(folder, "best.pth"), state)
+            self.best_rows = rows
+        if self.store is not None:
+            prune_row_snapshots(folder, {self.last_rows, self.best_rows})
+
+    def restore(self, path: str, device: torch.device) -> tuple[int, int]:
+        """Load model, head, optimizer, sampler RNG and rows; returns ``(step, epoch)``."""
+        ckpt = load_checkpoint(path, map_location=device)
+        self.backbone.load_state_dict(ckpt["model"])
+        self.head.load_state_dict(ckpt["head"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        _set_sampler_rng_state(self.head, (ckpt.get("rng") or {}).get("sampler"))
+        self.best = ckpt["best"] if ckpt.get("best") is not None else -math.inf
+        rows = ckpt.get("ps_snapshot")
+        if self.store is not None:
+            if rows is None:
+                raise ValueError(f"--resume {path} has no row-store snapshot (was it trained "
+                                 "without --sampled?)")
+            # Both stores read the parameter server's snapshot format, so a run may resume
+            # with or without --ps. The remote store is shared: rank 0 restores it.
+            if not self.args.ps or hd.is_main():
+                self.store.restore(rows)
+            hd.barrier()
+            self.last_rows = rows
+        logger.info("resumed from %s at step %d (rows: %s)", path, ckpt["step"], rows)
+        return int(ckpt["step"]), int(ckpt.get("epoch", 0))
+
+
+# --------------------------------------------------------------------------- evaluation
+def verify(backbone: nn.Module, bin_paths: Sequence[str], device: torch.device) -> dict:
+    """Verification accuracy on each .bin (rank 0; ``hfsoftmax.eval.evaluate_model``)."""
+    from .eval import evaluate_model
+
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        results = evaluate_model(backbone, list(bin_paths), device=device)
+    finally:
+        backbone.train(was_training)
+    return results
+
+
+def _accuracy_of(result: Any) -> tuple[float, float | None, float | None]:
+    """(accuracy, std, threshold) from one entry of ``evaluate_model``'s result."""
+    if isinstance(result, (int, float)):
+        return float(result), None, None
+    get = result.get if isinstance(result, dict) else (lambda k, d=None: getattr(result, k, d))
+    acc = get("accuracy", None)
+    if acc is None:
+        acc = get("acc", None)
+    return float(acc), get("accuracy_std", get("std", None)), get("threshold", None)
+
+
+# --------------------------------------------------------------------------- the loop
+def train_one_epoch(model: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer,
+                    loader, device: torch.device, epoch: int, step: int, total_steps: int,
+                    schedule: StepSchedule, args: argparse.Namespace, writers: dict,
+                    on_step) -> int:
+    """Train until the epoch ends or ``total_steps`` is reached; returns the next step.
+
+    ``on_step(step, epoch, end_of_epoch)`` runs after each step (checkpoints, validation).
+    """
+    model.train()
+    meters = {k: SmoothedValue(args.print_freq) for k in ("loss", "acc", "data_s", "step_s")}
+    sums = torch.zeros(3, dtype=torch.float64)          # loss sum, correct, count since log
+    steps_in_epoch = len(loader)
+    lr = None
+    t_end = time.perf_counter()
+    for i, (images, labels) in enumerate(loader):
+        if step >= total_steps:
+            break
+        t_data = time.perf_counter() - t_end
+        new_lr = schedule.lr_at(step)
+        if new_lr != lr:
+            lr = new_lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if hasattr(head, "set_lr"):
+                head.set_lr(lr)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+
+        out = model(images, labels)
+        loss = out.loss
+        # note: a CPU-GPU sync point; one per step is the price of failing fast on NaN.
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"Loss became infinite or NaN at step={step} "
+                                     f"(epoch {epoch}, loss={loss_value}); lower --lr or "
+                                     "check the data")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        correct = float((out.logits.detach().argmax(1) == out.target).sum())
+        n = labels.shape[0]
+        sums += torch.tensor([loss_value * n, correct, n], dtype=torch.float64)
+        meters["loss"].update(loss_value)
+        meters["acc"].update(correct / n)
+        meters["data_s"].update(t_data)
+        step += 1
+        t_now = time.perf_counter()
+        meters["step_s"].update(t_now - t_end)
+        t_end = t_now
+
+        if step % args.print_freq == 0 or step == total_steps or i + 1 == steps_in_epoch:
+            tot = hd.all_reduce_mean(sums) * hd.world_size()  # the global batch's figures
+            sums.zero_()
+            g_loss, g_acc = float(tot[0] / tot[2]), float(tot[1] / tot[2])
+            step_s = meters["step_s"].avg
+            img_s = n * hd.world_size() / step_s if step_s > 0 else math.nan
+            eta = format_eta(step_s * (total_steps - step))
+            tel = head.stats() if hasattr(head, "stats") else {}
+            extra = ""
+            if tel.get("recall") is not None:
+                extra += f"  recall {tel['recall']:.3f}"
+            if tel.get("rebuild_s") is not None:
+                extra += f"  rebuild {tel['rebuild_s']:.2f}s"
+            logger.info("epoch %d [%d/%d] step %d/%d  eta %s  lr %.5g  loss %.4f  acc %.3f  "
+                        "%.1f img/s  data %.3fs%s", epoch, i + 1, steps_in_epoch, step,
+                        total_steps, eta, lr, g_loss, g_acc, img_s, meters["data_s"].avg,
+                        extra)
+            if hd.is_main():
+                row = {"step": step, "epoch": epoch, "loss": g_loss, "acc": g_acc, "lr": lr,
+                       "img_s": img_s, "data_s": meters["data_s"].avg, "step_s": step_s,
+                       "recall": tel.get("recall"), "rebuild_s": tel.get("rebuild_s"),
+                       "select_s": tel.get("select_s"), "pull_s": tel.get("pull_s"),
+                       "push_s": tel.get("push_s")}
+                writers["csv"].write(row)
+                writers["tb"].add({"train/loss": g_loss, "train/acc": g_acc, "train/lr": lr,
+                                   "train/img_per_s": img_s,
+                                   "train/data_s": meters["data_s"].avg,
+                                   "sampler/recall": tel.get("recall"),
+                                   "sampler/rebuild_s": tel.get("rebuild_s"),
+                                   "sampler/select_s": tel.get("select_s"),
+                                   "sampler/pull_s": tel.get("pull_s"),
+                                   "sampler/push_s": tel.get("push_s")}, step)
+        on_step(step, epoch, i + 1 == steps_in_epoch)
+        t_end = time.perf_counter()  # checkpoint/validation time is not data time
+    return step
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train with parsed ``args``; returns a summary (steps, last figures, paths)."""
+    rank, world = hd.rank(), hd.world_size()
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    dataset = build_train_dataset(args)
+    num_classes = args.num_classes or dataset.num_classes
+    if num_classes < dataset.num_classes:
+        raise ValueError(f"--num-classes {num_classes} is smaller than the data's "
+                         f"{dataset.num_classes} classes")
+    args.num_classes = int(num_classes)
+    batches = ShardedBatchSampler(len(dataset), args.batch_size, rank, world, args.seed,
+                                  flip=args.augment)
+    steps_per_epoch = batches.batches_per_epoch
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    loader = torch.utils.data.DataLoader(FlipDataset(dataset), batch_sampler=batches,
+                                         num_workers=args.workers,
+                                         pin_memory=device.type == "cuda",
+                                         persistent_workers=False)
+
+    from .models import build_backbone
+
+    backbone = build_backbone(args.arch, args.embedding_size).to(device)
+    head, store = build_head(args, num_classes, rank)
+    head = head.to(device)
+    model = TrainModel(backbone, head, amp=args.amp)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    schedule = StepSchedule.from_epochs(args.lr, args.lr_steps, steps_per_epoch, args.gamma,
+                                        args.warmup_steps)
+    ckpt = Checkpointer(args, backbone, head, store, optimizer, schedule)
+    step = 0
+    if args.resume:
+        step, _ = ckpt.restore(resolve_resume_path(args.resume), device)
+    elif store is not None and args.ps:
+        tstep = store.info().get("step", 0)
+        if tstep:
+            raise RuntimeError(f"the parameter server's table {args.ps_table!r} has already "
+                               f"taken {tstep} steps (an earlier run?); pass --resume, a new "
+                               "--ps-table name, or restart the server")
+    hd.barrier()  # every rank registered with the server before anyone pushes
+    if world > 1:
+        ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
+
+    writers = {"csv": None, "tb": None, "val": None}
+    if hd.is_main():
+        writers["csv"] = CsvWriter(os.path.join(args.save_path, "metrics.csv"), TRAIN_FIELDS)
+        writers["val"] = CsvWriter(os.path.join(args.save_path, "val.csv"), VAL_FIELDS)
+        writers["tb"] = ScalarWriter(os.path.join(args.save_path, "tb"))
+        with open(os.path.join(args.save_path, "args.json"), "w", encoding="utf-8") as f:
+            json.dump(args_to_dict(args), f, indent=2, sort_keys=True)
+    logger.info("training %s (%s head%s) on %d images of %d classes: %d process(es) x batch "
+                "%d, %d steps/epoch, steps %d -> %d, device %s", args.arch, args.head,
+                f", sampled {args.sample_num} via {args.sampler}"
+                f"{' on ' + ','.join(args.ps) if args.ps else ' (in-process rows)'}"
+                if args.sampled else ", full softmax", len(dataset), num_classes, world,
+                args.batch_size, steps_per_epoch, step, total_steps, device)
+
+    summary: dict[str, Any] = {"val": {}}
+
+    def on_step(s: int, epoch: int, end_of_epoch: bool) -> None:
+        done = s >= total_steps
+        is_best = False
+        want_val = args.val_bins and ((args.val_every and s % args.val_every == 0)
+                                      or (not args.val_every and end_of_epoch) or done)
+        if want_val:
+            if hd.is_main():
+                results = verify(backbone, args.val_bins, device)
+                accs = []
+                for name, res in results.items():
+                    acc, std, thr = _accuracy_of(res)
+                    accs.append(acc)
+                    writers["val"].write({"step": s, "epoch": epoch, "name": name, "acc": acc,
+                                          "acc_std": std, "threshold": thr})
+                    writers["tb"].add({f"val/{name}": acc}, s)
+                mean = float(np.mean(accs))
+                writers["val"].write({"step": s, "epoch": epoch, "name": "mean",
+                                      "mean_acc": mean})
+                is_best = mean > ckpt.best
+                ckpt.best = max(ckpt.best, mean)
+                summary["val"] = {n: _accuracy_of(r)[0] for n, r in results.items()}
+                logger.info("step %d verification: %s (mean %.4f, best %.4f)", s,
+                            ", ".join(f"{k} {v:.4f}" for k, v in summary["val"].items()),
+                            mean, ckpt.best)
+            hd.barrier()
+        want_save = done or is_best or (args.save_every and s % args.save_every == 0) \
+            or (not args.save_every and end_of_epoch)
+        if want_save:
+            ckpt.save(s, s // steps_per_epoch, is_best=is_best)
+
+    t0 = time.perf_counter()
+    start_step = step
+    try:
+        for epoch in range(step // steps_per_epoch, num_epochs):
+            batches.set_epoch(epoch, step - epoch * steps_per_epoch)
+            step = train_one_epoch(model, head, optimizer, loader, device, epoch, step,
+                                   total_steps, schedule, args, writers, on_step)
+            if step >= total_steps:
+                break
+    finally:
+        for w in writers.values():
+            if w is not None:
+                w.close()
+        sampler = getattr(head, "sampler", None)
+        if sampler is not None and hasattr(sampler, "close"):
+            sampler.close()
+        if store is not None:
+            store.close()
+    elapsed = time.perf_counter() - t0
+    summary.update({"steps": step, "start_step": start_step, "seconds": elapsed,
+                    "save_path": os.path.abspath(args.save_path),
+                    "checkpoint": os.path.abspath(os.path.join(args.save_path, "last.pth")),
+                    "best": ckpt.best if math.isfinite(ckpt.best) else None})
+    logger.info("done: %d steps in %.1f s; checkpoint %s", step - start_step, elapsed,
+                summary["checkpoint"])
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry ``hfsoftmax-train``."""
+    try:
+        args = parse_args(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"hfsoftmax-train: error: {e}", file=sys.stderr)
+        return 2
+    rank, _ = hd.init_distributed(args.dist_backend)
+    try:
+        os.makedirs(args.save_path, exist_ok=True)
+        setup_logging(args.save_path, rank)
+        run(args)
+    finally:
+        hd.destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
