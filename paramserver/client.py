@@ -363,17 +363,16 @@ class ParamClient:
                                             timeout_s or max(self.timeout_s, 600.0))]
 
     def restore(self, path: str | os.PathLike, timeout_s: float | None = None) -> list[dict]:
-        """Each shard replaces all its tables with those of its snapshot file."""
+        """Each shard replaces all its tables with those of its snapshot file (which must be
+        that shard's: index and count are checked before anything changes). Refused while a
+        step is pending. With several shards, a failure on one leaves the others restored:
+        call again."""
         paths = self.shard_paths(path)
         n = len(paths)
-        replies = [r for r, _ in self._request(
-            range(n), [{"op": "restore", "path": p} for p in paths], [()] * n,
-            timeout_s or max(self.timeout_s, 600.0))]
-        for i, r in enumerate(replies):
-            if r.get("shard_count", 1) != n or r.get("shard_index", 0) != i:
-                raise ParamServerError(self.addresses[i], "restore",
-                                       f"{paths[i]} is shard {r.get('shard_index')} of "
-                                       f"{r.get('shard_count')}, not {i} of {n}")
+        headers = [{"op": "restore", "path": p, "shard_index": i, "shard_count": n}
+                   for i, p in enumerate(paths)]
+        replies = [r for r, _ in self._request(range(n), headers, [()] * n,
+                                               timeout_s or max(self.timeout_s, 600.0))]
         self._bounds.clear()
         self._dims.clear()
         self._steps.clear()

@@ -507,9 +507,11 @@ class ParamServer:
         return {"path": str(path), "bytes": size, "tables": steps}, ()
 
     def op_restore(self, header, arrays, ctx):
-        h = _Header(header, {"path"})
+        h = _Header(header, {"path", "shard_index", "shard_count"})
         self._expect(arrays, [], "restore")
         path = self._resolve(h.get("path", "str"))
+        count = h.get("shard_count", "int", None, lo=1, hi=1 << 20)
+        index = h.get("shard_index", "int", None, lo=0, hi=(count or 1) - 1)
         if self.rounds:
             raise RequestError(f"cannot restore while steps are pending: "
                                f"{ {n: r.step for n, r in self.rounds.items()} }; restore "
@@ -518,6 +520,11 @@ class ParamServer:
             tables, meta = read_snapshot(path)
         except OSError as exc:
             raise RequestError(f"restore from {str(path)!r} failed: {exc}") from None
+        have = (int(meta.get("shard_index", 0)), int(meta.get("shard_count", 1)))
+        want = (index if index is not None else have[0], count if count is not None else have[1])
+        if have != want:
+            raise RequestError(f"{str(path)!r} is shard {have[0]} of {have[1]}, not "
+                               f"{want[0]} of {want[1]}; nothing was restored")
         self.tables = tables
         steps = {n: t.updates for n, t in tables.items()}
         log.info("restored %d table(s) from %s: steps %s", len(tables), path, steps)

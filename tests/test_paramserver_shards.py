@@ -74,6 +74,7 @@ def test_three_shards_equal_one_server(tmp_path):
             with pytest.raises(ParamServerError, match="is shard 1 of 3, not 0 of 1"):
                 with ParamClient(addrs[0]) as single:
                     single.restore(tmp_path / "snap.00001-of-00003")
+            np.testing.assert_array_equal(ps.read_all("w"), one)  # refused before changing
 
 
 def test_two_workers_over_two_shards_synchronous():
