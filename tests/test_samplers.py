@@ -1,0 +1,260 @@
+"""Selection rule, registry, metrics and telemetry of hfsoftmax.samplers (exact + random)."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hfsoftmax.samplers import (build_sampler, list_samplers, recall_of_true_topk,
+                                register_sampler, select_classes)
+from hfsoftmax.samplers.registry import _lazy
+from hfsoftmax.samplers.selection import random_topup
+
+torch.set_num_threads(1)
+
+
+def naive_selection_prefix(labels, neighbours, need):
+    """Reference: sorted unique labels, then rank-interleaved de-duplicated neighbours."""
+    uniq = sorted(set(labels.tolist()))
+    near = []
+    seen = set(uniq)
+    for r in range(neighbours.shape[1]):
+        for b in range(neighbours.shape[0]):
+            c = int(neighbours[b, r])
+            if c >= 0 and c not in seen and len(near) < need:
+                seen.add(c)
+                near.append(c)
+    return uniq, near
+
+
+@st.composite
+def selection_cases(draw):
+    n = draw(st.integers(1, 3000))
+    b = draw(st.integers(1, 40))
+    labels = np.array(draw(st.lists(st.integers(0, n - 1), min_size=b, max_size=b)))
+    n_uniq = len(set(labels.tolist()))
+    s = draw(st.integers(n_uniq, n + 5))
+    k = draw(st.integers(1, 8))
+    nb = np.array(draw(st.lists(st.integers(-1, n - 1), min_size=b * k, max_size=b * k)))
+    seed = draw(st.integers(0, 2**31))
+    return n, labels, s, nb.reshape(b, k), seed
+
+
+@settings(max_examples=200, deadline=None)
+@given(selection_cases())
+def test_selection_invariants(case):
+    n, labels, s, neighbours, seed = case
+    ids, remapped, n_near = select_classes(labels, neighbours, s, n, np.random.default_rng(seed))
+    assert ids.dtype == np.int64 and remapped.dtype == np.int64
+    assert len(ids) == min(s, n)
+    assert len(np.unique(ids)) == len(ids)              # unique
+    assert ids.min() >= 0 and ids.max() < n             # in range
+    np.testing.assert_array_equal(ids[remapped], labels)  # labels remapped correctly
+    if s >= n:
+        np.testing.assert_array_equal(ids, np.arange(n))
+        np.testing.assert_array_equal(remapped, labels)
+        return
+    uniq, near = naive_selection_prefix(labels, neighbours, s - len(set(labels.tolist())))
+    # labels first, then the neighbours in rank order, then the random top-up
+    np.testing.assert_array_equal(ids[:len(uniq)], uniq)
+    assert n_near == len(near)
+    np.testing.assert_array_equal(ids[len(uniq):len(uniq) + len(near)], near)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 200_000), st.integers(0, 2000), st.integers(0, 2**31))
+def test_random_topup_distinct_and_excluding(n, count, seed):
+    rng = np.random.default_rng(seed)
+    exclude = np.unique(rng.integers(0, n, min(n, 50)))
+    count = min(count, n - exclude.size)
+    out = random_topup(rng, n, exclude, count)
+    assert out.size == count and np.unique(out).size == count
+    assert not np.isin(out, exclude).any()
+    assert (out >= 0).all() and (out < n).all()
+
+
+def test_random_topup_is_uniform():
+    # every class of 200 (minus 20 excluded) drawn about equally often over many draws
+    rng = np.random.default_rng(0)
+    exclude = np.arange(20)
+    counts = np.zeros(200)
+    for _ in range(2000):
+        counts[random_topup(rng, 200, exclude, 30)] += 1
+    assert counts[:20].sum() == 0
+    expected = 2000 * 30 / 180
+    assert np.abs(counts[20:] - expected).max() < 0.25 * expected
+
+
+def test_random_topup_sparse_path_large_n():
+    rng = np.random.default_rng(0)
+    out = random_topup(rng, 10_000_000, np.array([5, 7]), 1000)
+    assert out.size == 1000 and np.unique(out).size == 1000 and not np.isin(out, [5, 7]).any()
+
+
+def test_random_topup_too_many_raises():
+    with pytest.raises(ValueError, match="cannot draw 5 random classes"):
+        random_topup(np.random.default_rng(0), 10, np.arange(7), 5)
+
+
+# ---------------------------------------------------------------------- registry
+def test_registry_lists_and_rejects():
+    assert set(list_samplers()) >= {"annoy", "hnsw", "faiss", "exact", "random"}
+    with pytest.raises(ValueError, match="Unknown sampler 'nope'.*annoy, exact, faiss, hnsw"):
+        build_sampler("nope", 10, 4)
+    with pytest.raises(ValueError, match="already registered"):
+        register_sampler("exact", lambda *a, **k: None)
+
+
+def test_missing_optional_backend_says_what_to_install():
+    factory = _lazy(".exact", "ExactSampler", "hfsoftmax_no_such_package", "no-such-package")
+    with pytest.raises(ImportError, match="pip install no-such-package"):
+        factory(10, 4)
+
+
+def test_import_is_lazy():
+    import subprocess
+    import sys
+    code = ("import sys, hfsoftmax.samplers as s; s.build_sampler('random', 10, 4); "
+            "print([m for m in ('annoy', 'hnswlib', 'faiss') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
+
+
+@pytest.mark.parametrize("bad", [dict(metric="l2"), dict(interval=0), dict(mips="x")])
+def test_bad_options_raise(bad):
+    with pytest.raises(ValueError):
+        build_sampler("exact", 10, 4, **bad)
+
+
+# ---------------------------------------------------------------------- sampler.select
+def make_exact(n=500, d=16, metric="ip", seed=0):
+    rng = np.random.default_rng(seed)
+    rows = rng.standard_normal((n, d)).astype(np.float32)
+    s = build_sampler("exact", n, d, metric=metric, seed=seed, chunk_rows=97)
+    s.rebuild(rows)
+    return s, rows
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_exact_query_matches_naive(metric):
+    s, rows = make_exact(metric=metric)
+    x = np.random.default_rng(1).standard_normal((12, 16)).astype(np.float32)
+    if metric == "cosine":
+        logits = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ \
+            (rows / np.linalg.norm(rows, axis=1, keepdims=True)).T
+    else:
+        logits = x @ rows.T
+    np.testing.assert_array_equal(s.query(x, 7), np.argsort(-logits, axis=1)[:, :7])
+
+
+def test_select_uses_nearest_classes_then_random():
+    s, rows = make_exact()
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([3, 3, 10, 11, 12, 13, 14, 15])
+    ids, remapped = s.select(x, y, 60)
+    assert ids.dtype == torch.long and remapped.dtype == torch.long and ids.shape == (60,)
+    assert torch.equal(ids[remapped], y)
+    assert ids[:7].tolist() == [3, 10, 11, 12, 13, 14, 15]
+    # the neighbour block equals the rule applied to the exact neighbours
+    nb = s.query(x, int(np.ceil(53 / 8 * 1.25)) + 1)
+    _, near = naive_selection_prefix(y.numpy(), nb, 53)
+    assert ids[7:7 + len(near)].tolist() == near and len(near) == s.last_num_neighbours > 0
+
+
+def test_select_full_when_sample_num_covers_all_classes():
+    s, _ = make_exact(n=50)
+    x, y = torch.randn(6, 16), torch.tensor([4, 1, 4, 49, 0, 7])
+    for sample_num in (50, 80):
+        ids, remapped = s.select(x, y, sample_num)
+        assert torch.equal(ids, torch.arange(50)) and torch.equal(remapped, y)
+
+
+def test_select_errors_name_the_problem():
+    s, _ = make_exact(n=100)
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="sample_num=2 is smaller than the 4 distinct labels"):
+        s.select(x, torch.tensor([1, 2, 3, 4]), 2)
+    with pytest.raises(ValueError, match=r"label 100 is outside \[0, num_classes=100\)"):
+        s.select(x, torch.tensor([1, 2, 3, 100]), 20)
+    with pytest.raises(ValueError, match=r"label -1 is outside"):
+        s.select(x, torch.tensor([1, 2, 3, -1]), 20)
+    with pytest.raises(ValueError, match="dim=16"):
+        s.select(torch.randn(4, 8), torch.tensor([1, 2, 3, 4]), 20)
+    with pytest.raises(ValueError, match=r"labels must have shape \(batch_size,\) = \(4,\)"):
+        s.select(x, torch.tensor([1, 2, 3]), 20)
+    with pytest.raises(ValueError, match="sample_num must be a positive integer"):
+        s.select(x, torch.tensor([1, 2, 3, 4]), 0)
+    with pytest.raises(ValueError, match="rows must have shape"):
+        s.rebuild(np.zeros((99, 16), np.float32))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        s.rebuild(np.full((100, 16), np.nan, np.float32))
+
+
+def test_select_before_first_index_is_labels_plus_random(caplog):
+    s = build_sampler("exact", 1000, 16, seed=3)
+    y = torch.tensor([5, 6, 7, 5])
+    with caplog.at_level(logging.INFO, logger="hfsoftmax.samplers.base"):
+        ids, remapped = s.select(torch.randn(4, 16), y, 40)
+    assert "no index yet" in caplog.text
+    assert ids[:3].tolist() == [5, 6, 7] and len(set(ids.tolist())) == 40
+    assert torch.equal(ids[remapped], y) and s.last_num_neighbours == 0
+    with pytest.raises(RuntimeError, match="no index yet"):
+        s.query(np.zeros((1, 16), np.float32), 3)
+
+
+def test_random_sampler_is_seeded_and_never_indexes():
+    a = build_sampler("random", 10_000, 8, seed=5)
+    b = build_sampler("random", 10_000, 8, seed=5)
+    y = torch.tensor([1, 2, 3])
+    ia, _ = a.select(torch.randn(3, 8), y, 100)
+    ib, _ = b.select(torch.randn(3, 8), y, 100)
+    assert torch.equal(ia, ib) and len(set(ia.tolist())) == 100
+    assert a.maybe_rebuild(0, np.zeros((10_000, 8), np.float32)) is False
+    assert a.index_age is None and not a.has_index
+
+
+def test_numpy_in_numpy_out():
+    s, _ = make_exact()
+    ids, remapped = s.select(np.random.randn(3, 16).astype(np.float32), np.array([1, 2, 2]), 10)
+    assert isinstance(ids, np.ndarray) and (ids[remapped] == [1, 2, 2]).all()
+
+
+def test_mips_augmentation_preserves_inner_product_order():
+    # the reduction used by mips="augment": exact on the augmented vectors == exact MIPS
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((300, 12)).astype(np.float32) * rng.uniform(0.2, 3, (300, 1))
+    s = build_sampler("exact", 300, 12, metric="ip")
+    from hfsoftmax.samplers.base import ClassSampler
+    aug = ClassSampler(300, 12, metric="ip", mips="augment")
+    r, q = aug.prepare_rows(rows), aug.prepare_queries(rng.standard_normal((20, 12)).astype("f4"))
+    assert r.shape == (300, 13) and np.allclose(np.linalg.norm(r, axis=1), 1, atol=1e-5)
+    x = q[:, :12]
+    np.testing.assert_array_equal(np.argsort(-(q @ r.T), 1)[:, :10],
+                                  np.argsort(-(x @ rows.T), 1)[:, :10])
+    assert s.index_dim == 12 and aug.index_dim == 13
+
+
+# ---------------------------------------------------------------------- telemetry
+def test_recall_of_true_topk_against_naive():
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((400, 8)).astype(np.float32)
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    top = np.argsort(-(x @ rows.T), axis=1)[:, :10]
+    selected = np.unique(top[:, :5])  # the first half of everyone's top-10
+    expect = np.isin(top, selected).mean()
+    got = recall_of_true_topk(torch.from_numpy(x), rows, torch.from_numpy(selected), 10,
+                              chunk_rows=64)
+    assert got == pytest.approx(expect) and 0.5 <= got < 1.0
+    assert recall_of_true_topk(x, rows, np.arange(400), 10) == 1.0
+    # with labels, the own class is left out of each sample's top-k
+    labels = top[:, 0]
+    got = recall_of_true_topk(x, rows, np.unique(top[:, 1:6]), 5, labels=labels)
+    assert got == 1.0
+    s, _ = make_exact()
+    assert s.recall_of_true_topk(np.zeros((2, 16), np.float32) + 1, np.eye(500, 16, dtype="f4"),
+                                 np.arange(500), 3) == 1.0
