@@ -277,3 +277,45 @@ def test_is_loopback():
     for a in ("tcp://*:5570", "tcp://0.0.0.0:1", "tcp://10.0.0.1:5", "tcp://eth0:5",
               "tcp://example.com:5"):
         assert not is_loopback(a), a
+
+
+def test_raw_req_socket_client_from_protocol_md():
+    """A client written from PROTOCOL.md alone, on a REQ socket (not the Python client)."""
+    import json
+
+    import zmq
+
+    with running_server() as (_, addr):
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.REQ)
+        s.linger = 0
+        s.rcvtimeo = 10_000
+        s.connect(addr)
+
+        def call(header, *arrays):
+            specs = [{"dtype": {"i": "int64", "f": "float32"}[a.dtype.kind],
+                      "shape": list(a.shape)} for a in arrays]
+            s.send_multipart([json.dumps({**header, "arrays": specs}).encode()]
+                             + [a.astype(a.dtype.newbyteorder("<")).tobytes() for a in arrays])
+            header, *frames = s.recv_multipart()  # REQ strips the empty delimiter
+            h = json.loads(header)
+            return h, [np.frombuffer(f, "<" + {"int64": "i8", "float32": "f4"}[d["dtype"]])
+                       .reshape(d["shape"]) for f, d in zip(frames, h.get("arrays", []))]
+
+        try:
+            h, _ = call({"op": "create_table", "table": "t", "num_rows": 8, "dim": 3,
+                         "init": "zeros"})
+            assert h["ok"] and h["created"]
+            h, _ = call({"op": "set_optimizer", "table": "t", "lr": 0.5})
+            assert h["ok"]
+            h, _ = call({"op": "push", "table": "t", "worker": 0, "step": 1},
+                        np.array([2, 2], np.int64), np.ones((2, 3), np.float32))
+            assert h == {"ok": True, "id": None, "step": 1, "workers": [0]}
+            h, (vals,) = call({"op": "pull", "table": "t", "id": "q1"}, np.array([2, 0]))
+            assert h["ok"] and h["id"] == "q1" and h["step"] == 1
+            np.testing.assert_array_equal(vals, [[-1.0] * 3, [0.0] * 3])
+            h, _ = call({"op": "pull", "table": "t"}, np.array([8]))
+            assert not h["ok"] and "row 8 outside [0, 8)" in h["error"]
+        finally:
+            s.close()
+            ctx.term()
