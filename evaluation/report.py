@@ -91,6 +91,13 @@ def write_report(result: VerificationResult, out_dir: str | os.PathLike, name: s
     return {"json": json_path, "roc": png_path}
 
 
+def issame_path(features_path: str | os.PathLike) -> Path:
+    """Where the pair labels of a ``.bin``'s features go: ``lfw.npy`` -> ``lfw_issame.npy``."""
+    p = Path(features_path)
+    stem = p.name[:-4] if p.name.endswith(".npy") else p.name
+    return p.with_name(f"{stem}_issame.npy")
+
+
 TABLE_HEADER = ("name", "pairs", "accuracy (%)", "VAL@FAR (%)", "FAR (%)", "threshold")
 
 

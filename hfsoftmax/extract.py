@@ -33,12 +33,13 @@ import torch
 import torch.nn as nn
 
 from evaluation import l2_normalize
+from evaluation.report import issame_path
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["resolve_device", "load_checkpoint_args", "load_backbone", "embed_batches",
            "VerificationSet", "load_verification_set", "extract_verification",
-           "extract_filelist", "save_npy", "main"]
+           "extract_filelist", "save_npy", "issame_path", "main"]
 
 DEFAULT_BATCH_SIZE = 64
 # Errors caused by the user's files or flags: the CLIs print them without a traceback.
@@ -267,13 +268,6 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
             os.unlink(tmp)
         raise
     return path
-
-
-def issame_path(features_path: str | os.PathLike) -> Path:
-    """Where the pair labels of a ``.bin``'s features go: ``lfw.npy`` -> ``lfw_issame.npy``."""
-    p = Path(features_path)
-    stem = p.name[:-4] if p.name.endswith(".npy") else p.name
-    return p.with_name(f"{stem}_issame.npy")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

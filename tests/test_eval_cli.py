@@ -175,6 +175,12 @@ def test_cli_bins_flag_save_features_and_default_out_dir(trained_ckpt, shared_fi
     report = json.loads((rep_dir / "verification-py2.json").read_text())
     again = evaluate(feats, issame)
     assert report["fold_accuracies"] == again.fold_accuracies and report["val"] == again.val
+    # and the torch-free CLI on those files prints the same table row
+    from evaluation.__main__ import main as evaluation_main
+
+    assert evaluation_main([str(rep_dir / "verification-py2.npy")]) == 0
+    row = [line for line in out.splitlines() if line.startswith("verification-py2")]
+    assert row and row[0] in capsys.readouterr().out
 
 
 def test_evaluate_model_for_the_trainer(dataset_dir, trained_ckpt, tmp_path):

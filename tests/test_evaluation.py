@@ -289,3 +289,21 @@ def test_evaluation_never_imports_torch():
             "bad = [m for m in ('torch', 'hfsoftmax') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_torch_free_cli_on_saved_features(tmp_path, capsys):
+    from evaluation.__main__ import main
+    from evaluation import issame_path, table_row
+
+    emb, same = structured_pairs(120, seed=9)
+    np.save(tmp_path / "lfw.npy", emb.astype(np.float32))
+    np.save(issame_path(tmp_path / "lfw.npy"), same)
+    assert main([str(tmp_path / "lfw.npy"), "--out-dir", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    expected = evaluate(emb.astype(np.float32), same)
+    assert " ".join(table_row("lfw", expected)) in " ".join(out.split())
+    assert json.loads((tmp_path / "rep" / "lfw.json").read_text())["accuracy"] == \
+        expected.accuracy
+    np.save(tmp_path / "alone.npy", emb)
+    assert main([str(tmp_path / "alone.npy")]) == 2
+    assert "alone_issame.npy" in capsys.readouterr().err
