@@ -216,7 +216,7 @@ class RecordIOReader:
         buf = self._buffer()
         size = len(buf)
         label = where or f"record at offset {offset}"
-        ctx = f"{label} in {self.rec_path}"
+        ctx = f"{label} of {self.rec_path}"
         parts: list[bytes] = []
         pos = offset
         while True:
