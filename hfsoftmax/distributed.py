@@ -92,9 +92,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _comm_device(t: torch.Tensor) -> torch.device:
-    # gloo only moves CPU tensors; nccl only CUDA ones.
-    return torch.device("cpu") if dist.get_backend() == "gloo" else t.device
+def _comm_device(t: torch.Tensor | None = None) -> torch.device:
+    # gloo only moves CPU tensors; nccl only CUDA ones (this rank's current device).
+    if dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    if t is not None and t.is_cuda:
+        return t.device
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -133,8 +137,7 @@ def broadcast(t: torch.Tensor | None, src: int = 0, *, shape: tuple[int, ...] | 
             raise ValueError("broadcast without a process group needs the tensor itself")
         return t
     me = dist.get_rank()
-    backend_dev = torch.device("cpu") if dist.get_backend() == "gloo" else (
-        t.device if t is not None else (device or torch.device("cuda", torch.cuda.current_device())))
+    backend_dev = _comm_device(t)
     out_dev = t.device if t is not None else (device or backend_dev)
     if shape is None or dtype is None:
         # Send the header (ndim, shape..., dtype code) first.
