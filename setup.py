@@ -18,5 +18,8 @@ setup(
     },
     entry_points={"console_scripts": [
         "hfsoftmax-paramserver=paramserver.paramserver:main",
+        "hfsoftmax-train=hfsoftmax.train:main",
+        "hfsoftmax-eval=hfsoftmax.eval:main",
+        "hfsoftmax-extract=hfsoftmax.extract:main",
     ]},
 )
