@@ -395,7 +395,7 @@ class ParamServer:
         init = h.get("init", "str", "normal")
         if init not in INITS:
             raise RequestError(f"unknown init {_short(init)}; valid: {', '.join(INITS)}")
-        std = h.get("std", "float", 0.01, lo=0.0)
+        std = h.get("std", "float", 0.01, lo=0.0, hi=1e6)
         seed = h.get("seed", "int", 0, lo=0, hi=(1 << 63) - 1)
         row_start = h.get("row_start", "int", 0, lo=0, hi=num_rows)
         row_stop = h.get("row_stop", "int", num_rows, lo=row_start, hi=num_rows)
@@ -572,10 +572,12 @@ class ParamServer:
             return
         t = self.tables[name]
         workers = sorted(rnd.pushes)  # fixed order: the sum does not depend on arrival
-        rows = np.concatenate([rnd.pushes[w][0] for w in workers])
-        grads = np.concatenate([rnd.pushes[w][1] for w in workers])
-        if len(workers) > 1:
-            grads = grads / np.float32(len(workers))  # mean over workers
+        if len(workers) == 1:
+            rows, grads = rnd.pushes[workers[0]]
+        else:
+            rows = np.concatenate([rnd.pushes[w][0] for w in workers])
+            grads = np.concatenate([rnd.pushes[w][1] for w in workers])
+            grads /= np.float32(len(workers))  # mean over workers
         t.apply_grad(rows, grads)
         del self.rounds[name]
         log.debug("table %r step %d applied: workers %s, %d rows", name, rnd.step, workers,

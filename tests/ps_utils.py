@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_SCRIPT = ROOT / "paramserver" / "paramserver.py"
 
-__all__ = ["start_server", "stop_server", "running_server", "SERVER_SCRIPT"]
+__all__ = ["start_server", "stop_server", "running_server", "server_log", "ps_server",
+           "SERVER_SCRIPT"]
 
 
 def start_server(*extra_args: str, timeout_s: float = 30.0, bind: str = "tcp://127.0.0.1:*",
@@ -78,3 +79,15 @@ def running_server(*extra_args: str, **kwargs):
         yield proc, address
     finally:
         stop_server(proc)
+
+
+try:  # a fixture for tests that just need one server: `from tests.ps_utils import ps_server`
+    import pytest
+
+    @pytest.fixture
+    def ps_server():
+        """A fresh server (``--workers 1``) for one test: yields its address."""
+        with running_server() as (_, address):
+            yield address
+except ImportError:  # pragma: no cover - pytest is only needed for the fixture
+    pass
