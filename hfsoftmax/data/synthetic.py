@@ -165,12 +165,13 @@ def _augment(template_u8: Image.Image, bg: tuple, r: np.random.Generator,
     coeffs = (ca, sa, _C - ca * cx - sa * cy, -sa, ca, _C + sa * cx - ca * cy)
     img = template_u8.transform((SIZE, SIZE), Image.AFFINE, coeffs, resample=Image.BILINEAR,
                                 fillcolor=bg)
-    x = np.asarray(img, dtype=np.float32)
+    x = np.array(img, dtype=np.float32)  # a writable copy: the arithmetic below is in place
     gain = (r.uniform(0.7, 1.2) * (1 + r.normal(0, 0.05, 3))).astype(np.float32)
     phi = r.uniform(0, 2 * math.pi)
     amp = r.uniform(0, 0.3)
     light = 1 + amp * (_RAMP[:, None] * math.sin(phi) + _RAMP[None, :] * math.cos(phi))
-    x = x * (light[..., None] * gain)
+    x *= light[..., None]
+    x *= gain
     bank = _noise_bank()
     start = int(r.integers(bank.size - x.size))
     x += bank[start:start + x.size].reshape(x.shape) * np.float32(r.uniform(1, noise))
