@@ -71,3 +71,14 @@ def test_annoy_pads_missing_results():
         assert len(set(valid.tolist())) == valid.size and (r[valid.size:] == -1).all()
     ids, remapped = s.select(torch.from_numpy(rows[:3]), torch.tensor([0, 1, 2]), 30)
     assert len(set(ids.tolist())) == 30 and ids.min() >= 0 and ids.max() < 40
+
+
+def test_annoy_child_process_build_equals_in_process_build():
+    rows = clustered_rows(3000, 32, seed=5)
+    common = dict(metric="ip", seed=7, ntrees=8, n_jobs=1, search_k=500)
+    child = build_sampler("annoy", 3000, 32, **common)
+    local = build_sampler("annoy", 3000, 32, subprocess_build=False, **common)
+    child.rebuild(rows)
+    local.rebuild(rows)
+    x, _ = queries_near(rows, 30, seed=2)
+    np.testing.assert_array_equal(child.query(x, 10), local.query(x, 10))
