@@ -141,6 +141,16 @@ class ParamClient:
                  ) -> list[tuple[dict, list[np.ndarray]]]:
         """Send one request per shard (all first, so shards work in parallel), then gather."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
+        for i, hdr, arrs in zip(shards, headers, arrays):
+            biggest = max((a.nbytes for a in arrs), default=0)
+            if biggest > (1 << 24):  # big frame: check the server's limit (it would drop us)
+                if self._conns[i].info is None:
+                    self.ping()
+                limit = int(self._conns[i].info.get("max_message_bytes", 0))
+                if biggest > limit:
+                    raise ValueError(f"{hdr['op']}: a frame of {biggest} bytes exceeds the "
+                                     f"limit of {limit} bytes of {self.addresses[i]} "
+                                     "(--max-message-bytes); send fewer rows per call")
         ids = []
         for i, hdr, arrs in zip(shards, headers, arrays):
             rid = next(self._ids)

@@ -319,3 +319,15 @@ def test_raw_req_socket_client_from_protocol_md():
         finally:
             s.close()
             ctx.term()
+
+
+def test_message_size_limit_is_checked_before_sending():
+    with running_server("--max-message-bytes", str(1 << 24)) as (_, addr):
+        with ParamClient(addr, timeout_s=10) as ps:
+            ps.create_table("t", 70_000, 64, init="zeros")
+            with pytest.raises(ValueError, match="exceeds the limit of 16777216"):
+                ps.set_rows("t", np.arange(70_000), np.ones((70_000, 64)))
+            with pytest.raises(ParamServerError, match="read in smaller chunks"):
+                ps.read_all("t", chunk_rows=70_000)
+            assert ps.read_all("t", chunk_rows=60_000).shape == (70_000, 64)
+            assert ps.pull("t", [0]).shape == (1, 64)  # still connected
