@@ -50,7 +50,15 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run_steps(pull, push, rows_total: int, batch: int, dim: int, seconds: float) -> dict:
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes (all their threads)."""
+    import psutil
+
+    return sum(sum(psutil.Process(p).cpu_times()[:2]) for p in pids)
+
+
+def run_steps(pull, push, rows_total: int, batch: int, dim: int, seconds: float,
+              server_pids: list[int] = ()) -> dict:
     rng = np.random.default_rng(0)
     grads = rng.standard_normal((batch, dim)).astype(np.float32) * 1e-3
     for _ in range(20):  # warm-up
@@ -58,6 +66,7 @@ def run_steps(pull, push, rows_total: int, batch: int, dim: int, seconds: float)
         pull(rows)
         push(rows, grads)
     steps, pull_t, push_t = 0, 0.0, 0.0
+    cpu0, srv0 = _cpu_s([os.getpid()]), _cpu_s(list(server_pids))
     t_end = time.perf_counter() + seconds
     t0 = time.perf_counter()
     while time.perf_counter() < t_end:
@@ -70,8 +79,15 @@ def run_steps(pull, push, rows_total: int, batch: int, dim: int, seconds: float)
         pull_t += b - a
         steps += 1
     elapsed = time.perf_counter() - t0
+    client_cpu = (_cpu_s([os.getpid()]) - cpu0) / steps
+    server_cpu = (_cpu_s(list(server_pids)) - srv0) / steps
+    # CPU time per step is much less sensitive to other load on the machine than wall time;
+    # 1 / (client + server CPU) is the rate of a step on otherwise idle cores.
     return {"steps_per_s": round(steps / elapsed, 1), "steps": steps,
-            "pull_ms": round(1000 * pull_t / steps, 3), "push_ms": round(1000 * push_t / steps, 3)}
+            "pull_ms": round(1000 * pull_t / steps, 3), "push_ms": round(1000 * push_t / steps, 3),
+            "client_cpu_ms_per_step": round(1000 * client_cpu, 3),
+            "server_cpu_ms_per_step": round(1000 * server_cpu, 3),
+            "cpu_bound_steps_per_s": round(1 / (client_cpu + server_cpu), 1)}
 
 
 def bench_server(n_rows: int, shards: int, batch: int, dim: int, seconds: float) -> dict:
@@ -82,7 +98,8 @@ def bench_server(n_rows: int, shards: int, batch: int, dim: int, seconds: float)
                 ps.create_table("w", n_rows, dim, init="normal", std=0.01, seed=0)
                 ps.set_optimizer("w", lr=0.1, momentum=0.9, weight_decay=5e-4)
                 return run_steps(lambda r: ps.pull("w", r),
-                                 lambda r, g: ps.push("w", r, g), n_rows, batch, dim, seconds)
+                                 lambda r, g: ps.push("w", r, g), n_rows, batch, dim, seconds,
+                                 [p.pid for p, _ in procs])
         finally:
             for p, _ in procs:
                 stop(p)
@@ -112,8 +129,10 @@ def main() -> None:
                 "server_1": bench_server(n, 1, args.batch, args.dim, args.seconds),
                 "server_2_shards": bench_server(n, 2, args.batch, args.dim, args.seconds)}
         result["cases"][str(n)] = case
-        print(f"{n} rows: " + ", ".join(f"{k} {v['steps_per_s']} steps/s"
-                                        for k, v in case.items()), file=sys.stderr)
+        print(f"{n} rows: " + ", ".join(
+            f"{k} {v['steps_per_s']} steps/s ({v['cpu_bound_steps_per_s']} CPU-bound)"
+            for k, v in case.items()), file=sys.stderr)
+    result["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -103,14 +103,17 @@ class Table:
         self.check_rows(rows)
         return self.weight[rows]
 
-    def apply_grad(self, rows: np.ndarray, grads: np.ndarray) -> None:
+    def apply_grad(self, rows: np.ndarray, grads: np.ndarray, *, check: bool = True) -> None:
         """One SGD step with this table's settings; repeated rows accumulate.
 
-        Validates rows, shape and finiteness first: a bad call changes nothing."""
+        Validates rows, shape and finiteness first: a bad call changes nothing.
+        ``check=False`` skips that, for callers that ran :meth:`check_rows` and
+        :meth:`check_values` on these very arrays already (the server, per push)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         grads = np.asarray(grads, dtype=np.float32)
-        self.check_rows(rows)
-        self.check_values(rows, grads, "grads")
+        if check:
+            self.check_rows(rows)
+            self.check_values(rows, grads, "grads")
         sgd_rows(self.weight, self.momentum, rows, grads, self.optim)
         self.updates += 1
 
