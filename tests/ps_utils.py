@@ -12,7 +12,6 @@ file whose path is ``proc.log_path`` (shown when a start fails).
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
