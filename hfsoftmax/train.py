@@ -71,25 +71,27 @@ class TrainModel(nn.Module):
 
 
 # --------------------------------------------------------------------------- setup
-def setup_logging(save_path: str, rank: int) -> None:
-    """Handlers on rank 0 only (console and ``train.log``); other ranks log warnings."""
+def setup_logging(save_path: str, rank: int) -> list[logging.Handler]:
+    """Console and ``train.log`` handlers on rank 0; warnings only on the other ranks.
+
+    Returns the handlers added to the root logger (``main`` removes them when it ends).
+    """
     root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
     if rank == 0:
         root.setLevel(logging.INFO)
-        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr),
-                                           logging.FileHandler(os.path.join(save_path,
-                                                                            "train.log"))]
+        fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                datefmt="%H:%M:%S")
+        handlers: list[logging.Handler] = [
+            logging.StreamHandler(sys.stderr),
+            logging.FileHandler(os.path.join(save_path, "train.log"), encoding="utf-8")]
     else:
         root.setLevel(logging.WARNING)
-        handlers = [logging.StreamHandler(sys.stderr)]
         fmt = logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+        handlers = [logging.StreamHandler(sys.stderr)]
     for h in handlers:
         h.setFormatter(fmt)
         root.addHandler(h)
+    return handlers
 
 
 def pick_device(name: str) -> torch.device:
@@ -486,18 +488,22 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry ``hfsoftmax-train``."""
+    """Console entry ``hfsoftmax-train``; returns the exit status."""
     try:
         args = parse_args(argv)
     except (ValueError, FileNotFoundError) as e:
         print(f"hfsoftmax-train: error: {e}", file=sys.stderr)
         return 2
     rank, _ = hd.init_distributed(args.dist_backend)
+    handlers: list[logging.Handler] = []
     try:
         os.makedirs(args.save_path, exist_ok=True)
-        setup_logging(args.save_path, rank)
+        handlers = setup_logging(args.save_path, rank)
         run(args)
     finally:
+        for h in handlers:
+            logging.getLogger().removeHandler(h)
+            h.close()
         hd.destroy_distributed()
     return 0
 

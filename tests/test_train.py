@@ -1,0 +1,258 @@
+"""The trainer in one process: flags, learning, checkpoints, NaN, and exact resume against a
+real parameter-server process."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from hfsoftmax.engine.config import parse_args
+from hfsoftmax.engine.data import ShardedBatchSampler
+from hfsoftmax.engine.schedule import StepSchedule
+from hfsoftmax.train import main, run
+from paramserver.snapshot import read_snapshot
+from tests.ps_utils import running_server
+from tests.train_data import make_tiny_rec
+
+pytestmark = pytest.mark.timeout(300)
+
+torch.set_num_threads(1)
+
+# 40 identities x 4 images; batch 16 -> 10 steps per epoch.
+TINY = ["--arch", "convnet-s", "--embedding-size", "32", "--batch-size", "16", "--workers",
+        "0", "--threads", "1", "--print-freq", "2", "--head", "cosface", "--scale", "16",
+        "--margin", "0.1", "--lr", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_rec(tmp_path_factory):
+    return make_tiny_rec(tmp_path_factory.mktemp("data") / "tiny", num_classes=40,
+                         per_class=4, seed=1)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------- flags
+@pytest.mark.parametrize("argv,match", [
+    ([], "no training data"),
+    (["--train-rec", "x", "--train-filelist", "y"], "not both"),
+    (["--train-filelist", "y"], "--train-prefix"),
+    (["--train-rec", "x", "--arch", "resnet9"], "unknown --arch 'resnet9'.*ir50"),
+    (["--train-rec", "x", "--ps", "tcp://127.0.0.1:1"], "add --sampled"),
+    (["--train-rec", "x", "--lr-steps", "5", "3"], "ascending"),
+    (["--train-rec", "x", "--head", "linear", "--margin", "0.3"], "margin head"),
+    (["--train-rec", "x", "--sampled", "--num-classes", "10", "--sample-num", "20"],
+     "exceeds --num-classes"),
+    (["--train-rec", "x", "--device", "tpu"], "--device"),
+    (["--train-rec", "x", "--gamma", "0"], "--gamma"),
+])
+def test_bad_flags_are_rejected_with_the_fix(argv, match):
+    with pytest.raises(ValueError, match=match):
+        parse_args(argv)
+
+
+def test_argparse_rejects_bad_choices(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--train-rec", "x", "--sampler", "lsh"])
+    assert "invalid choice: 'lsh'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--train-rec", "x", "--batch-size", "0"])
+
+
+def test_yaml_config_is_overridden_by_the_command_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train-rec: /data/ms1m\nsampled: true\nsample_num: 5000\nlr: 0.05\n"
+                   "lr-steps: [8, 12]\nps: tcp://10.0.0.1:5570,tcp://10.0.0.2:5570\n")
+    args = parse_args(["--config", str(cfg), "--lr", "0.2"])
+    assert args.train_rec == "/data/ms1m" and args.sampled and args.sample_num == 5000
+    assert args.lr == 0.2 and args.lr_steps == [8.0, 12.0]
+    assert args.ps == ["tcp://10.0.0.1:5570", "tcp://10.0.0.2:5570"]
+    cfg.write_text("train-rec: x\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown setting 'learning_rate'.*lr-steps"):
+        parse_args(["--config", str(cfg)])
+    cfg.write_text("train-rec: x\nsampler: lsh\n")
+    with pytest.raises(ValueError, match="bad value 'lsh' for sampler"):
+        parse_args(["--config", str(cfg)])
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--arch", "--embedding-size", "--head", "--sampled", "--sampler",
+                 "--sample-num", "--interval", "--ntrees", "--num-classes", "--train-rec",
+                 "--train-filelist", "--train-prefix", "--val-bins", "--batch-size", "--lr",
+                 "--lr-steps", "--gamma", "--epochs", "--max-steps", "--momentum",
+                 "--weight-decay", "--workers", "--save-path", "--resume", "--ps", "--device",
+                 "--amp", "--seed", "--config", "--dist-backend"):
+        assert flag in out
+
+
+# ---------------------------------------------------------------------------- pieces
+def test_sharded_batches_of_two_ranks_are_the_single_process_batches():
+    one = ShardedBatchSampler(100, 8, 0, 1, seed=3)
+    two = [ShardedBatchSampler(100, 4, r, 2, seed=3) for r in range(2)]
+    for s in [one, *two]:
+        s.set_epoch(2)
+    for b1, b20, b21 in zip(one, *two):
+        assert b1 == b20 + b21
+    assert len(one) == len(two[0]) == 12  # 100 // 8, the last partial batch dropped
+    other_epoch = ShardedBatchSampler(100, 8, 0, 1, seed=3)
+    assert next(iter(other_epoch)) != next(iter(one))  # epoch 0 vs epoch 2
+    one.set_epoch(2, start_batch=5)
+    full = ShardedBatchSampler(100, 8, 0, 1, seed=3)
+    full.set_epoch(2)
+    assert list(one) == list(full)[5:]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ShardedBatchSampler(10, 8, 0, 2)
+
+
+def test_step_schedule():
+    s = StepSchedule.from_epochs(0.1, [1, 1.5], steps_per_epoch=100, gamma=0.1,
+                                 warmup_steps=10)
+    assert s.milestones == [100, 150]
+    assert math.isclose(s.lr_at(0), 0.01) and math.isclose(s.lr_at(9), 0.1)
+    assert s.lr_at(99) == 0.1 and math.isclose(s.lr_at(100), 0.01)
+    assert math.isclose(s.lr_at(150), 0.001)
+
+
+# ---------------------------------------------------------------------------- training
+def test_full_softmax_run_learns_and_writes_outputs(tiny_rec, tmp_path):
+    out = tmp_path / "run"
+    assert main(["--train-rec", str(tiny_rec), *TINY, "--max-steps", "30",
+                 "--save-path", str(out)]) == 0
+    rows = read_csv(out / "metrics.csv")
+    assert [int(r["step"]) for r in rows][-1] == 30
+    first, last = rows[0], rows[-1]
+    # 40 classes: chance is 2.5% accuracy and loss ~ ln(40) + margin effects.
+    assert float(last["loss"]) < 0.5 * float(first["loss"])
+    assert float(last["acc"]) > max(0.5, float(first["acc"]) + 0.3)
+    assert all(float(r["img_s"]) > 0 for r in rows)
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert ckpt["step"] == 30 and ckpt["epoch"] == 3 and ckpt["ps_snapshot"] is None
+    assert ckpt["args"]["arch"] == "convnet-s" and ckpt["args"]["embedding_size"] == 32
+    assert ckpt["args"]["num_classes"] == 40
+    assert ckpt["head"]["weight"].shape == (40, 32)
+    assert set(ckpt) >= {"model", "head", "optimizer", "lr_scheduler", "step", "epoch",
+                         "args", "ps_snapshot"}
+    assert list((out / "tb").iterdir()), "no TensorBoard events written"
+    assert "step 30/30" in (out / "train.log").read_text()
+    assert json.loads((out / "args.json").read_text())["max_steps"] == 30
+
+
+def test_nan_loss_stops_with_the_step(tiny_rec, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"step=\d+"):
+        main(["--train-rec", str(tiny_rec), *TINY, "--head", "linear", "--margin", "0",
+              "--lr", "1e30", "--momentum", "0", "--max-steps", "20",
+              "--save-path", str(tmp_path / "nan")])
+
+
+def _state(path):
+    ckpt = torch.load(os.path.join(path, "last.pth"), weights_only=True)
+    tables, _ = read_snapshot(ckpt["ps_snapshot"])
+    return ckpt, tables["classifier"]
+
+
+def _assert_same_training_state(a, b):
+    (ca, ta), (cb, tb) = a, b
+    assert ca["step"] == cb["step"]
+    for k, v in ca["model"].items():
+        torch.testing.assert_close(cb["model"][k], v, rtol=0, atol=0, msg=k)
+    oa, ob = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert oa.keys() == ob.keys() and len(oa) > 0
+    for k in oa:
+        torch.testing.assert_close(ob[k]["momentum_buffer"], oa[k]["momentum_buffer"],
+                                   rtol=0, atol=0)
+    assert ta.updates == tb.updates == ca["step"]
+    np.testing.assert_array_equal(ta.weight, tb.weight)
+    np.testing.assert_array_equal(ta.momentum, tb.momentum)
+    assert ca["rng"] == cb["rng"]
+    assert ca["head"]["_extra_state"] == cb["head"]["_extra_state"]
+
+
+@pytest.mark.parametrize("store", ["paramserver", "local"])
+def test_resume_continues_exactly(tiny_rec, tmp_path, store):
+    """12 steps straight == 6 steps, stop, --resume, 6 more (across an epoch end at step 10):
+    backbone, SGD momentum, and the classifier rows + momentum (the parameter server's
+    snapshot) are bit-identical. Exact needs a reproducible index: synchronous rebuilds
+    every 3 steps, the checkpoint at a multiple of that."""
+    hf = ["--sampled", "--sampler", "exact", "--sample-num", "24", "--interval", "3",
+          "--no-background-rebuild", "--recall-every", "0"]
+    runs = {}
+    for name in ("straight", "split"):
+        out = str(tmp_path / name)
+        if store == "paramserver":
+            with running_server() as (_, address):
+                ps = ["--ps", address]
+                if name == "straight":
+                    assert main(["--train-rec", str(tiny_rec), *TINY, *hf, *ps,
+                                 "--max-steps", "12", "--save-path", out]) == 0
+                else:
+                    assert main(["--train-rec", str(tiny_rec), *TINY, *hf, *ps,
+                                 "--max-steps", "6", "--save-path", out]) == 0
+                    assert _state(out)[0]["step"] == 6
+                    # Stored args rebuild the run; only the new --max-steps is given.
+                    assert main(["--resume", out, "--max-steps", "12"]) == 0
+                runs[name] = _state(out)
+        else:
+            if name == "straight":
+                assert main(["--train-rec", str(tiny_rec), *TINY, *hf, "--max-steps", "12",
+                             "--save-path", out]) == 0
+            else:
+                assert main(["--train-rec", str(tiny_rec), *TINY, *hf, "--max-steps", "6",
+                             "--save-path", out]) == 0
+                assert main(["--resume", os.path.join(out, "last.pth"), "--max-steps",
+                             "12"]) == 0
+            runs[name] = _state(out)
+    _assert_same_training_state(runs["straight"], runs["split"])
+    # The split run's metrics continue where it stopped.
+    steps = [int(r["step"]) for r in read_csv(tmp_path / "split" / "metrics.csv")]
+    assert steps == sorted(steps) and steps[-1] == 12
+
+
+def test_resume_refuses_to_change_the_model(tiny_rec, tmp_path):
+    out = str(tmp_path / "r")
+    assert main(["--train-rec", str(tiny_rec), *TINY, "--max-steps", "2",
+                 "--save-path", out]) == 0
+    with pytest.raises(ValueError, match="--arch='convnet-s'.*'ir18'"):
+        parse_args(["--resume", out, "--arch", "ir18"])
+    with pytest.raises(FileNotFoundError, match="no last.pth"):
+        parse_args(["--resume", str(tmp_path)])
+
+
+def test_fresh_run_refuses_a_server_table_with_history(tiny_rec, tmp_path):
+    hf = ["--sampled", "--sampler", "random", "--sample-num", "24"]
+    with running_server() as (_, address):
+        assert main(["--train-rec", str(tiny_rec), *TINY, *hf, "--ps", address,
+                     "--max-steps", "2", "--save-path", str(tmp_path / "a")]) == 0
+        with pytest.raises(RuntimeError, match="already taken 2 steps.*--ps-table"):
+            run(parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--ps", address,
+                            "--max-steps", "2", "--save-path", str(tmp_path / "b")]))
+        # A new table name on the same server is a fresh run.
+        assert main(["--train-rec", str(tiny_rec), *TINY, *hf, "--ps", address,
+                     "--ps-table", "run2", "--max-steps", "2",
+                     "--save-path", str(tmp_path / "c")]) == 0
+
+
+def test_sampled_run_with_annoy_learns(tiny_rec, tmp_path):
+    out = tmp_path / "hf"
+    assert main(["--train-rec", str(tiny_rec), *TINY, "--sampled", "--sampler", "annoy",
+                 "--ntrees", "5", "--sample-num", "20", "--interval", "5",
+                 "--recall-every", "5", "--max-steps", "30", "--save-path", str(out)]) == 0
+    rows = read_csv(out / "metrics.csv")
+    assert float(rows[-1]["loss"]) < 0.5 * float(rows[0]["loss"])
+    recalls = [float(r["recall"]) for r in rows if r["recall"]]
+    assert recalls and all(0.0 <= x <= 1.0 for x in recalls)
+    assert any(r["rebuild_s"] for r in rows)
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert os.path.isfile(ckpt["ps_snapshot"])
+    # Only the snapshot the checkpoint names is kept.
+    assert [p.name for p in out.glob("rows_step*")] == [os.path.basename(ckpt["ps_snapshot"])]
