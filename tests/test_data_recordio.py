@@ -167,6 +167,15 @@ def test_flat_layout_without_identity_records(tmp_path):
     assert len(ds) == 6 and [ds[i][1] for i in range(6)] == [0, 1, 2, 0, 1, 2]
 
 
+def test_flat_layout_with_array_labels(tmp_path):
+    """Record 0 being an image with an array label (no layout header): still a flat set."""
+    img = encode(np.zeros((112, 112, 3), np.uint8), "PNG")
+    write_spec_rec(tmp_path / "flat", [(k, spec_record(2, 0.0, k, img, (float(k % 2), 9.0)))
+                                       for k in range(4)], num_classes=2)
+    ds = InsightFaceRecDataset(tmp_path / "flat")
+    assert len(ds) == 4 and [ds[i][1] for i in range(4)] == [0, 1, 0, 1]
+
+
 def test_continuation_frames_roundtrip(tmp_path):
     """A payload holding the magic word at aligned offsets is split into parts (cflag 1, 2,
     3) exactly as dmlc-core does; the reader joins them back."""
@@ -256,6 +265,9 @@ def test_bad_label_names_record(tmp_path):
     ds = InsightFaceRecDataset(tmp_path / "ds")
     with pytest.raises(RecordIOError, match=r"record 1 .*label 5.0 is not a class id in 0..1"):
         ds[1]
+    write_spec_rec(tmp_path / "nan", [(0, spec_record(0, float("nan"), 0, img))], 2)
+    with pytest.raises(RecordIOError, match=r"record 0 .*label nan is not a class id"):
+        InsightFaceRecDataset(tmp_path / "nan")[0]
 
 
 def test_missing_files_are_named(tmp_path, rec_copy):

@@ -11,7 +11,7 @@ import logging
 import multiprocessing
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 __all__ = ["CorruptImageError", "decode_image", "SkipCounter", "skip_none_collate"]
 
@@ -37,7 +37,7 @@ def decode_image(data: bytes, where: str, size: tuple[int, int] | None = IMAGE_S
     try:
         img = Image.open(io.BytesIO(data))
         img = img.convert("RGB")  # forces the full decode, so truncated data fails here
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure to decode means corrupt bytes
         raise CorruptImageError(f"{where}: undecodable image ({len(data)} bytes, starts "
                                 f"{bytes(data[:4]).hex()}): {e}") from None
     if size is not None and img.size != tuple(size):

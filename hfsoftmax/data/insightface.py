@@ -69,9 +69,11 @@ def read_layout(reader: RecordIOReader) -> RecLayout:
     if not reader.keys:
         raise RecordIOError(f"{reader.idx_path}: the index is empty")
     first_key = 0 if 0 in reader._offsets else reader.keys[0]
-    header, _ = unpack(reader.read_idx(first_key), where=f"record {first_key} of "
-                       f"{reader.rec_path}")
-    if first_key == 0 and header.flag >= 2:
+    header, body = unpack(reader.read_idx(first_key), where=f"record {first_key} of "
+                          f"{reader.rec_path}")
+    # the layout header is record 0 with an array label and no image (an image record 0
+    # with an array label belongs to a flat set)
+    if first_key == 0 and header.flag >= 2 and not body:
         a, b = int(header.label[0]), int(header.label[1])
         if not 1 <= a <= b:
             raise RecordIOError(f"record 0 of {reader.rec_path}: identity range [{a}, {b}) is "
@@ -145,7 +147,7 @@ class InsightFaceRecDataset:
         where = self._where(key)
         header, img = unpack(self.reader.read_idx(key), where=where)
         label = _label_of(header, where)
-        if label != int(label) or not 0 <= label < self.num_classes:
+        if not label.is_integer() or not 0 <= label < self.num_classes:
             raise RecordIOError(f"{where}: label {label} is not a class id in "
                                 f"0..{self.num_classes - 1} (num_classes from property)")
         return img, int(label)

@@ -92,8 +92,7 @@ def loads_bin(data: bytes, source: str = "<bytes>") -> tuple[list[bytes], list[b
         obj = _RestrictedUnpickler(io.BytesIO(data), source).load()
     except UnsafePickleError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
-            struct.error, AttributeError, UnicodeDecodeError) as e:
+    except Exception as e:  # noqa: BLE001 - no code ran (no globals); any failure = bad file
         raise ValueError(f"{source}: not a readable verification .bin pickle ({e})") from None
     return _validate(obj, source)
 
