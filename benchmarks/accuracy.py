@@ -1,0 +1,467 @@
+"""Accuracy of HF-Softmax vs full softmax vs random class sampling, on the synthetic set.
+
+Issue 6's benchmark. On the built-in synthetic face-like set (identities in families of
+look-alikes, :mod:`hfsoftmax.data.synthetic`) with >= 20K identities, it trains the same
+backbone for the same number of steps from the same seed with
+
+- ``full``: the full softmax (:class:`hfsoftmax.heads.FullHead`, all rows every step);
+- ``annoy``: HF-Softmax with the paper's hashing forest;
+- ``faiss``: HF-Softmax with faiss IVF-Flat (the fastest other backend in ANCHORS.md:
+  build 0.9 s / query 2.9 ms at 100K rows, recall 0.99);
+- ``random``: the same sampled head with uniformly random negatives (Partial FC's rule);
+- optionally ``hnsw`` and ``exact`` (exact nearest classes: the selection with recall 1),
+
+the sampled ones at ``sample_num`` = 1 % of the classes, and reports for each
+
+- ``verification``: accuracy (10-fold, InsightFace protocol, accuracy-flip embeddings) on
+  ``synthetic.bin``: pairs of identities *not* in training, half of the different pairs from
+  one family (look-alikes);
+- ``top1``: closed-set top-1 over *all* class rows on ``heldout.rec`` (other images of the
+  training identities), plus ``top1_family`` (the predicted class is in the right family) and
+  ``errors_in_family`` (the share of the errors that are look-alike confusions);
+- ``train_wall_s`` / ``train_cpu_s``: the trainer's wall time and this process's CPU time
+  during training (on a shared machine the CPU time is the fairer comparison), final train
+  loss/accuracy (a sampled head's accuracy is over its sampled columns only), mean selection
+  recall@10 against exact search, and the norms of the final class rows.
+
+Everything reuses the project's code: the set comes from ``datasets/prepare_synthetic.py``'s
+entry point, training is :func:`hfsoftmax.train.run` with the trainer's own flags, the
+backbone is read back with :func:`hfsoftmax.extract.load_backbone`, verification is
+:func:`hfsoftmax.eval.evaluate_model`, the closed-set scores use the heads' logit code
+(:class:`hfsoftmax.heads.logits.LogitSpec` without margin) and the sampled rows come back
+through :class:`hfsoftmax.rowstore.LocalRowStore`'s snapshot reader.
+
+    python benchmarks/accuracy.py                       # the issue's setting (20K classes)
+    python benchmarks/accuracy.py --preset quick        # tiny smoke run (tests use it)
+    python benchmarks/accuracy.py --methods full,annoy,random --steps 600 --heads linear cosface
+
+Prints one JSON object and writes it to ``--out`` (atomically, after every finished
+method, so an interrupted run keeps what it measured; ``--resume`` skips the methods whose
+results are already in ``--out`` for the same configuration).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+log = logging.getLogger("accuracy")
+
+METHODS = ("full", "annoy", "faiss", "hnsw", "exact", "random")
+
+# Defaults are the issue's setting; a preset replaces the defaults, flags still override it.
+PRESETS = {
+    "issue": dict(num_classes=20000, images_per_class=4, heldout_per_class=1, pairs=2000,
+                  family_size=10, arch="convnet-s", embedding_size=256, batch_size=128,
+                  steps=1200, sample_frac=0.01, lr=0.1, interval=50, ntrees=50,
+                  top1_images=0, methods="full,annoy,faiss,random", heads="cosface"),
+    "quick": dict(num_classes=60, images_per_class=2, heldout_per_class=1, pairs=40,
+                  family_size=5, arch="convnet-s", embedding_size=32, batch_size=16,
+                  steps=6, sample_frac=0.5, lr=0.05, interval=2, ntrees=5,
+                  top1_images=0, methods="full,annoy,faiss,random", heads="cosface"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train full softmax, HF-Softmax (annoy, faiss, ...) and random sampling "
+                    "on the synthetic set with the same backbone, steps and seed; report "
+                    "verification accuracy, held-out top-1 and wall time as one JSON object.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="issue",
+                   help="a set of defaults: 'issue' (20K identities, the issue's setting) or "
+                        "'quick' (a smoke run of seconds); other flags override it")
+    g = p.add_argument_group("data (the synthetic set; prepared once, reused after)")
+    g.add_argument("--data", default=None,
+                   help="folder of the synthetic set (default: datasets/data/"
+                        "synthetic_<classes>c_<images>i_s<seed>, or under --work-dir for "
+                        "the quick preset)")
+    g.add_argument("--num-classes", type=int, help="training identities (issue: >= 20000)")
+    g.add_argument("--images-per-class", type=int, help="training images per identity")
+    g.add_argument("--heldout-per-class", type=int, help="held-out images per identity")
+    g.add_argument("--pairs", type=int, help="verification pairs of held-out identities")
+    g.add_argument("--family-size", type=int, help="identities per family of look-alikes")
+    g.add_argument("--top1-images", type=int,
+                   help="held-out images scored for top-1 (a fixed seeded subset; 0: all)")
+    g = p.add_argument_group("training (the same for every method)")
+    g.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)}")
+    g.add_argument("--heads", nargs="+", choices=("linear", "cosface", "arcface"),
+                   help="logit type(s); every method runs once per head")
+    g.add_argument("--scale", type=float, default=30.0, help="margin heads' scale s")
+    g.add_argument("--margin", type=float, default=0.2,
+                   help="cosface margin (arcface keeps the trainer's 0.5 radians)")
+    g.add_argument("--arch", help="backbone (hfsoftmax.models registry)")
+    g.add_argument("--embedding-size", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--steps", type=int, help="training steps of every method")
+    g.add_argument("--lr", type=float, help="initial learning rate (backbone and rows)")
+    g.add_argument("--lr-decay-at", type=float, default=0.75,
+                   help="multiply the LR by 0.1 after this fraction of the steps (0: never)")
+    g.add_argument("--sample-frac", type=float,
+                   help="sample_num as a fraction of the classes (issue: 0.01)")
+    g.add_argument("--sample-num", type=int, default=None,
+                   help="sample_num (overrides --sample-frac)")
+    g.add_argument("--interval", type=int, help="index rebuild interval in steps")
+    g.add_argument("--ntrees", type=int, help="annoy trees")
+    g.add_argument("--background-rebuild", action="store_true",
+                   help="rebuild indexes on a background thread (the trainer's default); off "
+                        "here so that runs are reproducible and rebuild time is counted")
+    g.add_argument("--seed", type=int, default=0, help="seed of the set and of training")
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    g.add_argument("--workers", type=int, default=0,
+                   help="data-loading processes (0: in this process, so that the CPU time "
+                        "measured is all of training)")
+    g = p.add_argument_group("output")
+    g.add_argument("--work-dir", default="runs/bench_accuracy",
+                   help="checkpoints and logs of each run")
+    g.add_argument("--out", default=None, help="JSON file to write (also printed)")
+    g.add_argument("--resume", action="store_true",
+                   help="keep the results already in --out for the same configuration and "
+                        "run only the missing methods")
+    return p
+
+
+def resolve_args(argv=None) -> argparse.Namespace:
+    """Parse flags, fill the unset ones from the preset, validate; errors name the fix."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    if isinstance(args.heads, str):
+        args.heads = args.heads.split(",")
+    args.methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad or not args.methods:
+        parser.error(f"--methods: unknown {bad or 'none given'}; valid: {', '.join(METHODS)}")
+    for name in ("num_classes", "images_per_class", "batch_size", "steps", "embedding_size",
+                 "interval", "ntrees", "family_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.heldout_per_class < 1:
+        parser.error("--heldout-per-class must be >= 1 (top-1 is measured on held-out images)")
+    if args.pairs < 20 or args.pairs % 4:
+        parser.error(f"--pairs must be a multiple of 4 and >= 20 (10 folds), got {args.pairs}")
+    if args.sample_num is None:
+        if not 0 < args.sample_frac <= 1:
+            parser.error(f"--sample-frac must be in (0, 1], got {args.sample_frac}")
+        args.sample_num = max(1, int(round(args.sample_frac * args.num_classes)))
+    any_sampled = any(m != "full" for m in args.methods)
+    if any_sampled and not args.batch_size <= args.sample_num <= args.num_classes:
+        parser.error(f"sample_num {args.sample_num} must lie in [batch size {args.batch_size},"
+                     f" classes {args.num_classes}] (the batch's own labels must fit); raise "
+                     "--sample-frac/--sample-num or lower --batch-size")
+    if args.preset == "issue" and args.num_classes < 20000:
+        log.warning("--num-classes %d is below the issue's 20000: not the issue's benchmark",
+                    args.num_classes)
+    if args.data is None:
+        name = f"synthetic_{args.num_classes}c_{args.images_per_class}i_s{args.seed}"
+        base = Path(args.work_dir) if args.preset == "quick" else ROOT / "datasets" / "data"
+        args.data = str(base / name)
+    return args
+
+
+# --------------------------------------------------------------------------- data
+def prepare_data(args) -> dict:
+    """Prepare (or reuse) the synthetic set through datasets/prepare_synthetic.py's entry."""
+    from hfsoftmax.data.synthetic import main as prepare_main
+
+    argv = ["--out", args.data, "--num-classes", str(args.num_classes),
+            "--images-per-class", str(args.images_per_class),
+            "--heldout-per-class", str(args.heldout_per_class), "--pairs", str(args.pairs),
+            "--family-size", str(args.family_size), "--seed", str(args.seed), "--no-progress"]
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # its JSON line must not mix with ours
+        meta = prepare_main(argv)
+    meta = {k: v for k, v in meta.items() if k != "class_family"}
+    meta["prepare_s"] = round(time.perf_counter() - t0, 1)
+    return meta
+
+
+def class_families(data_dir: str) -> np.ndarray:
+    with open(os.path.join(data_dir, "synthetic.json"), encoding="utf-8") as f:
+        return np.asarray(json.load(f)["class_family"], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- training
+def trainer_argv(args, method: str, head: str, save_path: str) -> list[str]:
+    """The trainer's flags for one run: everything but the class selection is shared."""
+    imgs = args.num_classes * args.images_per_class
+    steps_per_epoch = imgs // args.batch_size
+    argv = ["--train-rec", args.data, "--arch", args.arch,
+            "--embedding-size", str(args.embedding_size), "--head", head,
+            "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
+            "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads),
+            "--workers", str(args.workers), "--save-path", save_path,
+            "--print-freq", str(max(1, min(50, args.steps // 10))),
+            "--save-every", "0", "--device", "cpu"]
+    if args.lr_decay_at > 0:
+        argv += ["--lr-steps", f"{args.lr_decay_at * args.steps / steps_per_epoch:.6f}"]
+    if head != "linear":
+        argv += ["--scale", str(args.scale)]
+    if head == "cosface":
+        argv += ["--margin", str(args.margin)]
+    if method != "full":
+        argv += ["--sampled", "--sampler", method, "--sample-num", str(args.sample_num),
+                 "--interval", str(args.interval), "--ntrees", str(args.ntrees),
+                 "--recall-every", str(max(1, min(200, args.steps // 5)))]
+        argv += ["--background-rebuild"] if args.background_rebuild else \
+            ["--no-background-rebuild"]
+    return argv
+
+
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _last_metrics(save_path: str) -> dict:
+    """Final train loss/acc and the mean selection recall from the trainer's metrics.csv."""
+    with open(os.path.join(save_path, "metrics.csv"), encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    last = rows[-1]
+    recalls = [float(r["recall"]) for r in rows if r.get("recall") not in (None, "")]
+    out = {"final_loss": float(last["loss"]), "final_train_acc": float(last["acc"]),
+           "final_step": int(last["step"])}
+    if recalls:
+        out["recall_at10_mean"] = round(float(np.mean(recalls)), 4)
+        out["recall_at10_last"] = recalls[-1]
+    return out
+
+
+def train_one(args, method: str, head: str) -> dict:
+    """Train one configuration with the trainer; returns its figures (or its error)."""
+    from hfsoftmax.engine.config import parse_args
+    from hfsoftmax.train import run, setup_logging
+
+    save_path = os.path.join(args.work_dir, f"{head}_{method}")
+    os.makedirs(save_path, exist_ok=True)
+    for name in ("metrics.csv", "val.csv"):  # a fresh run, not appended to an old one
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(save_path, name))
+    argv = trainer_argv(args, method, head, save_path)
+    targs = parse_args(argv)
+    handlers = setup_logging(save_path, 0)
+    # setup_logging adds a console handler; the benchmark already has one
+    for h in handlers:
+        if not isinstance(h, logging.FileHandler):
+            logging.getLogger().removeHandler(h)
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    res: dict = {"method": method, "head": head, "trainer_argv": argv}
+    try:
+        summary = run(targs)
+        res["train_wall_s"] = round(summary["seconds"], 1)
+        res["checkpoint"] = summary["checkpoint"]
+    except (FloatingPointError, RuntimeError, ValueError) as e:
+        log.error("%s/%s failed: %s", head, method, e)
+        res["error"] = f"{type(e).__name__}: {e}"
+        res["train_wall_s"] = round(time.perf_counter() - t0, 1)
+    finally:
+        for h in handlers:
+            logging.getLogger().removeHandler(h)
+            h.close()
+    res["train_cpu_s"] = round(_cpu_seconds() - cpu0, 1)
+    with contextlib.suppress(OSError):
+        res.update(_last_metrics(save_path))
+    return res
+
+
+# --------------------------------------------------------------------------- evaluation
+def class_rows(checkpoint: str, method: str, num_classes: int, dim: int) -> np.ndarray:
+    """The trained class rows: the full head's weight, or the sampled head's row snapshot."""
+    from hfsoftmax.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    if method == "full":
+        return ckpt["head"]["weight"].float().numpy()
+    from hfsoftmax.rowstore import LocalRowStore
+
+    store = LocalRowStore(num_classes, dim)
+    store.restore(ckpt["ps_snapshot"])
+    return store.read_all()
+
+
+def heldout_subset(args) -> np.ndarray:
+    """Indices of the held-out images scored for top-1 (the same for every method)."""
+    n = args.num_classes * args.heldout_per_class
+    if not args.top1_images or args.top1_images >= n:
+        return np.arange(n)
+    rng = np.random.default_rng([args.seed, 6])
+    return np.sort(rng.choice(n, size=args.top1_images, replace=False))
+
+
+def closed_set_top1(backbone, rows: np.ndarray, head: str, args, families: np.ndarray,
+                    indices: np.ndarray) -> dict:
+    """Top-1 over all rows of held-out images of the training identities (accuracy-flip
+    embeddings; the head's logits without margin, so linear = inner product, margin heads =
+    cosine)."""
+    from hfsoftmax.data.insightface import InsightFaceRecDataset
+    from hfsoftmax.extract import embed_batches
+    from hfsoftmax.heads.logits import LogitSpec
+
+    ds = InsightFaceRecDataset(args.data, split="heldout")
+    labels = np.empty(len(indices), dtype=np.int64)
+
+    def batches(bs=128):
+        for s in range(0, len(indices), bs):
+            items = [ds[int(i)] for i in indices[s:s + bs]]
+            labels[s:s + len(items)] = [int(lab) for _, lab in items]
+            yield torch.stack([img for img, _ in items])
+
+    feats = torch.from_numpy(embed_batches(backbone, batches(), flip=True, device="cpu"))
+    w = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+    spec = LogitSpec(head, s=1.0, m=0.0)
+    pred = np.empty(len(indices), dtype=np.int64)
+    with torch.no_grad():
+        for s in range(0, len(indices), 1024):
+            f = feats[s:s + 1024]
+            dummy = torch.zeros(f.shape[0], dtype=torch.int64)
+            pred[s:s + 1024] = spec(f, w, dummy).argmax(1).numpy()
+    right = pred == labels
+    fam_right = families[pred] == families[labels]
+    wrong = ~right
+    return {"top1": round(float(right.mean()), 5),
+            "top1_family": round(float(fam_right.mean()), 5),
+            "errors_in_family": round(float(fam_right[wrong].mean()), 4) if wrong.any()
+            else None,
+            "top1_images": int(len(indices))}
+
+
+def evaluate_one(args, res: dict, families: np.ndarray, indices: np.ndarray) -> None:
+    """Add verification and closed-set figures of a trained run to ``res``."""
+    from hfsoftmax.eval import evaluate_model
+    from hfsoftmax.extract import load_backbone
+
+    t0 = time.perf_counter()
+    backbone = load_backbone(res["checkpoint"], device="cpu")
+    ver = evaluate_model(backbone, [os.path.join(args.data, "synthetic.bin")],
+                         device="cpu")["synthetic"]
+    res["verification"] = {"accuracy": round(ver.accuracy, 5),
+                           "accuracy_std": round(ver.accuracy_std, 5),
+                           "val_at_far": round(ver.val, 5), "far_target": ver.far_target,
+                           "auc": round(ver.auc, 5), "pairs": ver.num_pairs}
+    rows = class_rows(res["checkpoint"], res["method"], args.num_classes, args.embedding_size)
+    norms = np.linalg.norm(rows, axis=1)
+    res["row_norm"] = {"mean": round(float(norms.mean()), 4),
+                       "max": round(float(norms.max()), 4),
+                       "min": round(float(norms.min()), 4)}
+    res.update(closed_set_top1(backbone, rows, res["head"], args, families, indices))
+    res["eval_wall_s"] = round(time.perf_counter() - t0, 1)
+
+
+# --------------------------------------------------------------------------- report
+def config_of(args) -> dict:
+    keys = ("preset", "num_classes", "images_per_class", "heldout_per_class", "pairs",
+            "family_size", "arch", "embedding_size", "batch_size", "steps", "lr",
+            "lr_decay_at", "sample_num", "interval", "ntrees", "background_rebuild", "scale",
+            "margin", "seed", "threads", "workers", "top1_images", "data")
+    return {k: getattr(args, k) for k in keys}
+
+
+def comparisons(runs: dict) -> dict:
+    """Per head: HF minus full and HF minus random, in points (percent), for both metrics."""
+    out = {}
+    heads = sorted({r["head"] for r in runs.values()})
+    for head in heads:
+        by = {r["method"]: r for r in runs.values() if r["head"] == head and "top1" in r}
+        cmp = {}
+        for hf in ("annoy", "faiss", "hnsw", "exact"):
+            if hf not in by:
+                continue
+            for ref in ("full", "random"):
+                if ref not in by:
+                    continue
+                cmp[f"{hf}_minus_{ref}"] = {
+                    "verification_pts": round(100 * (by[hf]["verification"]["accuracy"]
+                                                     - by[ref]["verification"]["accuracy"]), 2),
+                    "top1_pts": round(100 * (by[hf]["top1"] - by[ref]["top1"]), 2)}
+            if "full" in by and "random" in by:
+                v = cmp[f"{hf}_minus_full"]["verification_pts"]
+                r = cmp[f"{hf}_minus_random"]["verification_pts"]
+                t = cmp[f"{hf}_minus_full"]["top1_pts"]
+                tr = cmp[f"{hf}_minus_random"]["top1_pts"]
+                cmp[f"{hf}_meets_target"] = {
+                    "verification": bool(v >= -0.5 and r >= 2.0),
+                    "top1": bool(t >= -0.5 and tr >= 2.0)}
+        out[head] = cmp
+    return out
+
+
+def write_json(path: str | None, obj: dict) -> None:
+    if not path:
+        return
+    from evaluation.report import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    args = resolve_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.work_dir, exist_ok=True)
+    t_all = time.perf_counter()
+    data = prepare_data(args)
+    cfg = config_of(args)
+    runs: dict = {}
+    if args.resume and args.out and os.path.isfile(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            old = json.load(f)
+        if old.get("config") == cfg:
+            runs = {k: v for k, v in old.get("runs", {}).items() if "error" not in v}
+            log.info("resuming: %s already measured", ", ".join(runs) or "nothing")
+        else:
+            log.warning("--resume: %s was measured with another configuration; starting over",
+                        args.out)
+    families = class_families(args.data)
+    indices = heldout_subset(args)
+    result = {"benchmark": "accuracy", "config": cfg, "dataset": data, "runs": runs,
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "torch": torch.__version__,
+                          "loadavg_start": [round(x, 2) for x in os.getloadavg()]}}
+    for head in args.heads:
+        for method in args.methods:
+            key = f"{head}/{method}"
+            if key in runs:
+                continue
+            log.info("=== %s: training %d steps", key, args.steps)
+            res = train_one(args, method, head)
+            if "error" not in res:
+                evaluate_one(args, res, families, indices)
+                log.info("=== %s: verification %.4f, top-1 %.4f, train %.0f s wall / %.0f s "
+                         "CPU", key, res["verification"]["accuracy"], res["top1"],
+                         res["train_wall_s"], res["train_cpu_s"])
+            res["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+            runs[key] = res
+            result["comparison"] = comparisons(runs)
+            write_json(args.out, result)
+    result["comparison"] = comparisons(runs)
+    result["total_wall_s"] = round(time.perf_counter() - t_all, 1)
+    write_json(args.out, result)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Smoke run of benchmarks/accuracy.py (--preset quick): the JSON it prints and writes.
+
+A real run end to end (synthetic set, the trainer with the full, annoy, faiss and random
+heads, verification and held-out top-1); tiny sizes, so the figures themselves are noise:
+the test checks structure and sanity, not accuracy targets.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "accuracy.py"
+
+
+def _run(*args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(600)
+def test_quick_preset_writes_one_json_with_every_method(tmp_path):
+    out = tmp_path / "accuracy_quick.json"
+    proc = _run("--preset", "quick", "--work-dir", str(tmp_path / "work"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout)           # stdout is exactly one JSON object
+    written = json.loads(out.read_text())
+    assert printed == written
+
+    cfg = written["config"]
+    assert cfg["preset"] == "quick" and cfg["sample_num"] == 30 and cfg["steps"] == 6
+    assert written["dataset"]["config"]["num_classes"] == cfg["num_classes"] == 60
+    assert set(written["runs"]) == {"cosface/full", "cosface/annoy", "cosface/faiss",
+                                    "cosface/random"}
+    for key, run in written["runs"].items():
+        assert "error" not in run, (key, run.get("error"))
+        assert run["final_step"] == cfg["steps"]
+        ver = run["verification"]
+        assert ver["pairs"] == cfg["pairs"]
+        assert 0.0 <= ver["accuracy"] <= 1.0 and 0.0 <= ver["auc"] <= 1.0
+        assert 0.0 <= run["top1"] <= run["top1_family"] <= 1.0
+        assert run["top1_images"] == cfg["num_classes"] * cfg["heldout_per_class"]
+        assert run["train_wall_s"] > 0 and run["train_cpu_s"] >= 0
+        assert run["final_loss"] > 0 and 0.0 <= run["final_train_acc"] <= 1.0
+        assert run["row_norm"]["max"] >= run["row_norm"]["mean"] >= run["row_norm"]["min"] > 0
+        # the trainer really trained what the key says
+        argv = run["trainer_argv"]
+        assert argv[argv.index("--head") + 1] == "cosface"
+        if run["method"] == "full":
+            assert "--sampled" not in argv and "recall_at10_mean" not in run
+        else:
+            assert argv[argv.index("--sampler") + 1] == run["method"]
+            assert argv[argv.index("--sample-num") + 1] == "30"
+            assert 0.0 <= run["recall_at10_mean"] <= 1.0
+    cmp = written["comparison"]["cosface"]
+    for hf in ("annoy", "faiss"):
+        for ref in ("full", "random"):
+            d = cmp[f"{hf}_minus_{ref}"]
+            a, b = written["runs"][f"cosface/{hf}"], written["runs"][f"cosface/{ref}"]
+            assert d["top1_pts"] == pytest.approx(100 * (a["top1"] - b["top1"]), abs=0.01)
+        assert set(cmp[f"{hf}_meets_target"]) == {"verification", "top1"}
+
+    # --resume with the same configuration measures nothing again
+    again = _run("--preset", "quick", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+                 "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["runs"] == written["runs"]
+    assert "=== cosface/full: training" not in again.stderr
+
+
+def test_bad_flags_are_named():
+    proc = _run("--preset", "quick", "--methods", "full,bogus")
+    assert proc.returncode == 2 and "bogus" in proc.stderr and "annoy" in proc.stderr
+    proc = _run("--preset", "quick", "--sample-num", "4")
+    assert proc.returncode == 2 and "sample_num 4" in proc.stderr
