@@ -55,6 +55,38 @@ def bench_one(name, rows, x, y, exact_ids, metric, k, sample_num, repeats, opts)
     return out
 
 
+def gil_check(rows, names, metric):
+    """CPU share a spinning Python main thread gets while each backend rebuilds in the
+    background, next to the share it gets beside a CPU-bound *process* (no GIL shared).
+    A backend that held the GIL would leave the main thread near 0."""
+    import subprocess
+    import sys
+
+    def spin(cond):
+        w0, c0 = time.perf_counter(), time.thread_time()
+        while cond():
+            pass
+        return round((time.thread_time() - c0) / (time.perf_counter() - w0), 3)
+
+    burn = subprocess.Popen([sys.executable, "-c", "import numpy as np\na = np.random.rand("
+                             "600, 600)\nwhile True: a @ a"])
+    try:
+        t_end = time.perf_counter() + 3
+        out = {"beside_cpu_bound_process": spin(lambda: time.perf_counter() < t_end)}
+    finally:
+        burn.kill()
+    one_thread = {"annoy": {"n_jobs": 1}, "hnsw": {"num_threads": 1},
+                  "faiss": {"num_threads": 1}, "exact": {}}
+    for name in names:
+        s = build_sampler(name, rows.shape[0], rows.shape[1], metric=metric,
+                          **one_thread.get(name, {}))
+        s.start_rebuild(rows)
+        share = spin(lambda: s.rebuilding)
+        s.wait_rebuild()
+        out[name] = {"main_thread_cpu_share": share, "build_s": round(s.last_rebuild_s, 2)}
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-rows", type=int, default=20000)
@@ -71,10 +103,17 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave)")
     p.add_argument("--extra", action="store_true",
                    help="also time non-default settings (faiss hnsw, annoy search_k sweep)")
+    p.add_argument("--gil-check", action="store_true",
+                   help="measure the main thread's CPU share during background builds")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
+    extra = {}
+    if args.gil_check:
+        rows = clustered_rows(args.num_rows, args.dim, family=args.family, spread=args.spread)
+        extra["gil_check"] = gil_check(rows, [b for b in args.backends.split(",")
+                                              if b != "random"], "cosine")
     for metric in args.metrics.split(","):
         rows = clustered_rows(args.num_rows, args.dim, family=args.family, spread=args.spread,
                               unit=(metric == "cosine"), seed=0)
@@ -95,7 +134,7 @@ def main(argv=None):
                       "family": args.family, "queries": args.queries,
                       "k": args.k, "sample_num": args.sample_num,
                       "torch_threads": torch.get_num_threads(),
-                      "machine": platform.machine(), "results": results}, indent=1))
+                      "machine": platform.machine(), "results": results, **extra}, indent=1))
 
 
 if __name__ == "__main__":
