@@ -50,7 +50,7 @@ logger = logging.getLogger("hfsoftmax.train")
 
 TRAIN_FIELDS = ["step", "epoch", "loss", "acc", "lr", "img_s", "data_s", "step_s", "recall",
                 "rebuild_s", "select_s", "pull_s", "push_s"]
-VAL_FIELDS = ["step", "epoch", "name", "acc", "acc_std", "threshold", "mean_acc"]
+VAL_FIELDS = ["step", "epoch", "name", "acc", "acc_std", "threshold", "val_far", "mean_acc"]
 
 
 class TrainModel(nn.Module):
@@ -250,28 +250,25 @@ class Checkpointer:
 
 
 # --------------------------------------------------------------------------- evaluation
-def verify(backbone: nn.Module, bin_paths: Sequence[str], device: torch.device) -> dict:
-    """Verification accuracy on each .bin (rank 0; ``hfsoftmax.eval.evaluate_model``)."""
-    from .eval import evaluate_model
+class Verifier:
+    """Periodic verification on ``--val-bins`` (rank 0): the pair sets are decoded once, each
+    call runs :func:`hfsoftmax.eval.evaluate_model` and writes JSON + ROC PNG per set into
+    ``<save-path>/val/``."""
 
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        results = evaluate_model(backbone, list(bin_paths), device=device)
-    finally:
-        backbone.train(was_training)
-    return results
+    def __init__(self, bin_paths: Sequence[str], out_dir: str):
+        from .extract import load_verification_set
 
+        missing = [p for p in bin_paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"--val-bins file(s) not found: {', '.join(missing)}")
+        self.sets = [load_verification_set(p) for p in bin_paths]
+        self.out_dir = out_dir
 
-def _accuracy_of(result: Any) -> tuple[float, float | None, float | None]:
-    """(accuracy, std, threshold) from one entry of ``evaluate_model``'s result."""
-    if isinstance(result, (int, float)):
-        return float(result), None, None
-    get = result.get if isinstance(result, dict) else (lambda k, d=None: getattr(result, k, d))
-    acc = get("accuracy", None)
-    if acc is None:
-        acc = get("acc", None)
-    return float(acc), get("accuracy_std", get("std", None)), get("threshold", None)
+    def __call__(self, backbone: nn.Module, device: torch.device, step: int) -> dict:
+        from .eval import evaluate_model
+
+        return evaluate_model(backbone, self.sets, device=device, out_dir=self.out_dir,
+                              report_extra={"step": step})
 
 
 # --------------------------------------------------------------------------- the loop
@@ -420,6 +417,8 @@ def run(args: argparse.Namespace) -> dict:
         writers["tb"] = ScalarWriter(os.path.join(args.save_path, "tb"))
         with open(os.path.join(args.save_path, "args.json"), "w", encoding="utf-8") as f:
             json.dump(args_to_dict(args), f, indent=2, sort_keys=True)
+    verifier = Verifier(args.val_bins, os.path.join(args.save_path, "val")) \
+        if args.val_bins and hd.is_main() else None
     logger.info("training %s (%s head%s) on %d images of %d classes: %d process(es) x batch "
                 "%d, %d steps/epoch, steps %d -> %d, device %s", args.arch, args.head,
                 f", sampled {args.sample_num} via {args.sampler}"
@@ -436,20 +435,19 @@ def run(args: argparse.Namespace) -> dict:
                                       or (not args.val_every and end_of_epoch) or done)
         if want_val:
             if hd.is_main():
-                results = verify(backbone, args.val_bins, device)
-                accs = []
-                for name, res in results.items():
-                    acc, std, thr = _accuracy_of(res)
-                    accs.append(acc)
-                    writers["val"].write({"step": s, "epoch": epoch, "name": name, "acc": acc,
-                                          "acc_std": std, "threshold": thr})
-                    writers["tb"].add({f"val/{name}": acc}, s)
-                mean = float(np.mean(accs))
+                results = verifier(backbone, device, s)
+                for name, r in results.items():
+                    writers["val"].write({"step": s, "epoch": epoch, "name": name,
+                                          "acc": r.accuracy, "acc_std": r.accuracy_std,
+                                          "threshold": r.best_threshold, "val_far": r.val})
+                    writers["tb"].add({f"val/{name}_acc": r.accuracy,
+                                       f"val/{name}_val_far": r.val}, s)
+                mean = float(np.mean([r.accuracy for r in results.values()]))
                 writers["val"].write({"step": s, "epoch": epoch, "name": "mean",
                                       "mean_acc": mean})
                 is_best = mean > ckpt.best
                 ckpt.best = max(ckpt.best, mean)
-                summary["val"] = {n: _accuracy_of(r)[0] for n, r in results.items()}
+                summary["val"] = {n: r.accuracy for n, r in results.items()}
                 logger.info("step %d verification: %s (mean %.4f, best %.4f)", s,
                             ", ".join(f"{k} {v:.4f}" for k, v in summary["val"].items()),
                             mean, ckpt.best)

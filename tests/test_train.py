@@ -44,7 +44,6 @@ def read_csv(path):
 @pytest.mark.parametrize("argv,match", [
     ([], "no training data"),
     (["--train-rec", "x", "--train-filelist", "y"], "not both"),
-    (["--train-filelist", "y"], "--train-prefix"),
     (["--train-rec", "x", "--arch", "resnet9"], "unknown --arch 'resnet9'.*ir50"),
     (["--train-rec", "x", "--ps", "tcp://127.0.0.1:1"], "add --sampled"),
     (["--train-rec", "x", "--lr-steps", "5", "3"], "ascending"),
@@ -57,6 +56,11 @@ def read_csv(path):
 def test_bad_flags_are_rejected_with_the_fix(argv, match):
     with pytest.raises(ValueError, match=match):
         parse_args(argv)
+
+
+def test_missing_val_bins_are_named():
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        parse_args(["--train-rec", "x", "--val-bins", "nope.bin"])
 
 
 def test_argparse_rejects_bad_choices(capsys):
@@ -256,3 +260,29 @@ def test_sampled_run_with_annoy_learns(tiny_rec, tmp_path):
     assert os.path.isfile(ckpt["ps_snapshot"])
     # Only the snapshot the checkpoint names is kept.
     assert [p.name for p in out.glob("rows_step*")] == [os.path.basename(ckpt["ps_snapshot"])]
+
+
+def test_verification_keeps_the_best_checkpoint(tiny_rec, tmp_path, shared_fixtures):
+    out = tmp_path / "val"
+    bin_path = str(shared_fixtures / "verification-py2.bin")
+    assert main(["--train-rec", str(tiny_rec), *TINY, "--max-steps", "12", "--val-every", "6",
+                 "--val-bins", bin_path, "--save-path", str(out)]) == 0
+    rows = read_csv(out / "val.csv")
+    assert [(int(r["step"]), r["name"]) for r in rows] == [
+        (6, "verification-py2"), (6, "mean"), (12, "verification-py2"), (12, "mean")]
+    accs = [float(r["acc"]) for r in rows if r["name"] != "mean"]
+    assert all(0.0 <= a <= 1.0 for a in accs)
+    best = torch.load(out / "best.pth", weights_only=True)
+    assert best["best"] == max(accs)
+    assert best["step"] == (6 if accs[0] >= accs[1] else 12)
+    assert (out / "val" / "verification-py2.json").is_file()
+    assert (out / "val" / "verification-py2_roc.png").is_file()
+
+
+def test_a_fresh_run_does_not_overwrite_an_earlier_one(tiny_rec, tmp_path):
+    out = str(tmp_path / "r")
+    assert main(["--train-rec", str(tiny_rec), *TINY, "--max-steps", "1",
+                 "--save-path", out]) == 0
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        parse_args(["--train-rec", str(tiny_rec), *TINY, "--save-path", out])
+    assert main(["--train-rec", str(tiny_rec), *TINY, "--save-path", out]) == 2

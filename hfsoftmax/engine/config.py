@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-filelist", metavar="FILE", default=None,
                    help="image list ('relative/path.jpg label' lines), with --train-prefix")
     g.add_argument("--train-prefix", metavar="DIR", default=None,
-                   help="folder the --train-filelist paths are relative to")
+                   help="folder the --train-filelist paths are relative to (default: the "
+                        "list file's folder)")
     g.add_argument("--val-bins", metavar="BIN", nargs="*", default=[],
                    help="verification pair files (lfw.bin, cfp_fp.bin, ...) evaluated "
                         "every --val-every steps; the best mean accuracy is kept as best.pth")
@@ -270,9 +271,13 @@ def validate_args(args: argparse.Namespace) -> None:
     if not args.train_rec and not args.train_filelist:
         raise ValueError("no training data: give --train-rec DIR (InsightFace .rec folder) or "
                          "--train-filelist FILE --train-prefix DIR")
-    if args.train_filelist and not args.train_prefix:
-        raise ValueError("--train-filelist needs --train-prefix (the folder its paths are "
-                         "relative to)")
+    if not args.resume and os.path.isfile(os.path.join(args.save_path, "last.pth")):
+        raise ValueError(f"--save-path {args.save_path} already holds a run (last.pth); "
+                         f"continue it with --resume {args.save_path}, or pick a new "
+                         "--save-path")
+    missing = [b for b in args.val_bins if not os.path.isfile(b)]
+    if missing:
+        raise FileNotFoundError(f"--val-bins file(s) not found: {', '.join(missing)}")
     from ..models import list_backbones
 
     if args.arch not in list_backbones():

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# HF-Softmax training: the classifier rows live in a parameter server; each batch's softmax
+# runs over its labels plus the nearest classes found by an index over the rows.
+#
+#   scripts/train_hf.sh DATASET [hfsoftmax-train flags...]
+#   scripts/train_hf.sh [hfsoftmax-train flags...]      # no DATASET: the built-in demo
+#
+# DATASET: an InsightFace folder (train.rec, train.idx, property) or an image list file.
+# Every other flag goes to `python -m hfsoftmax.train` (see its --help), e.g.
+#   scripts/train_hf.sh datasets/data/faces_emore --arch ir50 --sampler hnsw --sample-num 8000
+#
+# The demo prepares the synthetic set once (datasets/data/synthetic), trains a small CPU
+# network with HF-Softmax for a few minutes, verifies it on the set's held-out identities and
+# prints where the checkpoint, logs, TensorBoard events and ROC plot went.
+#
+# Parameter server: the one at $PS_ADDR (comma-separated shard addresses) when set, else one
+# started on 127.0.0.1 for this run (log in SAVE_PATH/paramserver.log) and stopped when the
+# run ends. Environment: PS_ADDR, PS_PORT (port of the started server; default: any free),
+# PYTHON (default: python), SAVE_PATH (default: runs/train_hf; demo: runs/demo/<time>),
+# SYNTHETIC_DIR, DEMO_CLASSES (demo data: default datasets/data/synthetic, 2000 classes).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON="${PYTHON:-python}"
+
+demo=0
+if [[ $# -eq 0 || "$1" == -* ]]; then
+  demo=1
+else
+  data="$1"
+  shift
+fi
+
+if [[ $demo -eq 1 ]]; then
+  data="${SYNTHETIC_DIR:-$ROOT/datasets/data/synthetic}"
+  save="${SAVE_PATH:-$ROOT/runs/demo/$(date +%Y%m%d-%H%M%S)}"
+  echo "== 1/3 synthetic data in $data (made once)"
+  "$PYTHON" "$ROOT/datasets/prepare_synthetic.py" --out "$data" \
+    --num-classes "${DEMO_CLASSES:-2000}" --images-per-class 20 --seed 0
+else
+  save="${SAVE_PATH:-runs/train_hf}"
+fi
+mkdir -p "$save"
+
+ps_pid=""
+tmp="$(mktemp -d)"
+cleanup() {
+  if [[ -n "$ps_pid" ]]; then
+    kill "$ps_pid" 2>/dev/null || true
+    wait "$ps_pid" 2>/dev/null || true
+  fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+ps_answers() {
+  "$PYTHON" -c 'import sys; from paramserver import ParamClient
+c = ParamClient(sys.argv[1].split(","), timeout_s=3); c.ping(); c.close()' "$1" \
+    >/dev/null 2>&1
+}
+
+table_args=()
+if [[ -n "${PS_ADDR:-}" ]] && ps_answers "$PS_ADDR"; then
+  addr="$PS_ADDR"
+  echo "using the parameter server at $addr"
+  if [[ $demo -eq 1 ]]; then  # a shared server may hold an earlier demo's table
+    table_args=(--ps-table "demo-$(date +%Y%m%d-%H%M%S)")
+  fi
+elif [[ -n "${PS_ADDR:-}" && $demo -eq 0 ]]; then
+  echo "error: no parameter server answers at PS_ADDR=$PS_ADDR (unset PS_ADDR to start one" \
+       "for this run)" >&2
+  exit 1
+else
+  "$PYTHON" "$ROOT/paramserver/paramserver.py" --bind "tcp://127.0.0.1:${PS_PORT:-*}" \
+    --workers "${PS_WORKERS:-1}" --ready-file "$tmp/address" \
+    > "$save/paramserver.log" 2>&1 &
+  ps_pid=$!
+  for _ in $(seq 300); do
+    [[ -s "$tmp/address" ]] && break
+    if ! kill -0 "$ps_pid" 2>/dev/null; then
+      echo "error: the parameter server did not start:" >&2
+      cat "$save/paramserver.log" >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
+  if [[ ! -s "$tmp/address" ]]; then
+    echo "error: the parameter server did not come up in 30 s (log: $save/paramserver.log)" >&2
+    exit 1
+  fi
+  addr="$(cat "$tmp/address")"
+  echo "started a parameter server at $addr (log: $save/paramserver.log)"
+fi
+
+if [[ -d "$data" ]]; then
+  source_args=(--train-rec "$data")
+else
+  source_args=(--train-filelist "$data")
+fi
+# The demo's settings: a small CPU network, 10% of the classes per batch softmax.
+demo_args=()
+if [[ $demo -eq 1 ]]; then
+  echo "== 2/3 training (HF-Softmax, CPU); progress below and in $save/train.log"
+  demo_args=(--arch convnet-s --embedding-size 128 --head cosface --scale 30 --margin 0.2
+             --sampler hnsw --sample-num 200 --interval 100 --batch-size 64 --lr 0.1
+             --epochs 3 --lr-steps 2 --warmup-steps 50 --workers 1 --print-freq 50
+             --val-bins "$data/synthetic.bin")
+fi
+# _HF_LAUNCH is set by scripts/train_dist_hf.sh: torchrun with its process count.
+read -r -a launch <<< "${_HF_LAUNCH:-$PYTHON}"
+"${launch[@]}" -m hfsoftmax.train "${source_args[@]}" --sampled --ps "$addr" \
+  "${table_args[@]}" --save-path "$save" "${demo_args[@]}" "$@"
+
+if [[ $demo -eq 1 ]]; then
+  echo "== 3/3 verification of the best checkpoint on held-out identities"
+  ckpt="$save/best.pth"
+  [[ -f "$ckpt" ]] || ckpt="$save/last.pth"
+  "$PYTHON" -m hfsoftmax.eval --load-path "$ckpt" --bins "$data/synthetic.bin" \
+    --out-dir "$save/eval" --no-progress
+  cat <<EOF
+
+Demo finished.
+  checkpoint:   $ckpt   (last: $save/last.pth)
+  classifier:   $save/rows_step*.safetensors (parameter-server snapshot of the same step)
+  logs:         $save/train.log, $save/metrics.csv, $save/val.csv
+  TensorBoard:  tensorboard --logdir $save/tb
+  ROC / report: $save/eval/synthetic_roc.png, $save/eval/synthetic.json
+EOF
+fi
