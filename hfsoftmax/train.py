@@ -324,7 +324,8 @@ def train_one_epoch(model: nn.Module, head: nn.Module, optimizer: torch.optim.Op
         t_end = t_now
 
         if step % args.print_freq == 0 or step == total_steps or i + 1 == steps_in_epoch:
-            tot = hd.all_reduce_mean(sums) * hd.world_size()  # the global batch's figures
+            # The global batch's figures (on the device: NCCL reduces only CUDA tensors).
+            tot = hd.all_reduce_mean(sums.to(device)).cpu() * hd.world_size()
             sums.zero_()
             g_loss, g_acc = float(tot[0] / tot[2]), float(tot[1] / tot[2])
             step_s = meters["step_s"].avg

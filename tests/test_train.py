@@ -286,3 +286,16 @@ def test_a_fresh_run_does_not_overwrite_an_earlier_one(tiny_rec, tmp_path):
     with pytest.raises(ValueError, match="already holds a run.*--resume"):
         parse_args(["--train-rec", str(tiny_rec), *TINY, "--save-path", out])
     assert main(["--train-rec", str(tiny_rec), *TINY, "--save-path", out]) == 2
+
+
+def test_amp_runs_on_cpu_and_cuda_is_not_required(tiny_rec, tmp_path):
+    out = tmp_path / "amp"
+    assert main(["--train-rec", str(tiny_rec), *TINY, "--amp", "--max-steps", "4",
+                 "--sampled", "--sampler", "random", "--sample-num", "24",
+                 "--save-path", str(out)]) == 0
+    rows = read_csv(out / "metrics.csv")
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available.*--device cpu"):
+            run(parse_args(["--train-rec", str(tiny_rec), *TINY, "--device", "cuda",
+                            "--save-path", str(tmp_path / "cuda")]))
