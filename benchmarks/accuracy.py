@@ -65,6 +65,7 @@ import torch  # noqa: E402
 log = logging.getLogger("accuracy")
 
 METHODS = ("full", "annoy", "faiss", "hnsw", "exact", "random")
+NEIGHBOURS = 10  # the geometry diagnostics look at each image's / row's 10 nearest classes
 
 # Defaults are the issue's setting; a preset replaces the defaults, flags still override it.
 PRESETS = {
@@ -133,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--work-dir", default="runs/bench_accuracy",
                    help="checkpoints and logs of each run")
     g.add_argument("--out", default=None, help="JSON file to write (also printed)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="train nothing: re-evaluate the runs already in --out (same "
+                        "configuration) from their checkpoints in --work-dir")
     g.add_argument("--resume", action="store_true",
                    help="keep the results already in --out for the same configuration and "
                         "run only the missing methods")
@@ -331,20 +335,44 @@ def closed_set_top1(backbone, rows: np.ndarray, head: str, args, families: np.nd
     feats = torch.from_numpy(embed_batches(backbone, batches(), flip=True, device="cpu"))
     w = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
     spec = LogitSpec(head, s=1.0, m=0.0)
-    pred = np.empty(len(indices), dtype=np.int64)
+    k = min(NEIGHBOURS + 1, rows.shape[0])
+    top = np.empty((len(indices), k), dtype=np.int64)
     with torch.no_grad():
         for s in range(0, len(indices), 1024):
             f = feats[s:s + 1024]
             dummy = torch.zeros(f.shape[0], dtype=torch.int64)
-            pred[s:s + 1024] = spec(f, w, dummy).argmax(1).numpy()
+            top[s:s + 1024] = spec(f, w, dummy).topk(k, dim=1).indices.numpy()
+    pred = top[:, 0]
     right = pred == labels
     fam_right = families[pred] == families[labels]
     wrong = ~right
+    # the image's highest-scoring wrong classes: what a nearest-class sampler selects for it
+    others = top != labels[:, None]
+    neigh_fam = (families[top] == families[labels][:, None]) & others
     return {"top1": round(float(right.mean()), 5),
             "top1_family": round(float(fam_right.mean()), 5),
             "errors_in_family": round(float(fam_right[wrong].mean()), 4) if wrong.any()
             else None,
+            "image_top10_wrong_in_family": round(float(neigh_fam.sum() / others.sum()), 4),
             "top1_images": int(len(indices))}
+
+
+def row_neighbours_in_family(rows: np.ndarray, head: str, families: np.ndarray) -> float:
+    """Share of each class row's ``NEIGHBOURS`` nearest other rows (by the head's score) that
+    are look-alikes of its family: whether the learned geometry puts the look-alikes next to
+    each other, i.e. whether nearest-class selection can find them."""
+    w = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+    if head != "linear":
+        w = torch.nn.functional.normalize(w, dim=1)
+    k = min(NEIGHBOURS, w.shape[0] - 1)
+    hits = 0
+    with torch.no_grad():
+        for s in range(0, w.shape[0], 2048):
+            sc = w[s:s + 2048] @ w.T
+            sc[torch.arange(sc.shape[0]), torch.arange(s, s + sc.shape[0])] = -float("inf")
+            nn_ids = sc.topk(k, dim=1).indices.numpy()
+            hits += int((families[nn_ids] == families[s:s + sc.shape[0], None]).sum())
+    return round(hits / (w.shape[0] * k), 4)
 
 
 def evaluate_one(args, res: dict, families: np.ndarray, indices: np.ndarray) -> None:
@@ -366,6 +394,9 @@ def evaluate_one(args, res: dict, families: np.ndarray, indices: np.ndarray) -> 
                        "max": round(float(norms.max()), 4),
                        "min": round(float(norms.min()), 4)}
     res.update(closed_set_top1(backbone, rows, res["head"], args, families, indices))
+    fs = args.family_size
+    res["row_top10_in_family"] = row_neighbours_in_family(rows, res["head"], families)
+    res["in_family_chance"] = round((fs - 1) / (args.num_classes - 1), 6)
     res["eval_wall_s"] = round(time.perf_counter() - t0, 1)
 
 
@@ -426,12 +457,18 @@ def main(argv=None) -> dict:
     data = prepare_data(args)
     cfg = config_of(args)
     runs: dict = {}
-    if args.resume and args.out and os.path.isfile(args.out):
+    if args.eval_only and not (args.out and os.path.isfile(args.out)):
+        raise SystemExit(f"--eval-only re-evaluates the runs in --out, but {args.out} does not "
+                         "exist; run the benchmark first")
+    if (args.resume or args.eval_only) and args.out and os.path.isfile(args.out):
         with open(args.out, encoding="utf-8") as f:
             old = json.load(f)
         if old.get("config") == cfg:
             runs = {k: v for k, v in old.get("runs", {}).items() if "error" not in v}
             log.info("resuming: %s already measured", ", ".join(runs) or "nothing")
+        elif args.eval_only:
+            raise SystemExit(f"--eval-only: {args.out} was measured with another "
+                             "configuration; give the same flags as that run")
         else:
             log.warning("--resume: %s was measured with another configuration; starting over",
                         args.out)
@@ -445,6 +482,13 @@ def main(argv=None) -> dict:
         for method in args.methods:
             key = f"{head}/{method}"
             if key in runs:
+                if args.eval_only:
+                    log.info("=== %s: re-evaluating %s", key, runs[key]["checkpoint"])
+                    evaluate_one(args, runs[key], families, indices)
+                    result["comparison"] = comparisons(runs)
+                    write_json(args.out, result)
+                continue
+            if args.eval_only:
                 continue
             log.info("=== %s: training %d steps", key, args.steps)
             res = train_one(args, method, head)

@@ -47,6 +47,10 @@ def test_quick_preset_writes_one_json_with_every_method(tmp_path):
         assert run["train_wall_s"] > 0 and run["train_cpu_s"] >= 0
         assert run["final_loss"] > 0 and 0.0 <= run["final_train_acc"] <= 1.0
         assert run["row_norm"]["max"] >= run["row_norm"]["mean"] >= run["row_norm"]["min"] > 0
+        assert 0.0 <= run["errors_in_family"] <= 1.0
+        assert 0.0 <= run["image_top10_wrong_in_family"] <= 1.0
+        assert 0.0 <= run["row_top10_in_family"] <= 1.0
+        assert run["in_family_chance"] == pytest.approx(4 / 59, abs=1e-6)
         # the trainer really trained what the key says
         argv = run["trainer_argv"]
         assert argv[argv.index("--head") + 1] == "cosface"
@@ -70,6 +74,17 @@ def test_quick_preset_writes_one_json_with_every_method(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["runs"] == written["runs"]
     assert "=== cosface/full: training" not in again.stderr
+
+    # --eval-only re-evaluates the same checkpoints: the same figures, nothing trained
+    ev = _run("--preset", "quick", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+              "--eval-only")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "training" not in ev.stderr and "re-evaluating" in ev.stderr
+    for key, run in json.loads(ev.stdout)["runs"].items():
+        old = written["runs"][key]
+        for fig in ("top1", "top1_family", "row_top10_in_family"):
+            assert run[fig] == old[fig], (key, fig)
+        assert run["verification"]["accuracy"] == old["verification"]["accuracy"]
 
 
 def test_bad_flags_are_named():
