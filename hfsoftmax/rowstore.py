@@ -33,7 +33,7 @@ import numpy as np
 from paramserver.optim import SGDConfig
 from paramserver.table import Table
 
-__all__ = ["RowStore", "LocalRowStore", "RemoteRowStore", "SGDConfig"]
+__all__ = ["RowStore", "LocalRowStore", "RemoteRowStore", "SGDConfig", "ParamRowSource"]
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +192,73 @@ class LocalRowStore(RowStore):
         logger.info("row store %r restored from %s (%d updates)", t.name, path, new.updates)
 
 
+class ParamRowSource:
+    """Where another process can read the rows by itself: server address(es), table, CURVE
+    keys. JSON-able (``to_dict`` / ``from_dict``), so an index process
+    (:class:`hfsoftmax.samplers.ProcessSampler`) gets it over a pipe and reads the table
+    with its own :class:`paramserver.ParamClient`: the trainer never holds all rows.
+    ``curve_server_key`` / ``curve_secret_key``: as for ``ParamClient`` (key files or Z85
+    strings readable by the reading process)."""
+
+    kind = "paramserver"
+
+    def __init__(self, addresses, table: str, *, timeout_s: float = 30.0,
+                 chunk_rows: int = 65536, curve_server_key: str | None = None,
+                 curve_secret_key: str | None = None):
+        self.addresses = [addresses] if isinstance(addresses, str) else list(addresses)
+        self.table = str(table)
+        self.timeout_s = float(timeout_s)
+        if int(chunk_rows) <= 0:
+            raise ValueError(f"chunk_rows must be > 0, got {chunk_rows}")
+        self.chunk_rows = int(chunk_rows)
+        self.curve_server_key, self.curve_secret_key = curve_server_key, curve_secret_key
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "addresses": self.addresses, "table": self.table,
+                "timeout_s": self.timeout_s, "chunk_rows": self.chunk_rows,
+                "curve_server_key": self.curve_server_key,
+                "curve_secret_key": self.curve_secret_key}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ParamRowSource":
+        d = {k: v for k, v in d.items() if k != "kind"}
+        return cls(d.pop("addresses"), d.pop("table"), **d)
+
+    def read(self) -> np.ndarray:
+        """All rows, read in chunks over a new connection (closed afterwards)."""
+        from paramserver import ParamClient
+
+        client = ParamClient(self.addresses, timeout_s=self.timeout_s,
+                             curve_server_key=self.curve_server_key,
+                             curve_secret_key=self.curve_secret_key)
+        try:
+            return client.read_all(self.table, chunk_rows=self.chunk_rows)
+        finally:
+            client.close()
+
+    def __repr__(self):
+        return f"ParamRowSource({self.addresses!r}, {self.table!r})"
+
+
+class _RemoteReader:
+    """``RemoteRowStore.reader()``: a callable reading all rows over its own connection,
+    that also says where the rows are (``row_source``) for readers in other processes."""
+
+    def __init__(self, store: "RemoteRowStore", chunk_rows: int):
+        self.store, self.chunk_rows = store, chunk_rows
+
+    @property
+    def row_source(self) -> ParamRowSource:
+        return self.store.row_source(self.chunk_rows)
+
+    def __call__(self) -> np.ndarray:
+        client = self.store._new_client()
+        try:
+            return client.read_all(self.store.name, chunk_rows=self.chunk_rows)
+        finally:
+            client.close()
+
+
 class RemoteRowStore(RowStore):
     """Rows in a parameter server, through a :class:`paramserver.ParamClient`.
 
@@ -199,15 +266,19 @@ class RemoteRowStore(RowStore):
     the same shape is kept) and, with ``optim`` given, its optimizer set; without them the
     table must exist and its shape is read from the server. ``own_client``: close the
     client with the store. ``client_factory``: makes another client like ``client`` (needed
-    only with CURVE keys) for reads on the rebuild thread.
+    only with CURVE keys) for reads on the rebuild thread. ``curve_server_key`` /
+    ``curve_secret_key``: the CURVE keys (files) an index process uses to read the rows by
+    itself (:meth:`row_source`); needed only with CURVE and a process sampler.
     """
 
     def __init__(self, client, table: str = "classifier", num_rows: int | None = None,
                  dim: int | None = None, optim: SGDConfig | None = None, *,
                  init: str = "normal", std: float = 0.01, seed: int = 0,
-                 own_client: bool = False, client_factory=None):
+                 own_client: bool = False, client_factory=None,
+                 curve_server_key: str | None = None, curve_secret_key: str | None = None):
         self.client = client
         self.client_factory = client_factory
+        self.curve_server_key, self.curve_secret_key = curve_server_key, curve_secret_key
         self.name = table
         self.own_client = own_client
         if (num_rows is None) != (dim is None):
@@ -250,14 +321,22 @@ class RemoteRowStore(RowStore):
     def reader(self, chunk_rows: int = 65536):
         """A callable reading all rows over its *own* connection (a ZeroMQ socket must not
         be shared between threads), for the sampler's background rebuild. With CURVE, give
-        the store a ``client_factory`` that makes clients with the keys."""
-        def read() -> np.ndarray:
-            client = self._new_client()
-            try:
-                return client.read_all(self.name, chunk_rows=chunk_rows)
-            finally:
-                client.close()
-        return read
+        the store a ``client_factory`` that makes clients with the keys. Its ``row_source``
+        attribute (:meth:`row_source`) lets a process sampler's index process read the
+        rows itself instead."""
+        return _RemoteReader(self, chunk_rows)
+
+    def row_source(self, chunk_rows: int = 65536) -> ParamRowSource:
+        """Where another process reads these rows by itself (addresses, table, CURVE keys)."""
+        c = self.client
+        uses_curve = any(getattr(conn, "curve", None) for conn in getattr(c, "_conns", []))
+        if uses_curve and self.curve_server_key is None:
+            raise ValueError("this row store's client uses CURVE: give RemoteRowStore "
+                             "curve_server_key= and curve_secret_key= (key files) so that an "
+                             "index process can connect to the server by itself")
+        return ParamRowSource(c.addresses, self.name, timeout_s=c.timeout_s,
+                              chunk_rows=chunk_rows, curve_server_key=self.curve_server_key,
+                              curve_secret_key=self.curve_secret_key)
 
     def set_lr(self, lr: float) -> None:
         self.client.set_lr(self.name, lr)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from typing import Any, Callable, Union
@@ -55,13 +56,10 @@ __all__ = ["ClassSampler", "METRICS", "RowsSource", "to_numpy_features"]
 
 def to_numpy_features(features) -> np.ndarray:
     """Features (torch tensor on any device, or array) as a C-contiguous float32 numpy array."""
-    try:
-        import torch
-        if isinstance(features, torch.Tensor):
-            # note: a CPU-GPU sync point when the features live on a GPU
-            features = features.detach().to(device="cpu", dtype=torch.float32).numpy()
-    except ImportError:  # numpy-only use of the samplers
-        pass
+    torch = sys.modules.get("torch")  # not imported: cannot be a tensor (keeps an index
+    if torch is not None and isinstance(features, torch.Tensor):  # process torch-free)
+        # note: a CPU-GPU sync point when the features live on a GPU
+        features = features.detach().to(device="cpu", dtype=torch.float32).numpy()
     return np.ascontiguousarray(features, dtype=np.float32)
 
 
@@ -368,9 +366,8 @@ class ClassSampler:
 
 def _torch_device(x):
     """The device of a torch tensor, None for anything else."""
-    try:
-        import torch
-    except ImportError:
+    torch = sys.modules.get("torch")
+    if torch is None:
         return None
     return x.device if isinstance(x, torch.Tensor) else None
 

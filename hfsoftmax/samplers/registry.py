@@ -33,12 +33,17 @@ def list_samplers() -> list[str]:
 
 
 def build_sampler(name: str, num_classes: int, dim: int, *, metric: str = "ip", seed: int = 0,
-                  **backend_opts):
+                  process: bool = False, **backend_opts):
     """Build the class sampler ``name`` (``annoy``, ``hnsw``, ``faiss``, ``exact``, ``random``).
 
     ``metric`` must match the head's logits: ``"ip"`` for the linear head, ``"cosine"`` for
     the margin heads. Common options: ``interval`` (rebuild period in steps),
     ``background``; backend options are documented on each class.
+
+    ``process=True`` runs the index in its own process
+    (:class:`~hfsoftmax.samplers.process.ProcessSampler`: the trainer then never holds the
+    index, and with a remote row store not the rows either; extra options ``row_source``,
+    ``threads``, ``timeout_s``). The ``random`` sampler keeps no index and stays in-process.
 
     >>> sampler = build_sampler("annoy", 100_000, 256, metric="cosine", ntrees=50)
     """
@@ -47,6 +52,12 @@ def build_sampler(name: str, num_classes: int, dim: int, *, metric: str = "ip", 
     except (KeyError, TypeError):
         raise ValueError(f"Unknown sampler {name!r}. Valid samplers: "
                          f"{', '.join(list_samplers())}") from None
+    if process and name != "random":
+        from .process import ProcessSampler
+        return ProcessSampler(name, num_classes, dim, metric=metric, seed=seed, **backend_opts)
+    if process:  # no index to move: drop the process-only options
+        for key in ("row_source", "threads", "timeout_s", "start_timeout_s", "tmp_dir"):
+            backend_opts.pop(key, None)
     return factory(num_classes, dim, metric=metric, seed=seed, **backend_opts)
 
 
