@@ -17,6 +17,11 @@ In one run, at the same N (classes), D (feature dim) and B (batch):
   difference, and ``rss_peak_rebuild_mb`` the peak sampled during the background rebuild (the
   rows are read into the trainer transiently while the new index is built). The rows W and
   their momentum never live in the trainer (``server_rss_mb`` shows where they are).
+- ``--sampler-process``: the index lives in its own process
+  (``build_sampler(..., process=True)``), which reads the rows from the server itself; the
+  trainer then holds neither W nor the index, even during a rebuild. ``index_rss_mb`` is
+  then the index process's RSS after the quiet steps, ``index_rss_peak_rebuild_mb`` its peak
+  during the background rebuild, and ``index_rss_in_trainer_mb`` what the trainer grew by.
 
     python benchmarks/step_cost.py --num-classes 100000 --dim 256 --batch 256 \\
         --sample-num 1000 --sampler faiss
@@ -116,17 +121,21 @@ def _parse_opts(pairs: list[str]) -> dict:
 
 
 class _PeakRSS:
-    """Samples this process's RSS on a thread (every 50 ms) and keeps the peak."""
+    """Samples this process's RSS (or process ``pid``'s) on a thread every 50 ms and keeps
+    the peak."""
 
-    def __init__(self):
-        self.proc = psutil.Process()
+    def __init__(self, pid: int | None = None):
+        self.proc = psutil.Process(pid)
         self.peak = self.proc.memory_info().rss
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
 
     def __enter__(self):
         self._t.start()
@@ -157,9 +166,12 @@ def time_sampled(args) -> dict:
                                std=0.01, seed=0)
         out["server_create_s"] = round(time.perf_counter() - t0, 2)
         metric = "ip" if args.logit == "linear" else "cosine"
+        opts = _parse_opts(args.sampler_opt)
+        if args.sampler_process:
+            opts["process"] = True
         sampler = build_sampler(args.sampler, args.num_classes, args.dim, metric=metric,
-                                seed=0, interval=10**9, background=True,
-                                **_parse_opts(args.sampler_opt))
+                                seed=0, interval=10**9, background=True, **opts)
+        index_pid = getattr(sampler, "pid", None)  # the index process (process mode)
         head = SampledHead(store, sampler, sample_num=args.sample_num, logit=args.logit)
         g = torch.Generator().manual_seed(2)
         batches = [(torch.randn(args.batch, args.dim, generator=g),
@@ -176,6 +188,7 @@ def time_sampled(args) -> dict:
 
         out["rss_base_mb"] = _mb(proc.memory_info().rss)
         # the first index, built synchronously (what a run does before its first step)
+        out["sampler_process"] = index_pid is not None
         with _PeakRSS() as peak:
             t0 = time.perf_counter()
             head.rebuild_index(wait=True)
@@ -194,8 +207,14 @@ def time_sampled(args) -> dict:
         out.update({f"{k[:-2]}_ms": _median_ms(v) for k, v in parts.items()})
         out["rss_mb"] = _mb(proc.memory_info().rss)
         out["index_rss_mb"] = round(out["rss_mb"] - out["rss_base_mb"], 1)
+        if index_pid is not None:
+            out["index_rss_in_trainer_mb"] = out["index_rss_mb"]
+            out["index_rss_mb"] = _mb(psutil.Process(index_pid).memory_info().rss)
         # steps while a background rebuild runs
         during = []
+        child_peak = _PeakRSS(index_pid) if index_pid is not None else None
+        if child_peak is not None:
+            child_peak.__enter__()
         with _PeakRSS() as peak:
             t0 = time.perf_counter()
             head.rebuild_index(wait=False)
@@ -214,6 +233,9 @@ def time_sampled(args) -> dict:
             out["rebuild_steps"] = 0
             out["rebuild_vs_quiet"] = 1.0
         out["rss_peak_rebuild_mb"] = _mb(peak.peak)
+        if child_peak is not None:
+            child_peak.__exit__(None, None, None)
+            out["index_rss_peak_rebuild_mb"] = _mb(child_peak.peak)
         out["rss_after_rebuild_mb"] = _mb(proc.memory_info().rss)
         out["server_rss_mb"] = _mb(psutil.Process(server.pid).memory_info().rss)
         out["sampler_stats"] = {k: v for k, v in sampler.stats().items()
@@ -236,6 +258,8 @@ def main(argv=None) -> dict:
                    help="annoy, hnsw, faiss, exact or random (default faiss)")
     p.add_argument("--sampler-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. --sampler-opt ntrees=50 (repeatable)")
+    p.add_argument("--sampler-process", action="store_true",
+                   help="run the index in its own process (build_sampler(process=True))")
     p.add_argument("--logit", default="linear", help="linear, cosface or arcface")
     p.add_argument("--steps", type=int, default=50, help="timed quiet sampled steps")
     p.add_argument("--warmup", type=int, default=5)
@@ -251,6 +275,7 @@ def main(argv=None) -> dict:
     result = {"num_classes": args.num_classes, "dim": args.dim, "batch": args.batch,
               "sample_num": args.sample_num, "sampler": args.sampler,
               "sampler_opts": _parse_opts(args.sampler_opt), "logit": args.logit,
+              "sampler_process": args.sampler_process,
               "threads": args.threads, "cpus": os.cpu_count(),
               "torch": torch.__version__, "python": platform.python_version()}
     result.update(time_sampled(args))
