@@ -16,7 +16,10 @@ of the trainer. Per training step:
 5. every ``interval`` steps (``sampler.maybe_rebuild``) the sampler's index is rebuilt from
    all rows on a background thread; training keeps querying the old index meanwhile. The
    rows are read in chunks through ``rowstore.reader()`` (its own connection for a remote
-   store): the trainer holds all of W only transiently, while the index is built.
+   store): the trainer holds all of W only transiently, while the index is built. With a
+   process sampler (``build_sampler(..., process=True)``) the index lives in its own
+   process, which reads the rows itself (the remote store's reader carries a
+   ``row_source``): the trainer then holds neither W nor the index.
 
 With ``sample_num == num_classes`` it gives exactly the full head's loss and gradients.
 
