@@ -234,6 +234,9 @@ class Checkpointer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         _set_sampler_rng_state(self.head, (ckpt.get("rng") or {}).get("sampler"))
         self.best = ckpt["best"] if ckpt.get("best") is not None else -math.inf
+        best_path = os.path.join(self.args.save_path, "best.pth")
+        if os.path.isfile(best_path):  # keep the rows best.pth names when pruning
+            self.best_rows = load_checkpoint(best_path).get("ps_snapshot")
         rows = ckpt.get("ps_snapshot")
         if self.store is not None:
             if rows is None:

@@ -17,7 +17,8 @@
 # started on 127.0.0.1 for this run (log in SAVE_PATH/paramserver.log) and stopped when the
 # run ends. Environment: PS_ADDR, PS_PORT (port of the started server; default: any free),
 # PYTHON (default: python), SAVE_PATH (default: runs/train_hf; demo: runs/demo/<time>),
-# SYNTHETIC_DIR, DEMO_CLASSES (demo data: default datasets/data/synthetic, 2000 classes).
+# SYNTHETIC_DIR, DEMO_CLASSES, DEMO_PAIRS (demo data: default datasets/data/synthetic, 2000
+# classes, 1000 verification pairs).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,7 +38,8 @@ if [[ $demo -eq 1 ]]; then
   save="${SAVE_PATH:-$ROOT/runs/demo/$(date +%Y%m%d-%H%M%S)}"
   echo "== 1/3 synthetic data in $data (made once)"
   "$PYTHON" "$ROOT/datasets/prepare_synthetic.py" --out "$data" \
-    --num-classes "${DEMO_CLASSES:-2000}" --images-per-class 20 --seed 0
+    --num-classes "${DEMO_CLASSES:-2000}" --images-per-class 20 --pairs "${DEMO_PAIRS:-1000}" \
+    --seed 0
 else
   save="${SAVE_PATH:-runs/train_hf}"
 fi

@@ -142,11 +142,11 @@ def test_train_hf_sh_without_a_dataset_runs_the_demo(tmp_path):
     proc = run_script("train_hf.sh", "--max-steps", "4", "--batch-size", "16",
                       "--sample-num", "24", "--threads", "1", "--workers", "0",
                       env={"SAVE_PATH": str(save), "SYNTHETIC_DIR": str(data),
-                           "DEMO_CLASSES": "40"})
+                           "DEMO_CLASSES": "40", "DEMO_PAIRS": "40"})
     out = proc.stdout
     assert (data / "train.rec").is_file() and (data / "synthetic.bin").is_file()
     assert "Demo finished." in out
-    assert re.search(r"synthetic\s+1000\s+\d+\.\d+ ±", out), out  # the eval table row
+    assert re.search(r"synthetic\s+40\s+\d+\.\d+ ±", out), out  # the eval table row
     for rel in ("best.pth", "last.pth", "train.log", "metrics.csv", "tb",
                 "eval/synthetic_roc.png", "eval/synthetic.json"):
         assert (save / rel).exists(), rel
