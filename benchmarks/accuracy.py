@@ -354,6 +354,7 @@ def closed_set_top1(backbone, rows: np.ndarray, head: str, args, families: np.nd
                "errors_in_family": round(float(fam_right[wrong].mean()), 4) if wrong.any()
                else None,
                "image_top10_wrong_in_family": round(float(neigh_fam.sum() / others.sum()), 4),
+               "hub_share": hub_share(top[others], rows.shape[0]),
                "top1_images": int(len(indices))}
     return figures, feats.numpy(), top[:, :NEIGHBOURS]
 
@@ -375,6 +376,16 @@ def fresh_index_recall(args, method: str, head: str, rows: np.ndarray, feats: np
     hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, ref))
     sampler.close()
     return round(hits / ref.size, 4)
+
+
+def hub_share(ids: np.ndarray, num_classes: int, frac: float = 0.01) -> float:
+    """Share of ``ids`` (the wrong classes nearest to each image) taken by the ``frac`` most
+    frequent classes: ~``frac`` when every class is somebody's near neighbour equally often,
+    near 1 when a few "hub" rows are everybody's nearest (then a nearest-class sampler keeps
+    selecting those few as negatives and the other rows are never pushed away)."""
+    counts = np.bincount(ids.ravel(), minlength=num_classes)
+    top = np.sort(counts)[::-1][:max(1, int(round(frac * num_classes)))]
+    return round(float(top.sum() / max(1, counts.sum())), 4)
 
 
 def row_neighbours_in_family(rows: np.ndarray, head: str, families: np.ndarray) -> float:
@@ -411,6 +422,7 @@ def evaluate_one(args, res: dict, families: np.ndarray, indices: np.ndarray) -> 
     rows = class_rows(res["checkpoint"], res["method"], args.num_classes, args.embedding_size)
     norms = np.linalg.norm(rows, axis=1)
     res["row_norm"] = {"mean": round(float(norms.mean()), 4),
+                       "p99": round(float(np.percentile(norms, 99)), 4),
                        "max": round(float(norms.max()), 4),
                        "min": round(float(norms.min()), 4)}
     figures, feats, exact_top = closed_set_top1(backbone, rows, res["head"], args, families,
@@ -463,6 +475,28 @@ def comparisons(runs: dict) -> dict:
     return out
 
 
+def code_of(args) -> dict:
+    """What code measured: the git commit (and whether the tree had local changes) and the
+    backbone's parameter count (a registered name can change its architecture over time)."""
+    import subprocess
+
+    from hfsoftmax.models import build_backbone
+
+    out: dict = {"backbone_params": sum(p.numel() for p in
+                                        build_backbone(args.arch, args.embedding_size)
+                                        .parameters())}
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
+                                           capture_output=True, timeout=10).stdout.strip()
+        out["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--",
+                                                "hfsoftmax", "paramserver", "benchmarks"],
+                                               cwd=ROOT, text=True, capture_output=True,
+                                               timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
 def write_json(path: str | None, obj: dict) -> None:
     if not path:
         return
@@ -482,6 +516,7 @@ def main(argv=None) -> dict:
     data = prepare_data(args)
     cfg = config_of(args)
     runs: dict = {}
+    old: dict = {}
     if args.eval_only and not (args.out and os.path.isfile(args.out)):
         raise SystemExit(f"--eval-only re-evaluates the runs in --out, but {args.out} does not "
                          "exist; run the benchmark first")
@@ -500,6 +535,7 @@ def main(argv=None) -> dict:
     families = class_families(args.data)
     indices = heldout_subset(args)
     result = {"benchmark": "accuracy", "config": cfg, "dataset": data, "runs": runs,
+              "code": code_of(args),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "torch": torch.__version__,
                           "loadavg_start": [round(x, 2) for x in os.getloadavg()]}}
@@ -527,7 +563,14 @@ def main(argv=None) -> dict:
             result["comparison"] = comparisons(runs)
             write_json(args.out, result)
     result["comparison"] = comparisons(runs)
-    result["total_wall_s"] = round(time.perf_counter() - t_all, 1)
+    if args.eval_only:  # the training run's own figures stay; this pass is noted apart
+        result["machine"] = old.get("machine", result["machine"])
+        result["eval_code"] = result["code"]
+        result["code"] = old.get("code")
+        result["total_wall_s"] = old.get("total_wall_s")
+        result["eval_only_wall_s"] = round(time.perf_counter() - t_all, 1)
+    else:
+        result["total_wall_s"] = round(time.perf_counter() - t_all, 1)
     write_json(args.out, result)
     print(json.dumps(result, indent=2))
     return result
