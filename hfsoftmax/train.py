@@ -368,6 +368,7 @@ def run(args: argparse.Namespace) -> dict:
     """Train with parsed ``args``; returns a summary (steps, last figures, paths)."""
     rank, world = hd.rank(), hd.world_size()
     device = pick_device(args.device)
+    os.makedirs(args.save_path, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
