@@ -27,4 +27,5 @@ else
 fi
 # _HF_LAUNCH is set by scripts/train_dist.sh: torchrun with its process count.
 read -r -a launch <<< "${_HF_LAUNCH:-$PYTHON}"
-exec "${launch[@]}" -m hfsoftmax.train "${source_args[@]}" --save-path "${SAVE_PATH:-runs/train}" "$@"
+exec "${launch[@]}" -m hfsoftmax.train "${source_args[@]}" \
+  --save-path "${SAVE_PATH:-runs/train}" "$@"

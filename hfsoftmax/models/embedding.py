@@ -6,7 +6,6 @@ flattened rather than average-pooled.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 __all__ = ["FlatEmbedding"]
@@ -32,6 +31,3 @@ class FlatEmbedding(nn.Sequential):
         bn = layers[-1]
         nn.init.ones_(bn.weight)
         bn.weight.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 (Sequential's)
-        return super().forward(x)
