@@ -69,7 +69,8 @@ NEIGHBOURS = 10  # the geometry diagnostics look at each image's / row's 10 near
 
 # Defaults are the issue's setting; a preset replaces the defaults, flags still override it.
 PRESETS = {
-    # ~45-60 min on a shared 2-core CPU (convnet-s: ~0.4 s of CPU per step at batch 64)
+    # ~25 min on a shared 2-core CPU (convnet-s at batch 64, CPU s/step: full 0.34, annoy
+    # 0.25, faiss 0.19, random 0.16; evaluation ~1.5 min per method)
     "issue": dict(num_classes=20000, images_per_class=4, heldout_per_class=1, pairs=2000,
                   family_size=10, arch="convnet-s", embedding_size=256, batch_size=64,
                   steps=1200, sample_frac=0.01, lr=0.1, interval=50, ntrees=50,
