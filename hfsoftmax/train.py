@@ -164,9 +164,11 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
     opts: dict[str, Any] = {"interval": args.interval, "background": args.background_rebuild}
     if args.sampler == "annoy":
         opts["ntrees"] = args.ntrees
+    # Only rank 0 selects (over the global batch), so only rank 0 needs an index process.
+    process = args.sampler_process if args.sampler_process is not None else bool(args.ps)
     sampler = build_sampler(args.sampler, num_classes, args.embedding_size,
                             metric="ip" if args.head == "linear" else "cosine",
-                            seed=args.seed, **opts)
+                            seed=args.seed, process=process and rank == 0, **opts)
     store = build_row_store(args, num_classes, rank)
     head = SampledHead(store, sampler, args.sample_num, interval=args.interval,
                        recall_every=args.recall_every, **kw)

@@ -328,3 +328,30 @@ def test_learns_the_synthetic_set(tmp_path):
     assert float(last["loss"]) < 0.6 * float(first["loss"]), (first, last)
     # measured: loss 3.23 -> 1.03, accuracy 0.10 -> 0.62 over the 40 selected classes
     assert float(last["acc"]) > float(first["acc"]) + 0.3, (first, last)
+
+
+def test_index_runs_in_its_own_process_with_a_parameter_server(tiny_rec):
+    """With --ps the sampler's index lives in a child process that reads the rows from the
+    server (the trainer never holds W); --no-sampler-process keeps it in the trainer."""
+    from hfsoftmax.samplers.process import ProcessSampler
+    from hfsoftmax.train import build_head
+
+    hf = ["--sampled", "--sampler", "exact", "--sample-num", "24"]
+    with running_server() as (_, address):
+        for extra, expect_process in (([], True), (["--no-sampler-process"], False)):
+            args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--ps", address,
+                               "--ps-table", f"t{int(expect_process)}", *extra])
+            head, _ = build_head(args, 40, 0)
+            try:
+                assert isinstance(head.sampler, ProcessSampler) is expect_process
+                feats, labels = torch.randn(8, 32), torch.arange(8)
+                head.sampler.rebuild(head.rowstore.read_all())
+                ids, target = head.sampler.select(feats, labels, 24)
+                assert len(set(ids.tolist())) == 24 and torch.equal(ids[target], labels)
+            finally:
+                head.sampler.close()
+    # Without a server the rows are in the trainer anyway: no index process by default.
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf])
+    head, _ = build_head(args, 40, 0)
+    assert not isinstance(head.sampler, ProcessSampler)
+    head.sampler.close()

@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=True,
                    help="rebuild the index on a background thread (training queries the old "
                         "one meanwhile); --no-background-rebuild makes runs reproducible")
+    g.add_argument("--sampler-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the ANN index in its own process, which reads the rows from the "
+                        "parameter server itself, so the trainer never holds all rows or the "
+                        "index (default: on with --ps, off without)")
     g.add_argument("--recall-every", type=_nonneg_int, default=200,
                    help="every this many steps, log the fraction of the true top-10 classes "
                         "(exact search over all rows) that the selection contains (0: off)")
