@@ -23,7 +23,6 @@ import logging
 import os
 import pickle  # only for its exception type: .bin files are read by a restricted loader
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -34,6 +33,8 @@ import torch.nn as nn
 
 from evaluation import l2_normalize
 from evaluation.report import issame_path
+
+from .fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -255,18 +256,8 @@ def extract_filelist(model: nn.Module, filelist: str | os.PathLike,
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     """``np.save`` atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        np.save(f, array)
     return path
 
 

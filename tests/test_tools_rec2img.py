@@ -37,7 +37,7 @@ def test_extracts_fixture_with_manifest_md5s(shared_fixtures, tmp_path):
         f = out / str(rec["label"]) / f"{rec['idx']}.jpg"
         assert hashlib.md5(f.read_bytes()).hexdigest() == rec["md5"]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(map(str, range(12)))
-    assert not list(out.rglob("*.tmp-*"))
+    assert not list(out.rglob("*.tmp-*")) and not list(out.rglob("*.tmp"))  # no temp files left
     train, val = read_list(out / "train.lst"), read_list(out / "val.lst")
     assert sorted(train + val) == sorted((f"{r['label']}/{r['idx']}.jpg", r["label"])
                                          for r in manifest["records"])

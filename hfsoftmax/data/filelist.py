@@ -12,6 +12,8 @@ import os
 from collections import defaultdict
 from typing import Callable, Iterable, Sequence
 
+from ..fileio import atomic_write
+
 from .image import CorruptImageError, SkipCounter, decode_image, IMAGE_SIZE
 
 __all__ = ["read_list", "write_list", "split_train_val", "ImageListDataset"]
@@ -49,14 +51,9 @@ def read_list(path: str | os.PathLike) -> list[tuple[str, int]]:
 
 def write_list(path: str | os.PathLike, items: Iterable[tuple[str, int]]) -> None:
     """Write ``relative/path label`` lines atomically (temp file, fsync, rename)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w") as f:
         for rel, label in items:
             f.write(f"{rel} {int(label)}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _split_key(seed: int, rel: str) -> bytes:

@@ -34,12 +34,13 @@ import logging
 import math
 import multiprocessing
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
+
+from ..fileio import atomic_write
 
 from .recordio import IRHeader, RecordIOWriter, pack
 from .verification import dump_bin
@@ -255,14 +256,8 @@ def _render_pairs(task):
 
 
 def _write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def make_synthetic(out_dir: str | os.PathLike, num_classes: int = 2000,

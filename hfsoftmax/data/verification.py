@@ -23,8 +23,9 @@ import io
 import os
 import pickle
 import struct
-import tempfile
 from typing import Sequence
+
+from ..fileio import atomic_write
 
 __all__ = ["UnsafePickleError", "load_bin", "loads_bin", "dump_bin", "decode_pairs"]
 
@@ -146,21 +147,8 @@ def dump_bin(path: str | os.PathLike, bins: Sequence[bytes], issame: Sequence[bo
         out.write(b"".join(b"\x88" if s else b"\x89" for s in issame[start:start + 1000]))
         out.write(b"e")
     out.write(b"\x86.")              # TUPLE2, STOP
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bin", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(out.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(out.getvalue())
 
 
 def decode_pairs(bins: Sequence[bytes], image_size: tuple[int, int] = (112, 112),

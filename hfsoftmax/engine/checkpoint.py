@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from typing import Any
 
 import torch
+
+from ..fileio import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "FORMAT", "rows_snapshot_name",
            "prune_row_snapshots"]
@@ -37,19 +38,8 @@ FORMAT = "hfsoftmax-checkpoint-1"
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({**state, "format": FORMAT}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        torch.save({**state, "format": FORMAT}, f)
     logger.info("checkpoint written: %s (step %s)", path, state.get("step"))
 
 

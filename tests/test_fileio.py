@@ -1,0 +1,34 @@
+"""hfsoftmax.fileio.atomic_write: complete new file or the old one, never a partial file."""
+import os
+
+import pytest
+
+from hfsoftmax.fileio import atomic_write
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "sub" / "a.txt"
+    with atomic_write(p, "w") as f:
+        f.write("one\n")
+    assert p.read_text() == "one\n" and oct(p.stat().st_mode & 0o777) == "0o644"
+    with atomic_write(p) as f:
+        f.write(b"two\n")
+    assert p.read_bytes() == b"two\n"
+    assert sorted(os.listdir(p.parent)) == ["a.txt"]
+
+
+def test_a_crash_mid_write_keeps_the_previous_file(tmp_path):
+    p = tmp_path / "ckpt.pth"
+    p.write_bytes(b"previous")
+    with pytest.raises(RuntimeError, match="crash"):
+        with atomic_write(p) as f:
+            f.write(b"half of the new con")
+            raise RuntimeError("crash")
+    assert p.read_bytes() == b"previous"
+    assert os.listdir(tmp_path) == ["ckpt.pth"]
+
+
+def test_bad_mode_is_named(tmp_path):
+    with pytest.raises(ValueError, match="'a'"):
+        with atomic_write(tmp_path / "x", "a"):
+            pass
