@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 from ..fileio import atomic_write
 
-from .image import CorruptImageError, SkipCounter, decode_image, IMAGE_SIZE
+from .image import CorruptImageError, SkipCounter, SkipsCorrupt, decode_image, IMAGE_SIZE
 
 __all__ = ["read_list", "write_list", "split_train_val", "ImageListDataset"]
 
@@ -86,7 +86,7 @@ def split_train_val(items: Sequence[tuple[str, int]], val_ratio: float, seed: in
     return train, val
 
 
-class ImageListDataset:
+class ImageListDataset(SkipsCorrupt):
     """Map-style dataset over an image list: ``(transform(image), label)``.
 
     Paths are relative to ``prefix`` (default: the list file's folder). Labels must be
@@ -147,12 +147,3 @@ class ImageListDataset:
             self._skips.add(e)
             return None
         return self.transform(img), label
-
-    @property
-    def num_skipped(self) -> int:
-        """Corrupt samples skipped so far (0 unless ``skip_corrupt=True``)."""
-        return self._skips.count if self._skips is not None else 0
-
-    def report_skipped(self) -> int:
-        """Log and return the number of corrupt samples skipped so far."""
-        return self._skips.report() if self._skips is not None else 0

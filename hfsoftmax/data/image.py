@@ -92,3 +92,19 @@ def skip_none_collate(batch: list[Any]):
     if not kept:
         return None
     return default_collate(kept)
+
+
+class SkipsCorrupt:
+    """What a dataset with ``skip_corrupt`` exposes: its :class:`SkipCounter` (``self._skips``,
+    None when corrupt samples raise) read as ``num_skipped`` and logged by ``report_skipped``."""
+
+    _skips: SkipCounter | None = None
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt samples skipped so far (0 unless ``skip_corrupt=True``)."""
+        return self._skips.count if self._skips is not None else 0
+
+    def report_skipped(self) -> int:
+        """Log and return the number of corrupt samples skipped so far."""
+        return self._skips.report() if self._skips is not None else 0

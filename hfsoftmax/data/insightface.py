@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from .image import CorruptImageError, SkipCounter, decode_image, IMAGE_SIZE
+from .image import CorruptImageError, SkipCounter, SkipsCorrupt, decode_image, IMAGE_SIZE
 from .recordio import RecordIOError, RecordIOReader, unpack
 
 __all__ = ["InsightFaceRecDataset", "RecLayout", "read_property", "read_layout"]
@@ -88,7 +88,7 @@ def read_layout(reader: RecordIOReader) -> RecLayout:
     return RecLayout(list(reader.keys), None)
 
 
-class InsightFaceRecDataset:
+class InsightFaceRecDataset(SkipsCorrupt):
     """Map-style dataset over an InsightFace ``.rec`` folder: ``(image, label)`` pairs.
 
     ``transform`` maps the RGB PIL image (112x112) to what is returned; the default is
@@ -163,15 +163,6 @@ class InsightFaceRecDataset:
             self._skips.add(e)
             return None
         return self.transform(img), label
-
-    @property
-    def num_skipped(self) -> int:
-        """Corrupt samples skipped so far (0 unless ``skip_corrupt=True``)."""
-        return self._skips.count if self._skips is not None else 0
-
-    def report_skipped(self) -> int:
-        """Log and return the number of corrupt samples skipped so far."""
-        return self._skips.report() if self._skips is not None else 0
 
     def labels(self) -> np.ndarray:
         """Class id of every image (reads every record header; int64 array)."""
