@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -64,18 +65,9 @@ def save_roc_png(result: VerificationResult, path: str | os.PathLike, title: str
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="lower right")
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png")
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        atomic_write_bytes(path, png.getvalue())
     finally:
         plt.close(fig)
     return path

@@ -9,16 +9,5 @@
 # 127.0.0.1, 29500), PYTHON, SAVE_PATH (default: runs/train_dist).
 set -euo pipefail
 
-if [[ $# -lt 1 || "$1" == -* ]]; then
-  echo "usage: NPROC=N $0 DATASET [hfsoftmax-train flags...]" >&2
-  exit 2
-fi
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python}"
-if [[ -z "${NPROC:-}" ]]; then
-  NPROC="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')"
-fi
-export _HF_LAUNCH="$PYTHON -m torch.distributed.run --nproc_per_node $NPROC \
---nnodes ${NNODES:-1} --node_rank ${NODE_RANK:-0} \
---master_addr ${MASTER_ADDR:-127.0.0.1} --master_port ${MASTER_PORT:-29500}"
+source "$(dirname "${BASH_SOURCE[0]}")/_torchrun.sh"
 SAVE_PATH="${SAVE_PATH:-runs/train_dist}" exec bash "$ROOT/scripts/train.sh" "$@"

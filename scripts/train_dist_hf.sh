@@ -11,17 +11,6 @@
 # the total process count), PYTHON, SAVE_PATH (default: runs/train_dist_hf).
 set -euo pipefail
 
-if [[ $# -lt 1 || "$1" == -* ]]; then
-  echo "usage: NPROC=N $0 DATASET [hfsoftmax-train flags...]" >&2
-  exit 2
-fi
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PYTHON="${PYTHON:-python}"
-if [[ -z "${NPROC:-}" ]]; then
-  NPROC="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')"
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_torchrun.sh"
 export PS_WORKERS=$((NPROC * ${NNODES:-1}))
-export _HF_LAUNCH="$PYTHON -m torch.distributed.run --nproc_per_node $NPROC \
---nnodes ${NNODES:-1} --node_rank ${NODE_RANK:-0} \
---master_addr ${MASTER_ADDR:-127.0.0.1} --master_port ${MASTER_PORT:-29500}"
 SAVE_PATH="${SAVE_PATH:-runs/train_dist_hf}" exec bash "$ROOT/scripts/train_hf.sh" "$@"
