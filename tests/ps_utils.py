@@ -90,3 +90,25 @@ try:  # a fixture for tests that just need one server: `from tests.ps_utils impo
             yield address
 except ImportError:  # pragma: no cover - pytest is only needed for the fixture
     pass
+
+
+def run_workers(fn, ids, timeout_s: float = 60.0) -> None:
+    """Run ``fn(k)`` for every k in ``ids`` on its own thread (one parameter-server client
+    each), wait for all, and fail with every exception a worker raised."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def guarded(k):
+        try:
+            fn(k)
+        except BaseException as exc:  # surfaced below, on the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(k,)) for k in ids]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout_s)
+    assert not errors, errors
+    assert not any(th.is_alive() for th in threads), f"workers still running after {timeout_s} s"

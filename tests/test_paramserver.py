@@ -16,7 +16,8 @@ import torch
 
 from paramserver import ParamClient, ParamServerError
 from paramserver.table import init_rows
-from tests.ps_utils import SERVER_SCRIPT, running_server, server_log, start_server, stop_server
+from tests.ps_utils import (SERVER_SCRIPT, run_workers, running_server, server_log, start_server,
+                            stop_server)
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(120)
@@ -111,25 +112,16 @@ def test_two_workers_at_b_equal_one_worker_at_2b():
     with running_server("--workers", "2", "--worker-timeout", "30") as (_, addr):
         with ParamClient(addr, worker_id=0, timeout_s=30) as ps:
             setup(ps)
-        errors = []
 
         def worker(k):
-            try:
-                with ParamClient(addr, worker_id=k, timeout_s=30) as ps:
-                    half = slice(k * B, (k + 1) * B)
-                    for t in range(steps):
-                        w = ps.pull("w", rows[t, half])
-                        assert ps.push("w", rows[t, half],
-                                       _quadratic_grads(w, targets[t, half], B)) == t + 1
-            except BaseException as exc:  # surfaced below
-                errors.append(exc)
+            with ParamClient(addr, worker_id=k, timeout_s=30) as ps:
+                half = slice(k * B, (k + 1) * B)
+                for t in range(steps):
+                    w = ps.pull("w", rows[t, half])
+                    assert ps.push("w", rows[t, half],
+                                   _quadratic_grads(w, targets[t, half], B)) == t + 1
 
-        threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(60)
-        assert not errors, errors
+        run_workers(worker, (0, 1))
         with ParamClient(addr) as ps:
             double = ps.read_all("w")
             assert ps.table_info("w")["step"] == steps
@@ -151,25 +143,16 @@ def test_eight_concurrent_clients_equal_sequential_reference():
             ps.create_table("w", n, d, init="normal", std=1.0, seed=1)
             ps.set_optimizer("w", lr=lr, momentum=mom, weight_decay=wd)
             w0 = ps.read_all("w")
-        errors = []
         barrier = threading.Barrier(W)
 
         def client(k):
-            try:
-                with ParamClient(addr, worker_id=k, timeout_s=30) as ps:
-                    barrier.wait()
-                    for t in range(steps):
-                        w = ps.pull("w", rows[t, k])
-                        ps.push("w", rows[t, k], _quadratic_grads(w, targets[t, k], 12))
-            except BaseException as exc:
-                errors.append(exc)
+            with ParamClient(addr, worker_id=k, timeout_s=30) as ps:
+                barrier.wait()
+                for t in range(steps):
+                    w = ps.pull("w", rows[t, k])
+                    ps.push("w", rows[t, k], _quadratic_grads(w, targets[t, k], 12))
 
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(W)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(60)
-        assert not errors, errors
+        run_workers(client, range(W))
         with ParamClient(addr) as ps:
             got = ps.read_all("w")
 

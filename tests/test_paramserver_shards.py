@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from paramserver import ParamClient, ParamServerError
-from tests.ps_utils import ROOT, running_server, server_log
+from tests.ps_utils import ROOT, run_workers, running_server, server_log
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -80,8 +80,6 @@ def test_three_shards_equal_one_server(tmp_path):
 def test_two_workers_over_two_shards_synchronous():
     """Every worker pushes to every shard each step (maybe no rows), so each shard's step
     completes; results equal one server."""
-    import threading
-
     n, d = 100, 4
     rows = np.array([[1, 2, 3, 2], [60, 61, 2, 99]])  # worker 0 touches only shard 0
 
@@ -89,22 +87,14 @@ def test_two_workers_over_two_shards_synchronous():
         with ParamClient(addrs) as ps:
             ps.create_table("w", n, d, init="normal", std=1.0, seed=3)
             ps.set_optimizer("w", lr=0.1, momentum=0.5)
-        errors = []
 
         def worker(k):
-            try:
-                with ParamClient(addrs, worker_id=k, timeout_s=30) as ps:
-                    for _ in range(3):
-                        w = ps.pull("w", rows[k])
-                        ps.push("w", rows[k], w * 0.5)
-            except BaseException as exc:
-                errors.append(exc)
-        ts = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(60)
-        assert not errors, errors
+            with ParamClient(addrs, worker_id=k, timeout_s=30) as ps:
+                for _ in range(3):
+                    w = ps.pull("w", rows[k])
+                    ps.push("w", rows[k], w * 0.5)
+
+        run_workers(worker, (0, 1))
         with ParamClient(addrs) as ps:
             return ps.read_all("w"), ps.table_info("w")["step"]
 
