@@ -46,7 +46,6 @@ import contextlib
 import csv
 import json
 import logging
-import math
 import os
 import platform
 import resource
@@ -501,9 +500,10 @@ def code_of(args) -> dict:
 def write_json(path: str | None, obj: dict) -> None:
     if not path:
         return
-    from evaluation.report import atomic_write_bytes
+    from hfsoftmax.fileio import atomic_write
 
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2) + "\n").encode())
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(obj, indent=2) + "\n")
 
 
 def main(argv=None) -> dict:

@@ -101,10 +101,10 @@ def main(argv=None) -> dict:
     text = json.dumps(result)
     print(text)
     if args.out:
-        tmp_out = f"{args.out}.tmp"
-        with open(tmp_out, "w") as f:
+        from hfsoftmax.fileio import atomic_write
+
+        with atomic_write(args.out, "w") as f:
             f.write(text + "\n")
-        os.replace(tmp_out, args.out)
     return result
 
 

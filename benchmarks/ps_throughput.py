@@ -136,10 +136,10 @@ def main() -> None:
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
-        tmp = f"{args.out}.tmp"
-        with open(tmp, "w") as f:
+        from hfsoftmax.fileio import atomic_write  # torch-free, like this benchmark
+
+        with atomic_write(args.out, "w") as f:
             f.write(text + "\n")
-        os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":

@@ -286,7 +286,10 @@ def main(argv=None) -> dict:
     text = json.dumps(result, sort_keys=False)
     print(text)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        from hfsoftmax.fileio import atomic_write
+
+        with atomic_write(args.out, "w") as f:
+            f.write(text + "\n")
     return result
 
 

@@ -184,11 +184,10 @@ def main() -> int:
                           "threads": torch.get_num_threads(), "python": platform.python_version(),
                           "load_avg_1m": os.getloadavg()[0]},
               "results": results, "speedup": speedup}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
+    from hfsoftmax.fileio import atomic_write
+
+    with atomic_write(a.out, "w") as f:
         json.dump(report, f, indent=2)
-    os.replace(tmp, a.out)
     print(json.dumps(report))
     return 0
 
