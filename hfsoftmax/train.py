@@ -166,6 +166,13 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
         opts["ntrees"] = args.ntrees
     # Only rank 0 selects (over the global batch), so only rank 0 needs an index process.
     process = args.sampler_process if args.sampler_process is not None else bool(args.ps)
+    if args.index_threads:
+        if not process:
+            raise ValueError(f"--index-threads {args.index_threads} applies to the index "
+                             "process only; add --sampler-process (an in-process index uses "
+                             "the trainer's --threads)")
+        if rank == 0:
+            opts["threads"] = args.index_threads
     sampler = build_sampler(args.sampler, num_classes, args.embedding_size,
                             metric="ip" if args.head == "linear" else "cosine",
                             seed=args.seed, process=process and rank == 0, **opts)

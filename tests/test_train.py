@@ -355,3 +355,23 @@ def test_index_runs_in_its_own_process_with_a_parameter_server(tiny_rec):
     head, _ = build_head(args, 40, 0)
     assert not isinstance(head.sampler, ProcessSampler)
     head.sampler.close()
+
+
+def test_index_threads_reach_the_index_process(tiny_rec, monkeypatch):
+    """--index-threads N sets the index process's OpenMP threads (what keeps a rebuild from
+    competing with the trainer); without an index process it is an error naming the fix."""
+    from hfsoftmax.train import build_head
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the trainer's own setting must not leak
+    hf = ["--sampled", "--sampler", "faiss", "--sample-num", "24", "--index-threads", "1"]
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--sampler-process"])
+    head, _ = build_head(args, 40, 0)
+    try:
+        with open(f"/proc/{head.sampler._proc.pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        assert env.get(b"OMP_NUM_THREADS") == b"1", env.get(b"OMP_NUM_THREADS")
+    finally:
+        head.sampler.close()
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--no-sampler-process"])
+    with pytest.raises(ValueError, match="--index-threads 1 applies to the index process"):
+        build_head(args, 40, 0)

@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the ANN index in its own process, which reads the rows from the "
                         "parameter server itself, so the trainer never holds all rows or the "
                         "index (default: on with --ps, off without)")
+    g.add_argument("--index-threads", type=_nonneg_int, default=0,
+                   help="OpenMP/torch threads of the index process (--sampler-process); 1 "
+                        "keeps a rebuild from competing with the trainer for cores (0: the "
+                        "libraries' default, all cores)")
     g.add_argument("--recall-every", type=_nonneg_int, default=200,
                    help="every this many steps, log the fraction of the true top-10 classes "
                         "(exact search over all rows) that the selection contains (0: off)")
