@@ -37,7 +37,12 @@ through :class:`hfsoftmax.rowstore.LocalRowStore`'s snapshot reader.
 
 Prints one JSON object and writes it to ``--out`` (atomically, after every finished
 method, so an interrupted run keeps what it measured; ``--resume`` skips the methods whose
-results are already in ``--out`` for the same configuration).
+results are already in ``--out`` for the same configuration). On a 2-core machine two
+methods can train side by side (``--threads 1`` each) and be combined afterwards:
+
+    python benchmarks/accuracy.py --methods full,annoy --out a.json --work-dir runs/a &
+    python benchmarks/accuracy.py --methods random,faiss --out b.json --work-dir runs/b
+    python benchmarks/accuracy.py --merge a.json b.json --out accuracy.json
 """
 from __future__ import annotations
 
@@ -137,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-only", action="store_true",
                    help="train nothing: re-evaluate the runs already in --out (same "
                         "configuration) from their checkpoints in --work-dir")
+    g.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="train nothing: combine the runs of these outputs (same configuration "
+                        "but --methods; e.g. methods run side by side in two processes) into "
+                        "--out, with the comparisons recomputed")
     g.add_argument("--resume", action="store_true",
                    help="keep the results already in --out for the same configuration and "
                         "run only the missing methods")
@@ -506,11 +515,49 @@ def write_json(path: str | None, obj: dict) -> None:
         f.write(json.dumps(obj, indent=2) + "\n")
 
 
+def merge_outputs(paths: list[str]) -> dict:
+    """One result from several outputs of the same configuration (``config`` holds no
+    methods): the runs united, the comparisons recomputed, each part's machine/code/wall kept."""
+    parts = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            parts.append(json.load(f))
+    base = dict(parts[0])
+    want = base["config"]
+    runs: dict = {}
+    for path, part in zip(paths, parts):
+        got = part.get("config", {})
+        if got != want:
+            diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+            raise SystemExit(f"--merge: {path} was measured with another configuration "
+                             f"(differs in {', '.join(diff)}); merge only runs of the same "
+                             "flags")
+        for key, run in part.get("runs", {}).items():
+            if key in runs:
+                raise SystemExit(f"--merge: {key} is in more than one output ({path}); "
+                                 "merge each method once")
+            runs[key] = run
+    base["runs"] = runs
+    base["comparison"] = comparisons(runs)
+    base["parts"] = [{"file": os.path.basename(p), "runs": sorted(part.get("runs", {})),
+                      "machine": part.get("machine"), "code": part.get("code"),
+                      "total_wall_s": part.get("total_wall_s")} for p, part in zip(paths, parts)]
+    base["total_wall_s"] = max(part.get("total_wall_s") or 0 for part in parts)
+    return base
+
+
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = resolve_args(argv)
+    if args.merge:
+        if not args.out:
+            raise SystemExit("--merge needs --out (the combined JSON to write)")
+        result = merge_outputs(args.merge)
+        write_json(args.out, result)
+        print(json.dumps(result, indent=2))
+        return result
     torch.set_num_threads(args.threads)
     os.makedirs(args.work_dir, exist_ok=True)
     t_all = time.perf_counter()

@@ -90,6 +90,27 @@ def test_quick_preset_writes_one_json_with_every_method(tmp_path):
             assert run[fig] == old[fig], (key, fig)
         assert run["verification"]["accuracy"] == old["verification"]["accuracy"]
 
+    # --merge: methods measured by two processes combine into one result (comparisons too)
+    parts = []
+    for i, keys in enumerate((("cosface/full", "cosface/annoy"),
+                              ("cosface/random", "cosface/faiss"))):
+        part = dict(written, runs={k: written["runs"][k] for k in keys},
+                    comparison={}, total_wall_s=10.0 * (i + 1))
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps(part))
+    merged_out = tmp_path / "merged.json"
+    mg = _run("--preset", "quick", "--merge", *map(str, parts), "--out", str(merged_out))
+    assert mg.returncode == 0, mg.stderr[-3000:]
+    merged = json.loads(merged_out.read_text())
+    assert merged["runs"] == written["runs"]
+    assert merged["comparison"] == written["comparison"]
+    assert merged["total_wall_s"] == 20.0 and len(merged["parts"]) == 2
+    other = json.loads(parts[1].read_text())
+    other["config"]["steps"] += 1
+    parts[1].write_text(json.dumps(other))
+    bad = _run("--preset", "quick", "--merge", *map(str, parts), "--out", str(merged_out))
+    assert bad.returncode != 0 and "differs in steps" in bad.stderr
+
 
 def test_bad_flags_are_named():
     proc = _run("--preset", "quick", "--methods", "full,bogus")
