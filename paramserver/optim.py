@@ -10,6 +10,12 @@ Semantics, per row, float32 throughout (as torch computes on float32 parameters)
     d = d + momentum * buf  if nesterov else buf
     w = w - lr * d
 
+A step never writes NaN or inf: when the summed gradient of a row, or the updated weight or
+momentum of a row, is not finite in float32 (finite gradients of a repeated row id can add up
+past float32's range, about 3.4e38), :func:`sgd_rows` raises :class:`NonFiniteUpdateError`
+naming the row and changes nothing. Both the server and the in-process row store rely on this
+check, which lives only here.
+
 Updates are *lazy*: a row that receives no gradient in a step is not touched (no weight
 decay, no momentum decay). For the rows that are touched the result is what
 ``torch.optim.SGD`` gives on a parameter made of those rows; for a dense push of every row
@@ -30,7 +36,24 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["SGDConfig", "reduce_duplicate_rows", "sgd_rows"]
+__all__ = ["SGDConfig", "NonFiniteUpdateError", "reduce_duplicate_rows",
+           "check_summed_grads", "sgd_rows"]
+
+_SCALE_FIX = ("scale the gradients down (check the loss for a blow-up: a too high learning "
+              "rate or loss scale)")
+
+
+class NonFiniteUpdateError(ValueError, FloatingPointError):
+    """An SGD step that would write NaN or inf into a table; nothing was changed.
+
+    A ``ValueError`` (the server answers it as a refused request) and a
+    ``FloatingPointError`` (like the row store's other non-finite errors). ``row`` is the
+    first offending row id, numbered as in the message.
+    """
+
+    def __init__(self, message: str, row: int):
+        super().__init__(message)
+        self.row = row
 
 
 @dataclass
@@ -99,22 +122,87 @@ def reduce_duplicate_rows(rows: np.ndarray, grads: np.ndarray) -> tuple[np.ndarr
     return sorted_rows[starts], summed.astype(grads.dtype, copy=False)
 
 
+def _first_nonfinite_row(values: np.ndarray) -> int | None:
+    """Index of the first row of the 2-D ``values`` holding NaN or inf, or None."""
+    finite = np.isfinite(values)
+    if finite.all():
+        return None
+    return int(np.flatnonzero(~finite.all(axis=1))[0])
+
+
+def _check_sums(in_rows: np.ndarray, rows: np.ndarray, summed: np.ndarray,
+                row_offset: int) -> None:
+    """Raise :class:`NonFiniteUpdateError` for the first row of ``summed`` (the reduced
+    gradients of the ids ``in_rows``) that is not finite."""
+    bad = _first_nonfinite_row(summed)
+    if bad is None:
+        return
+    row = int(rows[bad])
+    count = int(np.count_nonzero(in_rows == row))
+    what = (f"the {count} gradients of row {row + row_offset} sum past the float32 range "
+            "(about 3.4e38) or hold NaN/inf" if count > 1 else
+            f"the gradient of row {row + row_offset} holds NaN or inf")
+    raise NonFiniteUpdateError(f"{what}; nothing was changed: {_SCALE_FIX}", row + row_offset)
+
+
+def check_summed_grads(rows: np.ndarray, grads: np.ndarray, *, row_offset: int = 0) -> None:
+    """Raise :class:`NonFiniteUpdateError` if the gradients of a repeated row id sum to NaN
+    or inf in float32 (as :func:`sgd_rows` would sum them); the message names the row
+    (``rows + row_offset``).
+
+    For callers that accept gradients before applying them (the server checks each push
+    when it arrives, so a bad push is refused alone). Only the repeated ids are summed, so
+    a push without repeats costs one sort of ``rows``. Single entries are not checked here:
+    check them for NaN/inf first (``Table.check_values``).
+    """
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if rows.size < 2:
+        return
+    order = np.argsort(rows, kind="stable")
+    same = rows[order][1:] == rows[order][:-1]
+    if not same.any():
+        return
+    repeated = np.zeros(rows.size, dtype=bool)
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    pick = np.sort(order[repeated])  # the entries of repeated ids, in their original order
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below
+        sub_rows, summed = reduce_duplicate_rows(rows[pick], np.asarray(grads)[pick])
+    _check_sums(rows[pick], sub_rows, summed, row_offset)
+
+
 def sgd_rows(weight: np.ndarray, momentum_buf: np.ndarray | None, rows: np.ndarray,
-             grads: np.ndarray, cfg: SGDConfig) -> None:
+             grads: np.ndarray, cfg: SGDConfig, *, row_offset: int = 0) -> None:
     """Apply one SGD step in place to ``weight[rows]`` (and ``momentum_buf[rows]``).
 
     ``rows`` may repeat (their gradients are summed first); ``grads`` is ``(len(rows), D)``.
     ``momentum_buf`` may be None only when ``cfg.momentum == 0``.
+
+    Raises :class:`NonFiniteUpdateError`, changing nothing, when a summed gradient or an
+    updated weight or momentum row is not finite; ``row_offset`` is added to the row ids in
+    its message (a shard's first global row).
     """
-    rows, grads = reduce_duplicate_rows(rows, np.asarray(grads, dtype=weight.dtype))
+    # Overflows (float32 sums or updates past ~3.4e38) are detected and reported below,
+    # before anything is written: numpy's warnings about them would only be noise.
+    with np.errstate(over="ignore", invalid="ignore"):
+        _sgd_rows_checked(weight, momentum_buf, rows, grads, cfg, row_offset)
+
+
+def _sgd_rows_checked(weight, momentum_buf, in_rows, grads, cfg, row_offset) -> None:
+    """:func:`sgd_rows`'s body: reduce, update copies, check them, write back."""
+    in_rows = np.asarray(in_rows, dtype=np.int64).reshape(-1)
+    grads_in = np.asarray(grads, dtype=weight.dtype)  # never written (the sums are copies)
+    rows, grads = reduce_duplicate_rows(in_rows, grads_in)
     if rows.size == 0:
         return
     if momentum_buf is None and cfg.momentum != 0:
         raise ValueError("momentum > 0 needs a momentum buffer")
     # In-place arithmetic on fresh copies (fancy indexing and reduce_duplicate_rows return
     # new arrays): the same float32 operations, in the same order, as the formulas above,
-    # without a temporary per operation (this loop is the server's hot path).
+    # without a temporary per operation (this loop is the server's hot path). Nothing is
+    # written back before both results are known to be finite.
     w = weight[rows]
+    buf = None
     d = grads if grads.base is None and grads.flags.writeable else grads.copy()
     tmp = np.empty_like(d)
     if cfg.weight_decay != 0:
@@ -125,7 +213,6 @@ def sgd_rows(weight: np.ndarray, momentum_buf: np.ndarray | None, rows: np.ndarr
         buf = momentum_buf[rows]
         buf *= mom
         buf += d                                   # buf = mom * buf + d
-        momentum_buf[rows] = buf
         if cfg.nesterov:
             np.multiply(buf, mom, out=tmp)
             d += tmp                               # d = d + mom * buf
@@ -133,4 +220,18 @@ def sgd_rows(weight: np.ndarray, momentum_buf: np.ndarray | None, rows: np.ndarr
             d = buf
     np.multiply(d, np.float32(cfg.lr), out=tmp)
     w -= tmp                                       # w = w - lr * d
+    # One check covers everything: a non-finite summed gradient or momentum row makes the
+    # new w non-finite too (inf + x, lr * inf, and 0 * inf = NaN for lr = 0), so w finite
+    # means d and buf were. Which one it was is told apart only on the error path, which
+    # keeps the hot path at a single pass over w.
+    bad = _first_nonfinite_row(w)
+    if bad is not None:
+        _check_sums(in_rows, *reduce_duplicate_rows(in_rows, grads_in), row_offset)
+        row = int(rows[bad]) + row_offset
+        raise NonFiniteUpdateError(
+            f"the SGD update of row {row} leaves the float32 range (its new weight or "
+            f"momentum would be inf/NaN with lr={cfg.lr}, momentum={cfg.momentum}, "
+            f"weight_decay={cfg.weight_decay}); nothing was changed: {_SCALE_FIX}", row)
+    if buf is not None:
+        momentum_buf[rows] = buf
     weight[rows] = w

@@ -37,8 +37,9 @@ if __name__ == "__main__" and not __package__:
 import numpy as np
 import zmq
 
-from paramserver.optim import SGDConfig
-from paramserver.snapshot import SnapshotError, read_snapshot, write_snapshot
+from paramserver.optim import NonFiniteUpdateError, SGDConfig
+from paramserver.snapshot import (SnapshotError, read_snapshot, remove_stale_temp_files,
+                                  write_snapshot)
 from paramserver.table import INITS, Table
 from paramserver.wire import PROTOCOL_VERSION, ProtocolError, decode_arrays, decode_header, encode
 
@@ -158,6 +159,13 @@ class ParamServer:
         self.stats_interval = stats_interval
         self._stop = False
         self._auth = None
+        # Temp files of snapshot writes that a kill -9 interrupted (this process writes none
+        # yet, so even a file with its own pid is a leftover); each removal is logged.
+        folders = [self.snapshot_dir] if self.snapshot_dir else []
+        if restore:
+            folders.append(self._resolve(restore).parent)
+        for folder in dict.fromkeys(folders):
+            remove_stale_temp_files(folder, own_pid_is_stale=True)
         if restore:
             self.tables, _ = read_snapshot(self._resolve(restore))
             log.info("restored %d table(s) from %s: %s", len(self.tables), restore,
@@ -541,7 +549,7 @@ class ParamServer:
         step = h.get("step", "int", lo=1, hi=MAX_INT)
         rows, grads = arrays
         local = self._local_rows(t, rows)
-        t.check_values(local, grads, "grads")
+        t.check_grads(local, grads)  # finite, and repeated rows sum to finite values
         if step <= t.updates:
             raise RequestError(f"push of step {step} to table {t.name!r} is stale: the table "
                                f"is at step {t.updates} (a worker dropped after "
@@ -578,7 +586,20 @@ class ParamServer:
             rows = np.concatenate([rnd.pushes[w][0] for w in workers])
             grads = np.concatenate([rnd.pushes[w][1] for w in workers])
             grads /= np.float32(len(workers))  # mean over workers
-        t.apply_grad(rows, grads, check=False)  # each push was checked when accepted
+        try:
+            t.apply_grad(rows, grads, check=False)  # each push was checked when accepted
+        except NonFiniteUpdateError as exc:
+            # The update itself leaves float32 (momentum or weights, or the workers' sum):
+            # nothing was changed; every worker of the step is told and may push it again.
+            del self.rounds[name]
+            self.errors += 1
+            log.warning("table %r step %d not applied (workers %s): %s", name, rnd.step,
+                        workers, exc)
+            for env, rid, _w in rnd.waiters:
+                self._send(env, {"ok": False, "id": rid, "error": (
+                    f"step {rnd.step} of table {name!r} was not applied: {exc}. The table "
+                    f"is still at step {t.updates}; push step {rnd.step} again")})
+            return
         del self.rounds[name]
         log.debug("table %r step %d applied: workers %s, %d rows", name, rnd.step, workers,
                   rows.shape[0])

@@ -15,12 +15,20 @@ So the file is readable by the ``safetensors`` library (``safe_open(path, "numpy
 be memory-mapped (``np.memmap`` at ``8 + N + a``). Writes are atomic: a temp file in the same
 folder, fsync, ``os.replace``, fsync of the folder; a crash mid-write leaves the previous
 file intact. Content is deterministic (no timestamps), so equal state gives equal bytes.
+
+The temp file is ``.<name>.<pid>@<host>.<random>.tmp``: it names the writing process, so a
+temp file left by a writer that was killed (``kill -9`` mid-write) can be told from one
+being written. :func:`remove_stale_temp_files` deletes the former (the server runs it at
+start-up on ``--snapshot-dir`` and the ``--restore`` file's folder; every
+:func:`write_snapshot` runs it on its folder).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
+import socket
 import struct
 import tempfile
 from pathlib import Path
@@ -30,7 +38,8 @@ import numpy as np
 from .optim import SGDConfig
 from .table import Table
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "write_snapshot", "read_snapshot", "SnapshotError"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "write_snapshot", "read_snapshot", "SnapshotError",
+           "remove_stale_temp_files", "temp_prefix"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,85 @@ class SnapshotError(ValueError):
     """A snapshot file that is missing, truncated, or not in the documented format."""
 
 
+# ".<name>.<pid>@<host>.<random>.tmp"; <random> is mkstemp's (letters, digits, "_").
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]{1,10})@(?P<host>[A-Za-z0-9-]{1,64})"
+                        r"\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _host_tag() -> str:
+    """This machine's name as it appears in temp file names (letters, digits and "-")."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "localhost"
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of the temp file a snapshot to ``name`` is written to from this process:
+    ``.<name>.<pid>@<host>.`` (``mkstemp`` appends ``<random>.tmp``)."""
+    return f".{name}.{os.getpid()}@{_host_tag()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (another user's counts).
+    True when that cannot be told (Windows, where signal 0 would terminate the process)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError, ValueError):  # EPERM: exists; a pid out of range: unsure
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, *,
+                            own_pid_is_stale: bool = False) -> list[Path]:
+    """Delete the snapshot temp files in ``folder`` whose writer is gone; return their paths.
+
+    A temp file ``.<name>.<pid>@<host>.<random>.tmp`` (see :func:`temp_prefix`) is stale
+    when ``<host>`` is this machine and no process ``<pid>`` runs here: its writer was
+    killed mid-write. Kept: files of a live pid (a write in progress, or a reused pid),
+    of another host (a folder shared between machines: their pids mean nothing here), and
+    every file not named like that. ``own_pid_is_stale``: count this process's own pid as
+    gone, for a caller that knows it is writing no snapshot (a server starting up: a file
+    with its pid is from an earlier process that had the same pid, e.g. pid 1 in a
+    restarted container). Each removal is logged at WARNING; errors are logged, never
+    raised (a missing or unreadable folder removes nothing).
+    """
+    folder = Path(folder)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    host = _host_tag()
+    removed = []
+    for name in sorted(names):
+        m = _TEMP_NAME.match(name)
+        if m is None or m.group("host") != host:
+            continue
+        pid = int(m.group("pid"))
+        if pid <= 0:
+            continue
+        if pid == os.getpid():
+            if not own_pid_is_stale:
+                continue
+        elif _pid_alive(pid):
+            continue
+        path = folder / name
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:  # another process cleaned it up first
+            continue
+        except OSError as exc:
+            log.warning("cannot remove stale snapshot temp file %s: %s", path, exc)
+            continue
+        removed.append(path)
+        log.warning("removed stale snapshot temp file %s (%d bytes): its writer, pid %d on "
+                    "this host, is gone (killed mid-write; %s was left as it was)", path,
+                    size, pid, folder / m.group("name"))
+    return removed
+
+
 def _table_meta(t: Table) -> dict:
     return {"num_rows": t.num_rows, "dim": t.dim, "row_start": t.row_start,
             "global_rows": t.global_rows,
@@ -53,11 +141,15 @@ def _table_meta(t: Table) -> dict:
 
 def write_snapshot(path: str | os.PathLike, tables: dict[str, Table],
                    extra_meta: dict[str, str] | None = None) -> int:
-    """Atomically write ``tables`` to ``path``; returns the file size in bytes."""
+    """Atomically write ``tables`` to ``path``; returns the file size in bytes.
+
+    First removes the temp files that killed writers left in the folder
+    (:func:`remove_stale_temp_files`)."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise SnapshotError(f"snapshot folder {str(folder)!r} does not exist; create it first")
+    remove_stale_temp_files(folder)
     names = sorted(tables)
     meta = {"format": FORMAT, "version": FORMAT_VERSION,
             "tables": json.dumps({n: _table_meta(tables[n]) for n in names}, sort_keys=True)}
@@ -76,7 +168,7 @@ def write_snapshot(path: str | os.PathLike, tables: dict[str, Table],
             arrays.append(arr)
     hbytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     hbytes += b" " * (-len(hbytes) % 8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(hbytes)))

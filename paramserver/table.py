@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .optim import SGDConfig, sgd_rows
+from .optim import NonFiniteUpdateError, SGDConfig, check_summed_grads, sgd_rows
 
 __all__ = ["Table", "INITS", "init_rows"]
 
@@ -97,6 +97,16 @@ class Table:
                              f"{int(rows[bad]) + self.row_start} are not finite "
                              "(NaN or inf); nothing was changed")
 
+    def check_grads(self, rows: np.ndarray, grads: np.ndarray) -> None:
+        """:meth:`check_values` for gradients, and also that the gradients of each repeated
+        row id sum to finite float32 values (``NonFiniteUpdateError`` naming the row);
+        what the server runs on each push as it arrives."""
+        self.check_values(rows, grads, "grads")
+        try:
+            check_summed_grads(rows, grads, row_offset=self.row_start)
+        except NonFiniteUpdateError as exc:
+            raise NonFiniteUpdateError(f"table {self.name!r}: {exc}", exc.row) from None
+
     def pull(self, rows: np.ndarray) -> np.ndarray:
         """A float32 copy of the given (local) rows; duplicates allowed."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -108,13 +118,20 @@ class Table:
 
         Validates rows, shape and finiteness first: a bad call changes nothing.
         ``check=False`` skips that, for callers that ran :meth:`check_rows` and
-        :meth:`check_values` on these very arrays already (the server, per push)."""
+        :meth:`check_values` on these very arrays already (the server, per push). Either
+        way a step whose summed gradients or results are not finite in float32 raises
+        ``NonFiniteUpdateError`` (a ``ValueError``) naming the row and changes nothing
+        (checked by :func:`paramserver.optim.sgd_rows`)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         grads = np.asarray(grads, dtype=np.float32)
         if check:
             self.check_rows(rows)
             self.check_values(rows, grads, "grads")
-        sgd_rows(self.weight, self.momentum, rows, grads, self.optim)
+        try:
+            sgd_rows(self.weight, self.momentum, rows, grads, self.optim,
+                     row_offset=self.row_start)
+        except NonFiniteUpdateError as exc:
+            raise NonFiniteUpdateError(f"table {self.name!r}: {exc}", exc.row) from None
         self.updates += 1
 
     def set_rows(self, rows: np.ndarray, values: np.ndarray) -> None:

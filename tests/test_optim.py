@@ -105,3 +105,51 @@ def test_init_is_independent_of_sharding():
     np.testing.assert_array_equal(whole, np.concatenate(parts))
     u = init_rows("uniform", 100, 5000, 3, 0.5, 1)
     assert u.dtype == np.float32 and np.abs(u).max() <= 0.5 and u.std() > 0.2
+
+
+def test_overflowing_sum_of_duplicate_rows_is_refused_and_changes_nothing():
+    """Each gradient is finite (3e38 < float32 max ~3.4e38) but the two of row 12 sum to
+    inf: the step is refused naming the (global) row, weights and momentum untouched."""
+    from paramserver import NonFiniteUpdateError
+
+    t = Table("t", 10, 3, seed=3, row_start=10, global_rows=30,
+              optim=SGDConfig(lr=0.1, momentum=0.9))
+    t.apply_grad(np.array([0, 2]), np.ones((2, 3), np.float32))  # momentum buffers non-zero
+    before, updates = t.checksum(), t.updates
+    g = np.array([[1, 1, 1], [3e38, 0, 0], [3e38, 0, 0]], np.float32)
+    assert np.isfinite(g).all()
+    for apply in (lambda: t.apply_grad(np.array([1, 2, 2]), g),   # sgd_rows' check
+                  lambda: t.check_grads(np.array([1, 2, 2]), g)):  # the server's, per push
+        with pytest.raises(NonFiniteUpdateError,
+                           match=r"table 't': the 2 gradients of row 12 sum past the float32 "
+                                 r"range.*nothing was changed: scale the gradients down") as e:
+            apply()
+        assert e.value.row == 12
+        assert isinstance(e.value, ValueError) and isinstance(e.value, FloatingPointError)
+    assert t.checksum() == before and t.updates == updates
+    # Sums that stay in range are fine, in any order of the entries.
+    g2 = np.array([[3e38, 0, 0], [-3e38, 0, 0], [3e38, 0, 0]], np.float32)
+    t.check_grads(np.array([2, 2, 2]), g2)
+    t.apply_grad(np.array([2, 2, 2]), g2)
+    assert np.isfinite(t.weight).all() and t.updates == updates + 1
+
+
+def test_update_that_overflows_momentum_is_refused_and_changes_nothing():
+    """A finite summed gradient whose momentum update (0.9 * 3e38 + 3e38) leaves float32 is
+    refused by the same check in sgd_rows, before weights or momentum are written."""
+    from paramserver import NonFiniteUpdateError
+
+    w = np.zeros((4, 2), np.float32)
+    buf = np.zeros_like(w)
+    cfg = SGDConfig(lr=0.1, momentum=0.9)
+    big = np.full((1, 2), 3e38, np.float32)
+    sgd_rows(w, buf, np.array([1]), big, cfg)
+    assert np.isfinite(buf).all() and buf[1, 0] == np.float32(3e38)
+    w0, buf0 = w.copy(), buf.copy()
+    with pytest.raises(NonFiniteUpdateError, match=r"update of row 5 leaves the float32 "
+                                                   r"range.*momentum=0.9") as e:
+        sgd_rows(w, buf, np.array([0, 1]), np.r_[np.ones((1, 2), np.float32), big], cfg,
+                 row_offset=4)
+    assert e.value.row == 5
+    np.testing.assert_array_equal(w, w0)      # row 0 (fine) is not written either
+    np.testing.assert_array_equal(buf, buf0)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -314,3 +315,73 @@ def test_message_size_limit_is_checked_before_sending():
                 ps.read_all("t", chunk_rows=70_000)
             assert ps.read_all("t", chunk_rows=60_000).shape == (70_000, 64)
             assert ps.pull("t", [0]).shape == (1, 64)  # still connected
+
+
+def test_push_whose_summed_gradient_overflows_is_refused_and_changes_nothing():
+    """Two gradients of row 4, each a finite 3e38, sum to inf in float32: the push gets an
+    error naming the row and the fix, the table (weights, momentum, step) is unchanged, and
+    the worker can push the same step again. Also the update check: a finite gradient whose
+    momentum update overflows is refused when the step is applied."""
+    with running_server() as (proc, addr), ParamClient(addr, timeout_s=10) as ps:
+        ps.create_table("w", 20, 4, init="normal", seed=1)
+        ps.set_optimizer("w", lr=0.1, momentum=0.9)
+        assert ps.push("w", [1, 4], np.ones((2, 4))) == 1
+
+        def state():
+            info = ps.table_info("w", checksum=True)
+            shard = info["shards"][0]
+            return shard["checksum"], shard["step"], shard["pending"]
+
+        before = state()
+        momentum = ps.read_all("w", field="momentum")
+        big = np.full((3, 4), 3e38, np.float32)
+        big[1] = 1.0  # row 7: fine
+        with pytest.raises(ParamServerError, match=r"the 2 gradients of row 4 sum past the "
+                                                   r"float32 range.*scale the gradients"):
+            ps.push("w", [4, 7, 4], big)
+        assert state() == before
+        np.testing.assert_array_equal(ps.read_all("w", field="momentum"), momentum)
+
+        # Step 2 again, in range: 3e38 once sets row 4's momentum to ~3e38 ...
+        assert ps.push("w", [4], big[:1]) == 2
+        before = state()
+        # ... so the same gradient again overflows the momentum: refused at apply time.
+        with pytest.raises(ParamServerError, match=r"step 3 of table 'w' was not applied: .*"
+                                                   r"update of row 4 leaves the float32 range"
+                                                   r".*push step 3 again"):
+            ps.push("w", [4], big[:1])
+        assert state() == before and before[1] == 2 and before[2] is None
+        assert ps.push("w", [4], np.ones((1, 4))) == 3
+        assert np.isfinite(ps.read_all("w")).all()
+    log = server_log(proc)
+    assert "row 4 sum past the float32 range" in log and "step 3 not applied" in log
+
+
+def test_overflowing_push_is_refused_alone_while_other_workers_wait():
+    """With 2 workers the bad push is refused at once (it does not poison the step): the
+    other worker's pending push stays pending and completes when the first pushes again."""
+    with running_server("--workers", "2", "--worker-timeout", "60") as (_, addr):
+        with ParamClient(addr, worker_id=0, timeout_s=30) as ps0, \
+                ParamClient(addr, worker_id=1, timeout_s=30) as ps1:
+            ps0.create_table("w", 10, 2, init="zeros")
+            ps0.set_optimizer("w", lr=1.0)
+            done = []
+            other = threading.Thread(
+                target=lambda: done.append(ps1.push("w", [3], np.ones((1, 2)))))
+            other.start()
+            try:
+                def pending():
+                    return ps0.table_info("w")["shards"][0]["pending"]
+
+                deadline = time.monotonic() + 10
+                while pending() is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert pending() == {"step": 1, "workers": [1]}  # worker 1 waits for 0
+                with pytest.raises(ParamServerError, match="row 5 sum past the float32"):
+                    ps0.push("w", [5, 5], np.full((2, 2), 3e38))
+                assert pending() == {"step": 1, "workers": [1]}
+                assert ps0.push("w", [5, 5], np.ones((2, 2))) == 1
+            finally:
+                other.join(30)
+            assert done == [1]
+            np.testing.assert_array_equal(ps0.pull("w", [3, 5]), [[-0.5, -0.5], [-1, -1]])

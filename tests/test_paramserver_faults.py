@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from paramserver import ParamClient, SGDConfig, Table
+from paramserver.snapshot import (read_snapshot, remove_stale_temp_files, temp_prefix,
+                                  write_snapshot)
 from tests.ps_utils import ROOT, running_server, server_log, start_server, stop_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -88,7 +90,8 @@ def _sha(path: Path) -> str:
 
 def test_kill_9_during_snapshot_keeps_previous_snapshot(tmp_path):
     """The snapshot file is replaced atomically: a server killed while writing leaves the
-    previous snapshot intact and restorable."""
+    previous snapshot intact and restorable. The temp file it leaves names the dead pid, and
+    a server restarted on the folder removes it (logged), keeping other files."""
     rows, dim = 300_000, 128  # ~300 MB of weights + momentum: the write takes a while
     snap = tmp_path / "ps.safetensors"
     proc, addr = start_server()
@@ -123,13 +126,63 @@ def test_kill_9_during_snapshot_keeps_previous_snapshot(tmp_path):
         assert _sha(snap) == first_hash  # the previous snapshot is untouched
     finally:
         stop_server(proc)
+    leftover = [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert len(leftover) == 1 and leftover[0].startswith(f".ps.safetensors.{proc.pid}@"), \
+        leftover
+    # Files the clean-up must keep: a temp file of a live process (this test's), and files
+    # not named like a snapshot temp file.
+    live = tmp_path / f"{temp_prefix('ps.safetensors')}abcd1234.tmp"
+    others = [live, tmp_path / ".notes.tmp", tmp_path / f".ps.safetensors.{proc.pid}.tmp"]
+    for p in others:
+        p.write_bytes(b"x")
 
-    with running_server("--restore", str(snap)) as (proc2, addr2):
+    with running_server("--snapshot-dir", str(tmp_path), "--restore", snap.name) as (proc2,
+                                                                                     addr2):
         with ParamClient(addr2, timeout_s=60) as ps:
             info = ps.table_info("big")
             assert info["step"] == 1 and info["optimizer"]["momentum"] == 0.9
             np.testing.assert_array_equal(ps.pull("big", np.arange(0, rows, 997)), first)
-    assert "restored 1 table" in server_log(proc2)
+    log = server_log(proc2)
+    assert "restored 1 table" in log
+    assert f"removed stale snapshot temp file {tmp_path / leftover[0]}" in log, log
+    assert sorted(os.listdir(tmp_path)) == sorted([snap.name] + [p.name for p in others])
+
+
+def test_remove_stale_temp_files_keeps_live_writers_and_foreign_files(tmp_path):
+    """Only temp files of this host whose writer pid is gone are removed."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(30)  # reaped: no process has this pid now
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = temp_prefix("x").split("@")[1].rstrip(".")
+        names = {
+            "dead": f".snap.st.{gone.pid}@{host}.k2j_3h4g.tmp",
+            "dead_shard": f".snap.st.00001-of-00003.{gone.pid}@{host}.abcdefgh.tmp",
+            "alive": f".snap.st.{alive.pid}@{host}.abcdefgh.tmp",
+            "own": f"{temp_prefix('snap.st')}abcdefgh.tmp",
+            "other_host": f".snap.st.{gone.pid}@{host}x-other.abcdefgh.tmp",
+            "no_pid": ".snap.st.abcdefgh.tmp",   # the name format before pids
+            "not_temp": f".snap.st.{gone.pid}@{host}.abcdefgh.tmp.bak",
+            "snapshot": "snap.st",
+        }
+        for n in names.values():
+            (tmp_path / n).write_bytes(b"partial")
+        removed = remove_stale_temp_files(tmp_path)
+        assert sorted(p.name for p in removed) == sorted([names["dead"], names["dead_shard"]])
+        assert sorted(os.listdir(tmp_path)) == sorted(
+            n for k, n in names.items() if k not in ("dead", "dead_shard"))
+        # A server starting up writes nothing yet: a file with its own pid is a leftover.
+        assert [p.name for p in remove_stale_temp_files(tmp_path, own_pid_is_stale=True)] \
+            == [names["own"]]
+        assert (tmp_path / names["alive"]).exists()
+        assert remove_stale_temp_files(tmp_path / "missing") == []
+    finally:
+        alive.kill()
+        alive.wait(30)
+    # Once its writer is gone, the file of the formerly live pid goes with the next write.
+    write_snapshot(tmp_path / "snap.st", {"w": Table("w", 3, 2)})
+    assert not (tmp_path / names["alive"]).exists()
+    assert read_snapshot(tmp_path / "snap.st")[0]["w"].num_rows == 3
 
 
 def test_completed_snapshot_restores_to_identical_bytes(tmp_path):

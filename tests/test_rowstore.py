@@ -183,3 +183,19 @@ def test_snapshots_move_between_local_and_remote(tmp_path):
         LocalRowStore(N, D, name="other").restore(tmp_path / "remote.safetensors")
     with pytest.raises(ValueError, match="this store is"):
         LocalRowStore(N + 1, D).restore(tmp_path / "remote.safetensors")
+
+
+def test_local_store_refuses_a_push_whose_duplicate_rows_overflow():
+    """The in-process path runs the same check as the server (paramserver.optim.sgd_rows):
+    two finite gradients of row 3 that sum to inf are refused, nothing changes."""
+    store = LocalRowStore(N, D, SGDConfig(lr=0.1, momentum=0.9), seed=5)
+    store.push(np.array([3, 8]), np.ones((2, D), np.float32))
+    before, updates = store.table.checksum(), store.table.updates  # weights and momentum
+    grads = np.full((3, D), 3e38, np.float32)
+    with pytest.raises(FloatingPointError, match=r"table 'classifier': the 2 gradients of "
+                                                 r"row 3 sum past the float32 range.*scale "
+                                                 r"the gradients down"):
+        store.push(np.array([3, 8, 3]), grads)
+    assert store.table.checksum() == before and store.table.updates == updates
+    store.push(np.array([3, 8, 3]), np.ones((3, D), np.float32))  # still usable
+    assert store.table.updates == updates + 1
