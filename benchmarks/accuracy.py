@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-num", type=int, default=None,
                    help="sample_num (overrides --sample-frac)")
     g.add_argument("--interval", type=int, help="index rebuild interval in steps")
+    g.add_argument("--fresh-rows", type=int, default=0,
+                   help="HF methods: the trainer's --fresh-rows (rows changed since the last "
+                        "rebuild searched exactly beside the index; 0: off)")
+    g.add_argument("--random-share", type=float, default=0.0,
+                   help="HF methods: share of the non-label slots kept for random classes "
+                        "(the trainer's --random-share; 0: the paper's rule)")
     g.add_argument("--ntrees", type=int, help="annoy trees")
     g.add_argument("--background-rebuild", action="store_true",
                    help="rebuild indexes on a background thread (the trainer's default); off "
@@ -171,6 +177,10 @@ def resolve_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.heldout_per_class < 1:
         parser.error("--heldout-per-class must be >= 1 (top-1 is measured on held-out images)")
+    if args.fresh_rows < 0:
+        parser.error(f"--fresh-rows must be >= 0, got {args.fresh_rows}")
+    if not 0.0 <= args.random_share <= 1.0:
+        parser.error(f"--random-share must be from 0 to 1, got {args.random_share}")
     if args.pairs < 20 or args.pairs % 4:
         parser.error(f"--pairs must be a multiple of 4 and >= 20 (10 folds), got {args.pairs}")
     if args.sample_num is None:
@@ -235,6 +245,8 @@ def trainer_argv(args, method: str, head: str, save_path: str) -> list[str]:
     if method != "full":
         argv += ["--sampled", "--sampler", method, "--sample-num", str(args.sample_num),
                  "--interval", str(args.interval), "--ntrees", str(args.ntrees),
+                 "--random-share", str(args.random_share if method != "random" else 0.0),
+                 "--fresh-rows", str(args.fresh_rows if method != "random" else 0),
                  "--recall-every", str(max(1, min(200, args.steps // 5)))]
         argv += ["--background-rebuild"] if args.background_rebuild else \
             ["--no-background-rebuild"]
@@ -450,7 +462,8 @@ def evaluate_one(args, res: dict, families: np.ndarray, indices: np.ndarray) -> 
 def config_of(args) -> dict:
     keys = ("preset", "num_classes", "images_per_class", "heldout_per_class", "pairs",
             "family_size", "arch", "embedding_size", "batch_size", "steps", "lr",
-            "lr_decay_at", "sample_num", "interval", "ntrees", "background_rebuild", "scale",
+            "lr_decay_at", "sample_num", "interval", "random_share", "fresh_rows", "ntrees",
+            "background_rebuild", "scale",
             "margin", "seed", "threads", "workers", "top1_images", "data")
     return {k: getattr(args, k) for k in keys}
 

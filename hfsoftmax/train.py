@@ -161,7 +161,8 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
                          "--batch-size")
     from .samplers import build_sampler
 
-    opts: dict[str, Any] = {"interval": args.interval, "background": args.background_rebuild}
+    opts: dict[str, Any] = {"interval": args.interval, "background": args.background_rebuild,
+                            "random_share": args.random_share, "fresh_rows": args.fresh_rows}
     if args.sampler == "annoy":
         opts["ntrees"] = args.ntrees
     # Only rank 0 selects (over the global batch), so only rank 0 needs an index process.

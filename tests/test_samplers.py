@@ -41,14 +41,16 @@ def selection_cases(draw):
     k = draw(st.integers(1, 8))
     nb = np.array(draw(st.lists(st.integers(-1, n - 1), min_size=b * k, max_size=b * k)))
     seed = draw(st.integers(0, 2**31))
-    return n, labels, s, nb.reshape(b, k), seed
+    share = draw(st.sampled_from([0.0, 0.0, 0.25, 0.5, 1.0]))
+    return n, labels, s, nb.reshape(b, k), seed, share
 
 
 @settings(max_examples=200, deadline=None)
 @given(selection_cases())
 def test_selection_invariants(case):
-    n, labels, s, neighbours, seed = case
-    ids, remapped, n_near = select_classes(labels, neighbours, s, n, np.random.default_rng(seed))
+    n, labels, s, neighbours, seed, share = case
+    ids, remapped, n_near = select_classes(labels, neighbours, s, n, np.random.default_rng(seed),
+                                           random_share=share)
     assert ids.dtype == np.int64 and remapped.dtype == np.int64
     assert len(ids) == min(s, n)
     assert len(np.unique(ids)) == len(ids)              # unique
@@ -58,7 +60,9 @@ def test_selection_invariants(case):
         np.testing.assert_array_equal(ids, np.arange(n))
         np.testing.assert_array_equal(remapped, labels)
         return
-    uniq, near = naive_selection_prefix(labels, neighbours, s - len(set(labels.tolist())))
+    free = s - len(set(labels.tolist()))
+    # random_share reserves round(share * free) of the non-label slots for random classes
+    uniq, near = naive_selection_prefix(labels, neighbours, free - int(round(share * free)))
     # labels first, then the neighbours in rank order, then the random top-up
     np.testing.assert_array_equal(ids[:len(uniq)], uniq)
     assert n_near == len(near)
@@ -164,6 +168,31 @@ def test_select_uses_nearest_classes_then_random():
     nb = s.query(x, int(np.ceil(53 / 8 * 1.25)) + 1)
     _, near = naive_selection_prefix(y.numpy(), nb, 53)
     assert ids[7:7 + len(near)].tolist() == near and len(near) == s.last_num_neighbours > 0
+
+
+def test_random_share_keeps_half_the_free_slots_for_random_classes():
+    """random_share=0.5: the nearest classes fill half the non-label slots (the same ones, in
+    the same order, as the paper's rule would pick first), random classes the other half."""
+    plain, _ = make_exact()
+    mixed = build_sampler("exact", plain.num_classes, 16, seed=0, random_share=0.5)
+    mixed.rebuild(plain._index.numpy())
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([3, 3, 10, 11, 12, 13, 14, 15])
+    ids_p, _ = plain.select(x, y, 60)
+    ids_m, remapped = mixed.select(x, y, 60)
+    assert torch.equal(ids_m[remapped], y) and len(set(ids_m.tolist())) == 60
+    free = 60 - 7
+    assert mixed.last_num_neighbours == free - round(0.5 * free) == 27
+    assert ids_m[:7 + 27].tolist() == ids_p[:7 + 27].tolist()
+    # the rest are random: not simply the next nearest classes
+    assert set(ids_m[34:].tolist()) != set(ids_p[34:].tolist())
+    only_random = build_sampler("exact", plain.num_classes, 16, random_share=1.0)
+    only_random.rebuild(plain._index.numpy())
+    only_random.select(x, y, 60)
+    assert only_random.last_num_neighbours == 0
+    for bad in (-0.1, 1.5, float("nan"), True, "half"):
+        with pytest.raises(ValueError, match="random_share must be a number in"):
+            build_sampler("exact", 100, 16, random_share=bad)
 
 
 def test_select_full_when_sample_num_covers_all_classes():

@@ -375,3 +375,22 @@ def test_index_threads_reach_the_index_process(tiny_rec, monkeypatch):
     args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--no-sampler-process"])
     with pytest.raises(ValueError, match="--index-threads 1 applies to the index process"):
         build_head(args, 40, 0)
+
+
+def test_fresh_rows_and_random_share_reach_the_sampler(tiny_rec):
+    """--fresh-rows and --random-share configure the sampler the head selects with (in the
+    trainer and in an index process); out-of-range values are refused by the parser."""
+    from hfsoftmax.train import build_head
+
+    hf = ["--sampled", "--sampler", "exact", "--sample-num", "24", "--fresh-rows", "30",
+          "--random-share", "0.25"]
+    for extra in ([], ["--sampler-process"]):
+        args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, *extra])
+        head, _ = build_head(args, 40, 0)
+        try:
+            assert head.sampler.fresh.capacity == 30 and head.sampler.random_share == 0.25
+        finally:
+            head.sampler.close()
+    for bad in (["--random-share", "1.5"], ["--fresh-rows", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--train-rec", str(tiny_rec), *TINY, "--sampled", *bad])

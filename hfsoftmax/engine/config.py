@@ -45,6 +45,13 @@ def _nonneg_float(s: str) -> float:
     return v
 
 
+def _unit_float(s: str) -> float:
+    v = float(s)
+    if not 0.0 <= v <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {s}")
+    return v
+
+
 def _ps_addresses(s: str) -> list[str]:
     return [a for a in s.replace(",", " ").split() if a]
 
@@ -109,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rebuild the sampler's index every this many steps")
     g.add_argument("--ntrees", type=_positive_int, default=50,
                    help="annoy: trees in the forest")
+    g.add_argument("--fresh-rows", type=_nonneg_int, default=0,
+                   help="keep up to this many rows changed since the last index rebuild and "
+                        "search them exactly beside the index, so the selection does not go "
+                        "stale between rebuilds (rebuilds early when full; 0: off)")
+    g.add_argument("--random-share", type=_unit_float, default=0.0,
+                   help="share (0 to 1) of the slots left after the batch's labels that go to "
+                        "uniformly random classes; the nearest classes take the rest (0: the "
+                        "paper's rule, neighbours first, random only to top up)")
     g.add_argument("--background-rebuild", action=argparse.BooleanOptionalAction,
                    default=True,
                    help="rebuild the index on a background thread (training queries the old "

@@ -13,7 +13,10 @@ of the trainer. Per training step:
    :class:`~hfsoftmax.heads.logits.LogitSpec`), cross-entropy;
 4. inside ``loss.backward()`` a hook on ``W_S`` pushes ``grad W_S`` to the row store, which
    applies one SGD step to those rows (the ids are unique, so no reduction is needed);
-5. every ``interval`` steps (``sampler.maybe_rebuild``) the sampler's index is rebuilt from
+5. with a sampler built with ``fresh_rows``, the pushed rows' new values (estimated as
+   ``W_S - lr * grad``) go to ``sampler.note_rows``: it searches them exactly beside its
+   index until the next rebuild, so the selection does not go stale between rebuilds;
+6. every ``interval`` steps (``sampler.maybe_rebuild``) the sampler's index is rebuilt from
    all rows on a background thread; training keeps querying the old index meanwhile. The
    rows are read in chunks through ``rowstore.reader()`` (its own connection for a remote
    store): the trainer holds all of W only transiently, while the index is built. With a
@@ -125,6 +128,7 @@ class SampledHead(nn.Module):
         self.recall_every, self.recall_k = int(recall_every), int(recall_k)
         self.chunk_rows = int(chunk_rows)
         self.step = 0  # training steps taken (forward passes in training mode)
+        self.lr: float | None = None  # the rows' LR, once set_lr told it
         self.telemetry: dict = {"step": 0, "recall": None, "select_s": None, "pull_s": None,
                                 "push_s": None}
 
@@ -142,6 +146,7 @@ class SampledHead(nn.Module):
     def set_lr(self, lr: float) -> None:
         """Set the row store's SGD learning rate (call it with the backbone's LR)."""
         self.rowstore.set_lr(lr)
+        self.lr = float(lr)
 
     def get_extra_state(self):
         return {"step": self.step}
@@ -233,7 +238,7 @@ class SampledHead(nn.Module):
         target = target.to(features.device)
         if training:
             weight.requires_grad_(True)
-            weight.register_hook(self._push_hook(ids_np))
+            weight.register_hook(self._push_hook(ids_np, w_np, self.step))
         logits = self.spec(features, weight, target)
         loss = F.cross_entropy(logits, target)
         if not torch.isfinite(loss.detach()).all():
@@ -251,8 +256,11 @@ class SampledHead(nn.Module):
                             getattr(self.sampler, "index_age", None))
         return HeadOutput(loss, logits, target)
 
-    def _push_hook(self, ids_np: np.ndarray):
+    def _push_hook(self, ids_np: np.ndarray, w_np: np.ndarray, step: int):
         state = {"pushed": False}
+        note = getattr(self.sampler, "note_rows", None) if hd.rank() == 0 else None
+        if getattr(self.sampler, "fresh", None) is None:
+            note = None
 
         def hook(grad: torch.Tensor):
             if state["pushed"]:
@@ -263,6 +271,12 @@ class SampledHead(nn.Module):
             # note: a device-to-host copy, a sync point on CUDA; the push needs the values.
             g = grad.detach().to(device="cpu", dtype=torch.float32).numpy()
             self.rowstore.push(ids_np, g)
+            if note is not None:
+                # these rows just changed: a sampler with fresh_rows searches them beside
+                # its (older) index. Their new values, estimated as w - lr * g: exact for a
+                # row's first update; earlier momentum and weight decay are left out, and
+                # under DDP rank 0 sees only its own gradient.
+                note(ids_np, w_np if self.lr is None else w_np - np.float32(self.lr) * g, step)
             self.telemetry["push_s"] = time.perf_counter() - t0
             return None
 

@@ -91,12 +91,27 @@ class AnnoySampler(ClassSampler):
     def _search(self, index, queries: np.ndarray, k: int) -> np.ndarray:
         get = index.get_nns_by_vector
         sk = self.search_k
-        res = [get(q, k, sk) for q in queries.tolist()]
-        out = np.full((len(res), k), -1, dtype=np.int64)
-        lens = np.fromiter(map(len, res), dtype=np.int64, count=len(res))
-        if (lens == k).all():
-            out[:] = res
-        else:  # annoy may return fewer than k ids
-            for row, r in zip(out, res):
-                row[:len(r)] = r
-        return out
+        return _padded([get(q, k, sk) for q in queries.tolist()], k, -1, np.int64)
+
+    def _search_scored(self, index, queries: np.ndarray, k: int):
+        get = index.get_nns_by_vector
+        sk = self.search_k
+        res = [get(q, k, sk, True) for q in queries.tolist()]
+        ids = _padded([r[0] for r in res], k, -1, np.int64)
+        dist = _padded([r[1] for r in res], k, np.nan, np.float32)
+        # annoy's "dot" distance is the inner product; "angular" is sqrt(2 - 2 cos)
+        scores = dist if self.annoy_metric == "dot" else 1.0 - 0.5 * dist * dist
+        scores[ids < 0] = -np.inf
+        return ids, scores
+
+
+def _padded(lists: list, k: int, fill, dtype) -> np.ndarray:
+    """(len(lists), k) array of the lists, ``fill`` where annoy returned fewer than k."""
+    out = np.full((len(lists), k), fill, dtype=dtype)
+    lens = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    if (lens == k).all():
+        out[:] = lists
+    else:
+        for row, r in zip(out, lists):
+            row[:len(r)] = r
+    return out

@@ -44,7 +44,8 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
-from .selection import check_labels, select_classes
+from .fresh import FreshRows, merge_topk
+from .selection import check_labels, check_random_share, neighbour_slots, select_classes
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,18 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 
 class ClassSampler:
-    """Base of all class samplers; see the module docstring for the contract."""
+    """Base of all class samplers; see the module docstring for the contract.
+
+    ``fresh_rows`` (default 0: off) keeps the values of up to that many rows that training
+    changed since the index was built (:meth:`note_rows`, called by the sampled head with the
+    rows it pulled) and searches them exactly beside the index
+    (:mod:`~hfsoftmax.samplers.fresh`), so the selection no longer goes stale between
+    rebuilds; when that many rows are kept, the index is rebuilt early.
+
+    ``random_share`` (0 to 1, default 0: the paper's rule) keeps that share of the slots left
+    after a batch's labels for uniformly random classes; the nearest classes fill the rest
+    (:func:`~hfsoftmax.samplers.selection.select_classes`).
+    """
 
     name = "base"
     #: False for samplers that never build an index (uniform random negatives).
@@ -79,7 +91,8 @@ class ClassSampler:
 
     def __init__(self, num_classes: int, dim: int, *, metric: str = "ip", seed: int = 0,
                  interval: int = 100, background: bool = True,
-                 neighbour_oversample: float = 1.25, mips: str = "native"):
+                 neighbour_oversample: float = 1.25, mips: str = "native",
+                 random_share: float = 0.0, fresh_rows: int = 0):
         if not isinstance(num_classes, (int, np.integer)) or num_classes <= 0:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if not isinstance(dim, (int, np.integer)) or dim <= 0:
@@ -101,6 +114,18 @@ class ClassSampler:
         self.interval = int(interval)
         self.background = bool(background)
         self.neighbour_oversample = float(neighbour_oversample)
+        self.random_share = check_random_share(random_share)
+        if isinstance(fresh_rows, bool) or not isinstance(fresh_rows, (int, np.integer)) \
+                or fresh_rows < 0:
+            raise ValueError(f"fresh_rows must be a non-negative integer (0: off), got "
+                             f"{fresh_rows!r}")
+        if fresh_rows and self.mips == "augment":
+            raise ValueError("fresh_rows needs comparable scores, which mips='augment' does not "
+                             "give; use mips='native' (the default)")
+        #: rows changed since the index's snapshot, searched exactly beside it (None: off)
+        self.fresh = (FreshRows(self.num_classes, self.dim, int(fresh_rows),
+                                normalize=metric == "cosine")
+                      if fresh_rows and self.needs_index else None)
         self.rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self._index: Any = None          # swapped atomically under _lock
@@ -261,8 +286,12 @@ class ClassSampler:
         if not self.needs_index:
             return False
         self._raise_rebuild_error()
+        fresh_full = False
+        if self.fresh is not None:
+            self.fresh.drop_before(self._index_step)  # the current index holds those rows
+            fresh_full = self.fresh.full and not self.rebuilding
         due = (self._last_start_step is None
-               or self.current_step - self._last_start_step >= self.interval)
+               or self.current_step - self._last_start_step >= self.interval or fresh_full)
         if not due:
             return False
         if not self.background:
@@ -285,6 +314,8 @@ class ClassSampler:
         with self._lock:
             self._index = None
             self._index_step = None
+        if self.fresh is not None:
+            self.fresh.clear()
 
     # ------------------------------------------------------------------ queries
     def query(self, features, k: int) -> np.ndarray:
@@ -306,6 +337,47 @@ class ClassSampler:
             return np.empty((0, k), dtype=np.int64)
         return self._search(index, self.prepare_queries(x), k)
 
+    def query_scored(self, features, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`query`, with each neighbour's score (the logit the index ranks by:
+        cosine or inner product; -inf where the id is -1 padding)."""
+        x = self._check_features(features)
+        with self._lock:
+            index = self._index
+        if index is None:
+            raise RuntimeError(f"{self.name} sampler has no index yet: call rebuild(rows) or "
+                               "maybe_rebuild(step, read_rows) first")
+        k = min(int(k), self.num_classes)
+        if x.shape[0] == 0:
+            return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
+        return self._search_scored(index, self.prepare_queries(x), k)
+
+    def _search_scored(self, index, queries: np.ndarray, k: int):
+        raise NotImplementedError(f"the {self.name} sampler cannot score its neighbours, which "
+                                  "fresh_rows needs; use fresh_rows=0")
+
+    def note_rows(self, class_ids, rows, step: int | None = None) -> None:
+        """Tell the sampler the current values of rows that training is about to change
+        (the sampled head calls it with the rows it pulled); a no-op without fresh_rows."""
+        if self.fresh is None:
+            return
+        self.fresh.note(np.asarray(class_ids), np.asarray(rows),
+                        self.current_step if step is None else int(step))
+
+    def _neighbours(self, index, x: np.ndarray, k: int) -> np.ndarray:
+        """(B, k) nearest classes: the index's, merged with the fresh rows' when kept."""
+        fresh = self.fresh
+        if fresh is None or fresh.size == 0:
+            return self._search(index, self.prepare_queries(x), k)
+        # room for index hits whose indexed values are stale (their fresh values compete)
+        k_index = min(2 * k, self.num_classes)
+        ids_i, sc_i = self._search_scored(index, self.prepare_queries(x), k_index)
+        fresh.drop_before(self._index_step)  # after the search: a process index reports it
+        sc_i = np.array(sc_i, dtype=np.float32, copy=True)
+        sc_i[fresh.contains(ids_i)] = -np.inf
+        q = _normalize(x) if self.metric == "cosine" else x
+        ids_f, sc_f = fresh.topk(q, k)
+        return merge_topk(ids_i, sc_i, ids_f, sc_f, k)
+
     def select(self, features, labels, sample_num: int):
         """The HF-Softmax selection for one batch: ``(class_ids (S,), remapped_labels (B,))``.
 
@@ -324,7 +396,7 @@ class ClassSampler:
                              f"({lab.shape[0]},)")
         neighbours = None
         if self.needs_index and 0 < sample_num < self.num_classes and x.shape[0]:
-            need = sample_num - np.unique(lab).size
+            need = neighbour_slots(sample_num, np.unique(lab).size, self.random_share)
             with self._lock:
                 index = self._index
             if index is None:
@@ -335,9 +407,9 @@ class ClassSampler:
             elif need > 0:
                 k = math.ceil(need / x.shape[0] * self.neighbour_oversample) + 1
                 k = min(k, self.num_classes)
-                neighbours = self._search(index, self.prepare_queries(x), k)
+                neighbours = self._neighbours(index, x, k)
         ids, remapped, n_near = select_classes(lab, neighbours, sample_num, self.num_classes,
-                                               self.rng)
+                                               self.rng, self.random_share)
         self.last_num_neighbours = n_near
         if device is not None:
             import torch
@@ -349,7 +421,8 @@ class ClassSampler:
         """Scalars for logs/TensorBoard: rebuild time, index age, rebuild count."""
         return {"rebuild_s": self.last_rebuild_s, "index_age": self.index_age,
                 "rebuilds": self.rebuilds, "rebuilding": self.rebuilding,
-                "neighbours_selected": self.last_num_neighbours}
+                "neighbours_selected": self.last_num_neighbours,
+                "fresh_rows": None if self.fresh is None else self.fresh.size}
 
     def recall_of_true_topk(self, features, rows: np.ndarray, selected_ids, k: int = 10,
                             labels=None) -> float:

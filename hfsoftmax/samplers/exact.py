@@ -54,7 +54,10 @@ class ExactSampler(ClassSampler):
         return torch.from_numpy(np.array(rows, dtype=np.float32, copy=True))
 
     def _search(self, index, queries: np.ndarray, k: int) -> np.ndarray:
+        return self._search_scored(index, queries, k)[0]
+
+    def _search_scored(self, index, queries: np.ndarray, k: int):
         import torch
         with torch.no_grad():
-            _, ids = chunked_topk(torch.from_numpy(queries), index, k, self.chunk_rows)
-        return ids.numpy().astype(np.int64, copy=False)
+            scores, ids = chunked_topk(torch.from_numpy(queries), index, k, self.chunk_rows)
+        return ids.numpy().astype(np.int64, copy=False), scores.numpy().astype(np.float32)

@@ -61,8 +61,14 @@ class FaissSampler(ClassSampler):
         return index, quantizer  # keep the quantizer alive as long as the index
 
     def _search(self, index, queries: np.ndarray, k: int) -> np.ndarray:
+        return self._search_scored(index, queries, k)[0]
+
+    def _search_scored(self, index, queries: np.ndarray, k: int):
         index = index[0]
         if self.index_type == "hnsw" and index.hnsw.efSearch < k:
             index.hnsw.efSearch = k
-        _, ids = index.search(queries, k)
-        return ids.astype(np.int64, copy=False)
+        scores, ids = index.search(queries, k)  # inner products; -1 ids pad
+        ids = ids.astype(np.int64, copy=False)
+        scores = scores.astype(np.float32, copy=True)
+        scores[ids < 0] = -np.inf
+        return ids, scores

@@ -44,3 +44,9 @@ class HnswSampler(ClassSampler):
             index.set_ef(k)
         ids, _ = index.knn_query(queries, k=k, num_threads=self.num_threads)
         return ids.astype(np.int64, copy=False)
+
+    def _search_scored(self, index, queries: np.ndarray, k: int):
+        if index.ef < k:
+            index.set_ef(k)
+        ids, dist = index.knn_query(queries, k=k, num_threads=self.num_threads)
+        return ids.astype(np.int64, copy=False), (1.0 - dist).astype(np.float32)  # ip space

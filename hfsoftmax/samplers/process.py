@@ -196,11 +196,17 @@ def _child_main(fd: int, parent_pid: int) -> None:
                 data = b""
                 reply: dict = {"ok": True}
                 if op == "query":
-                    x = np.frombuffer(payload, dtype=np.float32).reshape(int(header["batch"]),
-                                                                          dim)
-                    ids = np.ascontiguousarray(backend.query(x, int(header["k"])),
-                                               dtype=np.int64)
-                    reply["shape"], data = list(ids.shape), ids.tobytes()
+                    x = np.frombuffer(payload, dtype=np.float32).reshape(
+                        int(header["batch"]), dim).copy()  # writable (torch warns otherwise)
+                    if header.get("scores"):  # ids, then float32 scores, same shape
+                        ids, scores = backend.query_scored(x, int(header["k"]))
+                        ids = np.ascontiguousarray(ids, dtype=np.int64)
+                        data = ids.tobytes() + np.ascontiguousarray(scores, np.float32).tobytes()
+                    else:
+                        ids = np.ascontiguousarray(backend.query(x, int(header["k"])),
+                                                   dtype=np.int64)
+                        data = ids.tobytes()
+                    reply["shape"] = list(ids.shape)
                 elif op == "rebuild":
                     source = header["source"]
                     reply["started"] = backend.start_rebuild(
@@ -272,7 +278,7 @@ class ProcessSampler(ClassSampler):
     def __init__(self, backend: str, num_classes: int, dim: int, *, metric: str = "ip",
                  seed: int = 0, interval: int = 100, background: bool = True,
                  neighbour_oversample: float = 1.25, mips: str = "native",
-                 row_source: Any = None, threads: int | None = None,
+                 random_share: float = 0.0, fresh_rows: int = 0, row_source: Any = None, threads: int | None = None,
                  start_timeout_s: float = 300.0, timeout_s: float = 600.0,
                  tmp_dir: str | None = None, **backend_opts):
         from .registry import list_samplers
@@ -282,7 +288,7 @@ class ProcessSampler(ClassSampler):
                              f"Valid: {valid} ('random' keeps no index: use it in-process)")
         super().__init__(num_classes, dim, metric=metric, seed=seed, interval=interval,
                          background=background, neighbour_oversample=neighbour_oversample,
-                         mips=mips)
+                         mips=mips, random_share=random_share, fresh_rows=fresh_rows)
         self.backend = backend
         self.name = f"{backend}-process"
         self.row_source = None if row_source is None else _source_dict(row_source)
@@ -407,6 +413,16 @@ class ProcessSampler(ClassSampler):
         reply, data = self._call({"op": "query", "batch": int(x.shape[0]), "k": int(k)},
                                  x.data.cast("B") if x.size else b"")
         return np.frombuffer(data, dtype=np.int64).reshape(reply["shape"]).copy()
+
+    def _search_scored(self, index, queries: np.ndarray, k: int):
+        x = np.ascontiguousarray(queries, dtype=np.float32)
+        reply, data = self._call({"op": "query", "batch": int(x.shape[0]), "k": int(k),
+                                  "scores": True}, x.data.cast("B") if x.size else b"")
+        shape = tuple(reply["shape"])
+        n = int(np.prod(shape)) * 8
+        ids = np.frombuffer(data[:n], dtype=np.int64).reshape(shape).copy()
+        scores = np.frombuffer(data[n:], dtype=np.float32).reshape(shape).copy()
+        return ids, scores
 
     def query(self, features, k: int) -> np.ndarray:
         if self._index is None and not self._closed:

@@ -11,6 +11,11 @@ selected set is, in this order:
    another sample's 1st, de-duplicated, first occurrence kept;
 3. uniformly random other classes (without replacement) up to exactly ``sample_num``.
 
+``random_share`` (default 0, the paper's rule) reserves that fraction of the slots left after
+the labels for step 3: the nearest classes fill only the rest. A mix keeps the hard
+negatives and adds the broad, uniform ones that a full softmax sees (measured on the
+synthetic benchmark: see ``benchmarks/accuracy.py``).
+
 Everything is vectorized; the only loop is the (rare) redraw of the random top-up.
 
 >>> ids, remapped = select_classes(labels, neighbours, sample_num=1000, num_classes=10**6, rng=rng)
@@ -19,7 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["check_labels", "interleave_neighbours", "random_topup", "select_classes"]
+__all__ = ["check_labels", "check_random_share", "interleave_neighbours", "neighbour_slots",
+           "random_topup", "select_classes"]
 
 
 def check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -96,8 +102,24 @@ def random_topup(rng: np.random.Generator, num_classes: int, exclude: np.ndarray
     return np.concatenate(out)
 
 
+def neighbour_slots(sample_num: int, num_labels: int, random_share: float = 0.0) -> int:
+    """How many of ``sample_num`` slots the nearest classes may take: those left after the
+    ``num_labels`` unique labels, less the ``random_share`` reserved for random classes."""
+    free = max(0, int(sample_num) - int(num_labels))
+    return free - int(round(float(random_share) * free))
+
+
+def check_random_share(random_share) -> float:
+    """``random_share`` as a float in [0, 1], or ValueError naming the value."""
+    if isinstance(random_share, bool) or not isinstance(random_share, (int, float, np.floating)) \
+            or not 0.0 <= float(random_share) <= 1.0:
+        raise ValueError(f"random_share must be a number in [0, 1] (the share of the "
+                         f"non-label slots kept for random classes), got {random_share!r}")
+    return float(random_share)
+
+
 def select_classes(labels: np.ndarray, neighbours: np.ndarray | None, sample_num: int,
-                   num_classes: int, rng: np.random.Generator):
+                   num_classes: int, rng: np.random.Generator, random_share: float = 0.0):
     """Apply the selection rule; returns ``(class_ids (S,), remapped_labels (B,), n_neighbours)``.
 
     ``class_ids[remapped_labels] == labels`` always holds. With ``sample_num >= num_classes``
@@ -118,7 +140,8 @@ def select_classes(labels: np.ndarray, neighbours: np.ndarray | None, sample_num
                          "labels in this batch; raise sample_num or lower the batch size")
     need = sample_num - uniq.size
     if neighbours is not None:
-        near = interleave_neighbours(np.asarray(neighbours, dtype=np.int64), uniq, need)
+        limit = neighbour_slots(sample_num, uniq.size, check_random_share(random_share))
+        near = interleave_neighbours(np.asarray(neighbours, dtype=np.int64), uniq, limit)
         if near.size and (near.max() >= num_classes):
             raise ValueError(f"the index returned class id {int(near.max())} >= num_classes="
                              f"{num_classes}: it was built from a row table of another size")

@@ -1,0 +1,147 @@
+"""Rows changed since the index was built, searched exactly beside it ("fresh rows").
+
+An ANN index is a snapshot: between rebuilds the rows it holds go stale. Only the rows that
+training touched since the snapshot have moved, and the sampled head knows exactly which
+those are and their values, because it pulled them for its step. :class:`FreshRows` keeps
+them (up to ``capacity`` rows); a query then merges
+
+* the index's neighbours that are *not* fresh (their indexed values are their current ones),
+* with the exact top-k over the fresh rows (by the same score),
+
+which is the exact top-k over the current rows up to the index's own approximation and the
+one-step lag of the kept values (they are the values pulled for a step, before its update).
+Rows kept before the current index's snapshot step are dropped (the index holds them).
+
+Measured on the synthetic accuracy benchmark (``benchmarks/accuracy.py``): see the README
+there. The cost is one ``(B, D) x (D, n_fresh)`` product per step; when ``capacity`` rows
+are kept the sampler rebuilds its index early (``ClassSampler.maybe_rebuild``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["FreshRows", "merge_topk"]
+
+
+class FreshRows:
+    """Last-known values of up to ``capacity`` class rows, keyed by class id.
+
+    ``rows`` are stored as the index compares them (L2-normalised for the cosine metric).
+    Not thread-safe on its own: the sampler calls it from the training thread only.
+    """
+
+    def __init__(self, num_classes: int, dim: int, capacity: int, normalize: bool):
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) \
+                or capacity <= 0:
+            raise ValueError(f"fresh-rows capacity must be a positive integer, got "
+                             f"{capacity!r}")
+        self.num_classes, self.dim = int(num_classes), int(dim)
+        self.capacity = int(min(capacity, num_classes))
+        self.normalize = bool(normalize)
+        self._slot = np.full(self.num_classes, -1, dtype=np.int64)  # class id -> slot
+        self._ids = np.empty(self.capacity, dtype=np.int64)
+        self._rows = np.empty((self.capacity, self.dim), dtype=np.float32)
+        self._step = np.empty(self.capacity, dtype=np.int64)
+        self.size = 0
+
+    @property
+    def full(self) -> bool:
+        """Whether every slot is taken (rows noted beyond this are not kept)."""
+        return self.size >= self.capacity
+
+    def ids(self) -> np.ndarray:
+        """The class ids kept now (a copy)."""
+        return self._ids[:self.size].copy()
+
+    def contains(self, class_ids: np.ndarray) -> np.ndarray:
+        """Boolean mask: which of ``class_ids`` (any shape; negatives allowed) are kept."""
+        class_ids = np.asarray(class_ids, dtype=np.int64)
+        out = np.zeros(class_ids.shape, dtype=bool)
+        ok = (class_ids >= 0) & (class_ids < self.num_classes)
+        out[ok] = self._slot[class_ids[ok]] >= 0
+        return out
+
+    def note(self, class_ids: np.ndarray, rows: np.ndarray, step: int) -> int:
+        """Keep ``rows`` (S, D) as the values of ``class_ids`` (S,, unique) at ``step``.
+
+        Ids already kept are overwritten; new ones take free slots while any are left.
+        Returns how many new ids could not be kept (the store is full).
+        """
+        class_ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
+        rows = np.asarray(rows, dtype=np.float32)
+        if rows.shape != (class_ids.size, self.dim):
+            raise ValueError(f"fresh rows must have shape ({class_ids.size}, {self.dim}), got "
+                             f"{tuple(rows.shape)}")
+        if class_ids.size and (class_ids.min() < 0 or class_ids.max() >= self.num_classes):
+            raise ValueError(f"fresh row ids must lie in [0, {self.num_classes}), got "
+                             f"{int(class_ids.min())}..{int(class_ids.max())}")
+        if self.normalize:
+            norms = np.linalg.norm(rows, axis=1, keepdims=True)
+            rows = rows / np.maximum(norms, 1e-12)
+        slots = self._slot[class_ids]
+        old = slots >= 0
+        self._rows[slots[old]] = rows[old]
+        self._step[slots[old]] = step
+        new = np.flatnonzero(~old)
+        take = new[:max(0, self.capacity - self.size)]
+        if take.size:
+            s = np.arange(self.size, self.size + take.size)
+            self._slot[class_ids[take]] = s
+            self._ids[s] = class_ids[take]
+            self._rows[s] = rows[take]
+            self._step[s] = step
+            self.size += take.size
+        return int(new.size - take.size)
+
+    def drop_before(self, step: int | None) -> int:
+        """Forget the rows kept before ``step`` (the current index's snapshot step holds
+        them); returns how many were dropped. ``None`` (no index) drops nothing."""
+        if step is None or self.size == 0:
+            return 0
+        keep = self._step[:self.size] >= step
+        n_keep = int(keep.sum())
+        if n_keep == self.size:
+            return 0
+        self._slot[self._ids[:self.size][~keep]] = -1
+        for arr in (self._ids, self._rows, self._step):
+            arr[:n_keep] = arr[:self.size][keep]
+        self._slot[self._ids[:n_keep]] = np.arange(n_keep)
+        dropped, self.size = self.size - n_keep, n_keep
+        return dropped
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self._slot[self._ids[:self.size]] = -1
+        self.size = 0
+
+    def topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` kept rows of each (prepared) query: ``(ids, scores)``, (B, k);
+        padded with id -1 and score -inf when fewer than k rows are kept."""
+        b = queries.shape[0]
+        ids = np.full((b, k), -1, dtype=np.int64)
+        scores = np.full((b, k), -np.inf, dtype=np.float32)
+        n = self.size
+        if n == 0 or k <= 0:
+            return ids, scores
+        sc = queries @ self._rows[:n].T  # (B, n)
+        kk = min(k, n)
+        part = np.argpartition(-sc, kk - 1, axis=1)[:, :kk] if kk < n else \
+            np.broadcast_to(np.arange(n), (b, n))
+        top = np.take_along_axis(sc, part, axis=1)
+        order = np.argsort(-top, axis=1, kind="stable")
+        ids[:, :kk] = self._ids[np.take_along_axis(part, order, axis=1)]
+        scores[:, :kk] = np.take_along_axis(top, order, axis=1)
+        return ids, scores
+
+
+def merge_topk(ids_a: np.ndarray, scores_a: np.ndarray, ids_b: np.ndarray,
+               scores_b: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the ``k`` ids of highest score from two (B, ka) / (B, kb) candidate lists
+    (id -1 = padding, never chosen over a real id), best first; -1 pads the rest."""
+    ids = np.concatenate([ids_a, ids_b], axis=1)
+    scores = np.concatenate([scores_a, scores_b], axis=1).astype(np.float32, copy=True)
+    scores[ids < 0] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    out = np.take_along_axis(ids, order, axis=1)
+    out[np.take_along_axis(scores, order, axis=1) == -np.inf] = -1
+    return out
