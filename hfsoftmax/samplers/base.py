@@ -324,6 +324,14 @@ class ClassSampler:
         ``-1`` pads rows where the index found fewer than k classes. Raises RuntimeError when
         no index has been built yet.
         """
+        return self._query(features, k, scored=False)
+
+    def query_scored(self, features, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`query`, with each neighbour's score (the logit the index ranks by:
+        cosine or inner product; -inf where the id is -1 padding)."""
+        return self._query(features, k, scored=True)
+
+    def _query(self, features, k: int, scored: bool):
         x = self._check_features(features)
         if not isinstance(k, (int, np.integer)) or k <= 0:
             raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -334,22 +342,10 @@ class ClassSampler:
                                "maybe_rebuild(step, read_rows) first")
         k = min(int(k), self.num_classes)
         if x.shape[0] == 0:
-            return np.empty((0, k), dtype=np.int64)
-        return self._search(index, self.prepare_queries(x), k)
-
-    def query_scored(self, features, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Like :meth:`query`, with each neighbour's score (the logit the index ranks by:
-        cosine or inner product; -inf where the id is -1 padding)."""
-        x = self._check_features(features)
-        with self._lock:
-            index = self._index
-        if index is None:
-            raise RuntimeError(f"{self.name} sampler has no index yet: call rebuild(rows) or "
-                               "maybe_rebuild(step, read_rows) first")
-        k = min(int(k), self.num_classes)
-        if x.shape[0] == 0:
-            return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
-        return self._search_scored(index, self.prepare_queries(x), k)
+            ids = np.empty((0, k), dtype=np.int64)
+            return (ids, np.empty((0, k), dtype=np.float32)) if scored else ids
+        search = self._search_scored if scored else self._search
+        return search(index, self.prepare_queries(x), k)
 
     def _search_scored(self, index, queries: np.ndarray, k: int):
         raise NotImplementedError(f"the {self.name} sampler cannot score its neighbours, which "
