@@ -39,7 +39,7 @@ from torch import nn
 from . import distributed as hd
 from .engine.checkpoint import (load_checkpoint, prune_row_snapshots, rows_snapshot_name,
                                 save_checkpoint)
-from .engine.config import args_to_dict, parse_args, resolve_resume_path
+from .engine.config import args_to_dict, parse_args, parse_key_values, resolve_resume_path
 from .engine.data import FlipDataset, ShardedBatchSampler, build_train_dataset
 from .engine.metrics import CsvWriter, ScalarWriter, SmoothedValue, format_eta
 from .engine.schedule import StepSchedule
@@ -165,6 +165,13 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
                             "random_share": args.random_share, "fresh_rows": args.fresh_rows}
     if args.sampler == "annoy":
         opts["ntrees"] = args.ntrees
+    extra = parse_key_values(args.sampler_opt)
+    clash = sorted(set(extra) & set(opts) | set(extra) & {"metric", "seed", "process"})
+    if clash:
+        raise ValueError(f"--sampler-opt {', '.join(clash)}: set by the trainer's own flags "
+                         "(--interval, --ntrees, --fresh-rows, --random-share, "
+                         "--background-rebuild, --head, --seed); use those")
+    opts.update(extra)
     # Only rank 0 selects (over the global batch), so only rank 0 needs an index process.
     process = args.sampler_process if args.sampler_process is not None else bool(args.ps)
     if args.index_threads:
@@ -174,9 +181,14 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
                              "the trainer's --threads)")
         if rank == 0:
             opts["threads"] = args.index_threads
-    sampler = build_sampler(args.sampler, num_classes, args.embedding_size,
-                            metric="ip" if args.head == "linear" else "cosine",
-                            seed=args.seed, process=process and rank == 0, **opts)
+    try:
+        sampler = build_sampler(args.sampler, num_classes, args.embedding_size,
+                                metric="ip" if args.head == "linear" else "cosine",
+                                seed=args.seed, process=process and rank == 0, **opts)
+    except TypeError as exc:  # an option the backend does not take
+        raise ValueError(f"--sampler-opt {', '.join(sorted(extra))}: not an option of the "
+                         f"{args.sampler} sampler ({exc}); see hfsoftmax/samplers/README.md "
+                         "for each backend's options") from None
     store = build_row_store(args, num_classes, rank)
     head = SampledHead(store, sampler, args.sample_num, interval=args.interval,
                        recall_every=args.recall_every, **kw)

@@ -394,3 +394,27 @@ def test_fresh_rows_and_random_share_reach_the_sampler(tiny_rec):
     for bad in (["--random-share", "1.5"], ["--fresh-rows", "-1"]):
         with pytest.raises(SystemExit):
             parse_args(["--train-rec", str(tiny_rec), *TINY, "--sampled", *bad])
+
+
+def test_sampler_opt_reaches_the_backend_and_bad_keys_are_named(tiny_rec):
+    """--sampler-opt KEY=VALUE sets a backend option (typed), in the trainer and in an index
+    process; an unknown key or one the trainer's own flags own is a clear error."""
+    from hfsoftmax.engine.config import parse_key_values
+    from hfsoftmax.train import build_head
+
+    assert parse_key_values(["nprobe=32", "x=0.5", "t=true", "index_type=ivf"]) == \
+        {"nprobe": 32, "x": 0.5, "t": True, "index_type": "ivf"}
+    hf = ["--sampled", "--sampler", "faiss", "--sample-num", "24"]
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--sampler-opt", "nprobe=3"])
+    head, _ = build_head(args, 40, 0)
+    assert head.sampler.nprobe == 3
+    head.sampler.close()
+    for extra, match in ((["--sampler-opt", "bogus=1"], "bogus: not an option of the faiss"),
+                         (["--sampler-opt", "bogus=1", "--sampler-process"],
+                          "bogus: not an option of the faiss"),
+                         (["--sampler-opt", "interval=3"], "set by the trainer's own flags")):
+        args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, *extra])
+        with pytest.raises(ValueError, match=match):
+            build_head(args, 40, 0)
+    with pytest.raises(SystemExit):
+        parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--sampler-opt", "nprobe"])

@@ -52,6 +52,34 @@ def _unit_float(s: str) -> float:
     return v
 
 
+def _key_value(s: str) -> str:
+    key, sep, value = s.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE (e.g. nprobe=32), got {s!r}")
+    return f"{key.strip()}={value.strip()}"
+
+
+def parse_key_values(items: list[str]) -> dict[str, Any]:
+    """``["nprobe=32", "index_type=ivf"]`` -> ``{"nprobe": 32, "index_type": "ivf"}``
+    (numbers and true/false converted, anything else kept as a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = _key_value(item).partition("=")
+        low = value.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+            continue
+        for conv in (int, float):
+            try:
+                out[key] = conv(value)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key] = value
+    return out
+
+
 def _ps_addresses(s: str) -> list[str]:
     return [a for a in s.replace(",", " ").split() if a]
 
@@ -116,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rebuild the sampler's index every this many steps")
     g.add_argument("--ntrees", type=_positive_int, default=50,
                    help="annoy: trees in the forest")
+    g.add_argument("--sampler-opt", type=_key_value, nargs="*", default=[],
+                   metavar="KEY=VALUE",
+                   help="backend options of the sampler's index, e.g. nprobe=32 (faiss), "
+                        "search_k=5000 (annoy), ef=128 (hnsw); see hfsoftmax/samplers/README.md")
     g.add_argument("--fresh-rows", type=_nonneg_int, default=0,
                    help="keep up to this many rows changed since the last index rebuild and "
                         "search them exactly beside the index, so the selection does not go "
