@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-num", type=int, default=None,
                    help="sample_num (overrides --sample-frac)")
     g.add_argument("--interval", type=int, help="index rebuild interval in steps")
+    g.add_argument("--renorm-rows", type=float, default=0.0,
+                   help="sampled methods (HF and random): the trainer's --renorm-rows (rows "
+                        "rescaled to this norm after each step; 0: off)")
     g.add_argument("--fresh-rows", type=int, default=0,
                    help="HF methods: the trainer's --fresh-rows (rows changed since the last "
                         "rebuild searched exactly beside the index; 0: off)")
@@ -247,6 +250,7 @@ def trainer_argv(args, method: str, head: str, save_path: str) -> list[str]:
                  "--interval", str(args.interval), "--ntrees", str(args.ntrees),
                  "--random-share", str(args.random_share if method != "random" else 0.0),
                  "--fresh-rows", str(args.fresh_rows if method != "random" else 0),
+                 "--renorm-rows", str(args.renorm_rows),
                  "--recall-every", str(max(1, min(200, args.steps // 5)))]
         argv += ["--background-rebuild"] if args.background_rebuild else \
             ["--no-background-rebuild"]
@@ -462,7 +466,8 @@ def evaluate_one(args, res: dict, families: np.ndarray, indices: np.ndarray) -> 
 def config_of(args) -> dict:
     keys = ("preset", "num_classes", "images_per_class", "heldout_per_class", "pairs",
             "family_size", "arch", "embedding_size", "batch_size", "steps", "lr",
-            "lr_decay_at", "sample_num", "interval", "random_share", "fresh_rows", "ntrees",
+            "lr_decay_at", "sample_num", "interval", "random_share", "fresh_rows",
+            "renorm_rows", "ntrees",
             "background_rebuild", "scale",
             "margin", "seed", "threads", "workers", "top1_images", "data")
     return {k: getattr(args, k) for k in keys}
@@ -528,20 +533,35 @@ def write_json(path: str | None, obj: dict) -> None:
         f.write(json.dumps(obj, indent=2) + "\n")
 
 
+#: settings that only HF methods (an index) use: full softmax and random runs are the same
+#: whatever they are, so outputs holding only those may differ in them (or predate them)
+HF_ONLY = ("interval", "ntrees", "random_share", "fresh_rows", "background_rebuild")
+
+
 def merge_outputs(paths: list[str]) -> dict:
     """One result from several outputs of the same configuration (``config`` holds no
-    methods): the runs united, the comparisons recomputed, each part's machine/code/wall kept."""
+    methods): the runs united, the comparisons recomputed, each part's machine/code/wall kept.
+
+    Outputs with full-softmax / random runs only may differ in the :data:`HF_ONLY` settings;
+    the merged configuration takes those from the outputs with HF runs (which must agree)."""
     parts = []
     for path in paths:
         with open(path, encoding="utf-8") as f:
             parts.append(json.load(f))
+
+    def has_hf(part):
+        return any(r.get("method") not in ("full", "random") for r in part.get("runs", {}).values())
+
+    ref = next((p for p in parts if has_hf(p)), parts[0])
     base = dict(parts[0])
-    want = base["config"]
+    want = ref["config"]
     runs: dict = {}
     for path, part in zip(paths, parts):
         got = part.get("config", {})
-        if got != want:
-            diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        skip = () if has_hf(part) else HF_ONLY
+        diff = sorted(k for k in set(want) | set(got)
+                      if k not in skip and want.get(k) != got.get(k))
+        if diff:
             raise SystemExit(f"--merge: {path} was measured with another configuration "
                              f"(differs in {', '.join(diff)}); merge only runs of the same "
                              "flags")
@@ -550,6 +570,7 @@ def merge_outputs(paths: list[str]) -> dict:
                 raise SystemExit(f"--merge: {key} is in more than one output ({path}); "
                                  "merge each method once")
             runs[key] = run
+    base["config"] = want
     base["runs"] = runs
     base["comparison"] = comparisons(runs)
     base["parts"] = [{"file": os.path.basename(p), "runs": sorted(part.get("runs", {})),

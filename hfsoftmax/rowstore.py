@@ -288,7 +288,8 @@ class RemoteRowStore(RowStore):
             client.create_table(table, int(num_rows), int(dim), init=init, std=std, seed=seed)
         if optim is not None:
             client.set_optimizer(table, optim.lr, momentum=optim.momentum,
-                                 weight_decay=optim.weight_decay, nesterov=optim.nesterov)
+                                 weight_decay=optim.weight_decay, nesterov=optim.nesterov,
+                                 renorm=optim.renorm)
         info = client.table_info(table)
         self.num_rows, self.dim = int(info["num_rows"]), int(info["dim"])
         if num_rows is not None and (self.num_rows, self.dim) != (int(num_rows), int(dim)):

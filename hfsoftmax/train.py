@@ -113,7 +113,8 @@ def build_row_store(args: argparse.Namespace, num_classes: int, rank: int):
     """The sampled head's rows: in this process, or on the parameter server(s) of ``--ps``."""
     from .rowstore import LocalRowStore, RemoteRowStore, SGDConfig
 
-    sgd = SGDConfig(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    sgd = SGDConfig(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                    renorm=args.renorm_rows)
     if not args.ps:
         return LocalRowStore(num_classes, args.embedding_size, sgd, seed=args.seed)
     from paramserver import ParamClient
@@ -149,6 +150,9 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
     if args.margin is not None:
         kw["m"] = args.margin
     if not args.sampled:
+        if args.renorm_rows:
+            raise ValueError(f"--renorm-rows {args.renorm_rows} applies to the sampled head's "
+                             "row store; add --sampled or drop it")
         return FullHead(num_classes, args.embedding_size, **kw), None
     if args.sample_num > num_classes:
         raise ValueError(f"--sample-num {args.sample_num} exceeds the {num_classes} classes of "
@@ -159,6 +163,10 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
                          f"({args.batch_size} x {hd.world_size()} processes = {global_batch}): "
                          "a batch's own labels alone may not fit; raise --sample-num or lower "
                          "--batch-size")
+    if args.renorm_rows and args.head == "linear":
+        raise ValueError(f"--renorm-rows {args.renorm_rows} would change the linear head's "
+                         "logits (they scale with the row norms); use it with --head cosface "
+                         "or arcface, or drop it")
     from .samplers import build_sampler
 
     opts: dict[str, Any] = {"interval": args.interval, "background": args.background_rebuild,

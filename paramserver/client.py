@@ -256,11 +256,13 @@ class ParamClient:
                 "std": first["std"], "seed": first["seed"], "shards": infos}
 
     def set_optimizer(self, name: str, lr: float, momentum: float = 0.0,
-                      weight_decay: float = 0.0, nesterov: bool = False) -> None:
-        """SGD settings of a table (torch.optim.SGD's meaning; dampening is 0)."""
+                      weight_decay: float = 0.0, nesterov: bool = False,
+                      renorm: float = 0.0) -> None:
+        """SGD settings of a table (torch.optim.SGD's meaning; dampening is 0). ``renorm``
+        > 0 rescales each updated row to that L2 norm after the step."""
         self._all({"op": "set_optimizer", "table": name, "lr": float(lr),
                    "momentum": float(momentum), "weight_decay": float(weight_decay),
-                   "nesterov": bool(nesterov)})
+                   "nesterov": bool(nesterov), "renorm": float(renorm)})
 
     def set_lr(self, name: str, lr: float) -> None:
         """Change the learning rate; the next applied step uses it."""

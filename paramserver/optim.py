@@ -9,6 +9,7 @@ Semantics, per row, float32 throughout (as torch computes on float32 parameters)
     buf = momentum * buf + d            # dampening is 0; a zero buffer makes step 1 buf = d
     d = d + momentum * buf  if nesterov else buf
     w = w - lr * d
+    w = renorm * w / |w|    if renorm > 0   # not torch's: an option for the margin heads
 
 A step never writes NaN or inf: when the summed gradient of a row, or the updated weight or
 momentum of a row, is not finite in float32 (finite gradients of a repeated row id can add up
@@ -64,13 +65,17 @@ class SGDConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     nesterov: bool = False
+    #: > 0: after the step, rescale each updated row to this L2 norm (0: off). For the
+    #: margin heads, whose logits ignore a row's norm: sparse, lumpy updates (sampled
+    #: heads) inflate norms, and a row's effective step on its direction is lr / |w|^2.
+    renorm: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad setting, with torch.optim.SGD's rules."""
-        for name in ("lr", "momentum", "weight_decay"):
+        for name in ("lr", "momentum", "weight_decay", "renorm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"SGD {name} must be a number, got {value!r}")
@@ -87,10 +92,10 @@ class SGDConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SGDConfig":
-        unknown = set(d) - {"lr", "momentum", "weight_decay", "nesterov"}
+        unknown = set(d) - {"lr", "momentum", "weight_decay", "nesterov", "renorm"}
         if unknown:
             raise ValueError(f"unknown SGD settings {sorted(unknown)}; valid: lr, momentum, "
-                             "weight_decay, nesterov")
+                             "weight_decay, nesterov, renorm")
         return cls(**d)
 
 
@@ -220,6 +225,10 @@ def _sgd_rows_checked(weight, momentum_buf, in_rows, grads, cfg, row_offset) -> 
             d = buf
     np.multiply(d, np.float32(cfg.lr), out=tmp)
     w -= tmp                                       # w = w - lr * d
+    if cfg.renorm > 0:                             # w = renorm * w / |w| (zero rows stay)
+        norms = np.sqrt(np.einsum("ij,ij->i", w, w))[:, None]
+        np.divide(np.float32(cfg.renorm), norms, out=norms, where=norms > 0)
+        w *= norms
     # One check covers everything: a non-finite summed gradient or momentum row makes the
     # new w non-finite too (inf + x, lr * inf, and 0 * inf = NaN for lr = 0), so w finite
     # means d and buf were. Which one it was is told apart only on the error path, which

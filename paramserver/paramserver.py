@@ -433,12 +433,13 @@ class ParamServer:
         return {"created": True, "info": self._info(t)}, ()
 
     def op_set_optimizer(self, header, arrays, ctx):
-        h = _Header(header, {"table", "lr", "momentum", "weight_decay", "nesterov"})
+        h = _Header(header, {"table", "lr", "momentum", "weight_decay", "nesterov", "renorm"})
         self._expect(arrays, [], "set_optimizer")
         t = self._table(h)
         cfg = SGDConfig(lr=h.get("lr", "float"), momentum=h.get("momentum", "float", 0.0),
                         weight_decay=h.get("weight_decay", "float", 0.0),
-                        nesterov=h.get("nesterov", "bool", False))
+                        nesterov=h.get("nesterov", "bool", False),
+                        renorm=h.get("renorm", "float", 0.0))
         t.optim = cfg
         log.info("table %r optimizer: %s", t.name, cfg.to_dict())
         return {"optimizer": cfg.to_dict()}, ()

@@ -105,6 +105,19 @@ def test_quick_preset_writes_one_json_with_every_method(tmp_path):
     assert merged["runs"] == written["runs"]
     assert merged["comparison"] == written["comparison"]
     assert merged["total_wall_s"] == 20.0 and len(merged["parts"]) == 2
+    # a part with full/random runs only may differ in the settings only HF methods use
+    hf_free = dict(written, runs={k: written["runs"][k] for k in ("cosface/full",
+                                                                  "cosface/random")})
+    hf_free["config"] = dict(written["config"], interval=7, fresh_rows=123)
+    hf_part = dict(written, runs={k: written["runs"][k] for k in ("cosface/annoy",
+                                                                  "cosface/faiss")})
+    parts2 = [tmp_path / "hf_free.json", tmp_path / "hf.json"]
+    parts2[0].write_text(json.dumps(hf_free))
+    parts2[1].write_text(json.dumps(hf_part))
+    mg = _run("--preset", "quick", "--merge", *map(str, parts2), "--out", str(merged_out))
+    assert mg.returncode == 0, mg.stderr[-3000:]
+    merged = json.loads(merged_out.read_text())
+    assert merged["config"] == written["config"] and merged["runs"] == written["runs"]
     other = json.loads(parts[1].read_text())
     other["config"]["steps"] += 1
     parts[1].write_text(json.dumps(other))

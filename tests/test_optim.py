@@ -153,3 +153,29 @@ def test_update_that_overflows_momentum_is_refused_and_changes_nothing():
     assert e.value.row == 5
     np.testing.assert_array_equal(w, w0)      # row 0 (fine) is not written either
     np.testing.assert_array_equal(buf, buf0)
+
+
+def test_renorm_rescales_updated_rows_only_and_keeps_the_sgd_direction():
+    """renorm > 0: each updated row is torch's SGD result rescaled to that norm; rows not
+    pushed keep their values (and norms); a zero row stays zero."""
+    rng = np.random.default_rng(5)
+    w0 = (0.1 * rng.standard_normal((12, 6))).astype(np.float32)
+    w0[7] = 0.0
+    plain = SGDConfig(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    cfg = SGDConfig(lr=0.1, momentum=0.9, weight_decay=5e-4, renorm=2.0)
+    rows, g = np.array([1, 4, 4, 9]), rng.standard_normal((4, 6)).astype(np.float32)
+    w_ref, buf_ref = w0.copy(), np.zeros_like(w0)
+    w, buf = w0.copy(), np.zeros_like(w0)
+    sgd_rows(w_ref, buf_ref, rows, g, plain)
+    sgd_rows(w, buf, rows, g, cfg)
+    for r in (1, 4, 9):
+        assert np.linalg.norm(w[r]) == pytest.approx(2.0, rel=1e-6)
+        np.testing.assert_allclose(w[r], 2.0 * w_ref[r] / np.linalg.norm(w_ref[r]), rtol=1e-5)
+    untouched = [r for r in range(12) if r not in (1, 4, 9)]
+    np.testing.assert_array_equal(w[untouched], w0[untouched])
+    np.testing.assert_array_equal(buf, buf_ref)  # the momentum is torch's, unscaled
+    sgd_rows(w, buf, np.array([7]), np.zeros((1, 6), np.float32), cfg)
+    assert not w[7].any()
+    assert SGDConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="SGD renorm must be finite and >= 0"):
+        SGDConfig(renorm=-1.0)

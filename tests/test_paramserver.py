@@ -385,3 +385,17 @@ def test_overflowing_push_is_refused_alone_while_other_workers_wait():
                 other.join(30)
             assert done == [1]
             np.testing.assert_array_equal(ps0.pull("w", [3, 5]), [[-0.5, -0.5], [-1, -1]])
+
+
+def test_renorm_setting_reaches_the_server():
+    """set_optimizer(renorm=...) over the wire: pushed rows come back at that norm, the
+    setting is reported."""
+    with running_server() as (_, addr), ParamClient(addr, timeout_s=10) as ps:
+        ps.create_table("w", 20, 4, init="normal", std=0.01, seed=1)
+        ps.set_optimizer("w", lr=0.5, momentum=0.9, renorm=1.5)
+        before = ps.read_all("w")
+        ps.push("w", np.array([2, 5]), np.ones((2, 4), np.float32))
+        after = ps.read_all("w")
+        np.testing.assert_allclose(np.linalg.norm(after[[2, 5]], axis=1), 1.5, rtol=1e-6)
+        np.testing.assert_array_equal(np.delete(after, [2, 5], 0), np.delete(before, [2, 5], 0))
+        assert ps.table_info("w")["optimizer"]["renorm"] == 1.5

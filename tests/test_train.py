@@ -418,3 +418,20 @@ def test_sampler_opt_reaches_the_backend_and_bad_keys_are_named(tiny_rec):
             build_head(args, 40, 0)
     with pytest.raises(SystemExit):
         parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--sampler-opt", "nprobe"])
+
+
+def test_renorm_rows_reaches_the_row_store_and_is_refused_where_it_has_no_meaning(tiny_rec):
+    from hfsoftmax.train import build_head
+
+    hf = ["--sampled", "--sampler", "random", "--sample-num", "24", "--head", "cosface"]
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--renorm-rows", "1"])
+    _, store = build_head(args, 40, 0)
+    assert store.table.optim.renorm == 1.0
+    linear = TINY[:TINY.index("--head")] + TINY[TINY.index("--lr"):]  # no scale/margin
+    args = parse_args(["--train-rec", str(tiny_rec), *linear, *hf, "--renorm-rows", "1",
+                       "--head", "linear"])
+    with pytest.raises(ValueError, match="would change the linear head's logits"):
+        build_head(args, 40, 0)
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, "--renorm-rows", "1"])
+    with pytest.raises(ValueError, match="applies to the sampled head's row store"):
+        build_head(args, 40, 0)

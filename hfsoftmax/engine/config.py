@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="KEY=VALUE",
                    help="backend options of the sampler's index, e.g. nprobe=32 (faiss), "
                         "search_k=5000 (annoy), ef=128 (hnsw); see hfsoftmax/samplers/README.md")
+    g.add_argument("--renorm-rows", type=_nonneg_float, default=0.0,
+                   help="margin heads: after each SGD step rescale the updated class rows to "
+                        "this L2 norm (0: off). Their logits ignore row norms, but a row's "
+                        "effective step on its direction is lr/|w|^2, and the sparse, lumpy "
+                        "updates of a sampled head inflate norms (see benchmarks/accuracy.py)")
     g.add_argument("--fresh-rows", type=_nonneg_int, default=0,
                    help="keep up to this many rows changed since the last index rebuild and "
                         "search them exactly beside the index, so the selection does not go "
