@@ -73,15 +73,21 @@ NEIGHBOURS = 10  # the geometry diagnostics look at each image's / row's 10 near
 
 # Defaults are the issue's setting; a preset replaces the defaults, flags still override it.
 PRESETS = {
-    # ~25 min on a shared 2-core CPU (convnet-s at batch 64, CPU s/step: full 0.34, annoy
-    # 0.25, faiss 0.19, random 0.16; evaluation ~1.5 min per method)
+    # 3 epochs (3,750 steps of 64): under one epoch no method has fitted (full softmax at
+    # 12% held-out top-1 after 1,200 steps) and HF was measured below random there.
+    # CPU s/step measured: full 0.32, annoy with fresh rows 0.31, faiss 0.18-0.25, random
+    # 0.16-0.17, i.e. ~65 CPU-minutes in all (two methods side by side and --merge: ~40 min
+    # on 2 cores); evaluation ~1.5 min per method. HF and random use --renorm-rows 1 (the
+    # sampled head's rows kept at norm 1: see hfsoftmax/heads/README.md) and HF fresh rows.
     "issue": dict(num_classes=20000, images_per_class=4, heldout_per_class=1, pairs=2000,
                   family_size=10, arch="convnet-s", embedding_size=256, batch_size=64,
-                  steps=1200, sample_frac=0.01, lr=0.1, interval=50, ntrees=50,
+                  steps=3750, sample_frac=0.01, lr=0.1, interval=50, ntrees=50,
+                  fresh_rows=10000, renorm_rows=1.0,
                   top1_images=0, methods="full,annoy,random,faiss", heads="cosface"),
     "quick": dict(num_classes=60, images_per_class=2, heldout_per_class=1, pairs=40,
                   family_size=5, arch="convnet-s", embedding_size=32, batch_size=16,
                   steps=6, sample_frac=0.5, lr=0.05, interval=2, ntrees=5,
+                  fresh_rows=20, renorm_rows=1.0,
                   top1_images=0, methods="full,annoy,faiss,random", heads="cosface"),
 }
 
@@ -126,10 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-num", type=int, default=None,
                    help="sample_num (overrides --sample-frac)")
     g.add_argument("--interval", type=int, help="index rebuild interval in steps")
-    g.add_argument("--renorm-rows", type=float, default=0.0,
+    g.add_argument("--renorm-rows", type=float, default=None,
                    help="sampled methods (HF and random): the trainer's --renorm-rows (rows "
                         "rescaled to this norm after each step; 0: off)")
-    g.add_argument("--fresh-rows", type=int, default=0,
+    g.add_argument("--fresh-rows", type=int, default=None,
                    help="HF methods: the trainer's --fresh-rows (rows changed since the last "
                         "rebuild searched exactly beside the index; 0: off)")
     g.add_argument("--random-share", type=float, default=0.0,
@@ -543,21 +549,27 @@ def write_json(path: str | None, obj: dict) -> None:
 #: settings that only HF methods (an index) use: full softmax and random runs are the same
 #: whatever they are, so outputs holding only those may differ in them (or predate them)
 HF_ONLY = ("interval", "ntrees", "nprobe", "random_share", "fresh_rows", "background_rebuild")
+#: settings of the sampled head's row store: a full-softmax run is the same whatever they are
+SAMPLED_ONLY = HF_ONLY + ("sample_num", "renorm_rows")
 
 
 def merge_outputs(paths: list[str]) -> dict:
     """One result from several outputs of the same configuration (``config`` holds no
     methods): the runs united, the comparisons recomputed, each part's machine/code/wall kept.
 
-    Outputs with full-softmax / random runs only may differ in the :data:`HF_ONLY` settings;
-    the merged configuration takes those from the outputs with HF runs (which must agree)."""
+    Outputs with full-softmax / random runs only may differ in the :data:`HF_ONLY` settings,
+    outputs with full-softmax runs only in the :data:`SAMPLED_ONLY` ones; the merged
+    configuration takes those from the outputs with HF runs (which must agree)."""
     parts = []
     for path in paths:
         with open(path, encoding="utf-8") as f:
             parts.append(json.load(f))
 
+    def methods(part):
+        return {r.get("method") for r in part.get("runs", {}).values()}
+
     def has_hf(part):
-        return any(r.get("method") not in ("full", "random") for r in part.get("runs", {}).values())
+        return bool(methods(part) - {"full", "random"})
 
     ref = next((p for p in parts if has_hf(p)), parts[0])
     base = dict(parts[0])
@@ -565,7 +577,7 @@ def merge_outputs(paths: list[str]) -> dict:
     runs: dict = {}
     for path, part in zip(paths, parts):
         got = part.get("config", {})
-        skip = () if has_hf(part) else HF_ONLY
+        skip = () if has_hf(part) else SAMPLED_ONLY if methods(part) <= {"full"} else HF_ONLY
         diff = sorted(k for k in set(want) | set(got)
                       if k not in skip and want.get(k) != got.get(k))
         if diff:

@@ -118,6 +118,22 @@ def test_quick_preset_writes_one_json_with_every_method(tmp_path):
     assert mg.returncode == 0, mg.stderr[-3000:]
     merged = json.loads(merged_out.read_text())
     assert merged["config"] == written["config"] and merged["runs"] == written["runs"]
+    # a full-softmax-only part may also differ in the sampled head's settings
+    full_only = dict(written, runs={"cosface/full": written["runs"]["cosface/full"]})
+    full_only["config"] = {k: v for k, v in written["config"].items() if k != "renorm_rows"}
+    rest = dict(written, runs={k: v for k, v in written["runs"].items() if k != "cosface/full"})
+    parts3 = [tmp_path / "full_only.json", tmp_path / "rest.json"]
+    parts3[0].write_text(json.dumps(full_only))
+    parts3[1].write_text(json.dumps(rest))
+    mg = _run("--preset", "quick", "--merge", *map(str, parts3), "--out", str(merged_out))
+    assert mg.returncode == 0, mg.stderr[-3000:]
+    assert json.loads(merged_out.read_text())["runs"] == written["runs"]
+    rest["config"] = dict(written["config"], renorm_rows=2.0)  # an HF part may not differ
+    parts3[1].write_text(json.dumps(rest))
+    parts3.append(tmp_path / "hf2.json")
+    parts3[2].write_text(json.dumps(hf_part))
+    bad = _run("--preset", "quick", "--merge", *map(str, parts3), "--out", str(merged_out))
+    assert bad.returncode != 0 and "differs in renorm_rows" in bad.stderr
     other = json.loads(parts[1].read_text())
     other["config"]["steps"] += 1
     parts[1].write_text(json.dumps(other))
