@@ -194,6 +194,8 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
                                 metric="ip" if args.head == "linear" else "cosine",
                                 seed=args.seed, process=process and rank == 0, **opts)
     except TypeError as exc:  # an option the backend does not take
+        if not extra:
+            raise
         raise ValueError(f"--sampler-opt {', '.join(sorted(extra))}: not an option of the "
                          f"{args.sampler} sampler ({exc}); see hfsoftmax/samplers/README.md "
                          "for each backend's options") from None

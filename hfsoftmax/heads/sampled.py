@@ -258,9 +258,8 @@ class SampledHead(nn.Module):
 
     def _push_hook(self, ids_np: np.ndarray, w_np: np.ndarray, step: int):
         state = {"pushed": False}
-        note = getattr(self.sampler, "note_rows", None) if hd.rank() == 0 else None
-        if getattr(self.sampler, "fresh", None) is None:
-            note = None
+        keeps_fresh = hd.rank() == 0 and getattr(self.sampler, "fresh", None) is not None
+        note = self.sampler.note_rows if keeps_fresh else None
 
         def hook(grad: torch.Tensor):
             if state["pushed"]:
