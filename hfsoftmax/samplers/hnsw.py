@@ -40,13 +40,10 @@ class HnswSampler(ClassSampler):
         return index
 
     def _search(self, index, queries: np.ndarray, k: int) -> np.ndarray:
-        if index.ef < k:  # the graph search list must hold at least k results
-            index.set_ef(k)
-        ids, _ = index.knn_query(queries, k=k, num_threads=self.num_threads)
-        return ids.astype(np.int64, copy=False)
+        return self._search_scored(index, queries, k)[0]  # knn_query computes both anyway
 
     def _search_scored(self, index, queries: np.ndarray, k: int):
-        if index.ef < k:
+        if index.ef < k:  # the graph search list must hold at least k results
             index.set_ef(k)
         ids, dist = index.knn_query(queries, k=k, num_threads=self.num_threads)
         return ids.astype(np.int64, copy=False), (1.0 - dist).astype(np.float32)  # ip space
