@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--renorm-rows", type=float, default=None,
                    help="sampled methods (HF and random): the trainer's --renorm-rows (rows "
                         "rescaled to this norm after each step; 0: off)")
+    g.add_argument("--row-momentum", type=float, default=None,
+                   help="sampled methods (HF and random): the trainer's --row-momentum (the "
+                        "rows' lazy SGD momentum; 0.9 as the backbone when not set)")
+    g.add_argument("--row-lr-mult", type=float, default=None,
+                   help="sampled methods (HF and random): the trainer's --row-lr-mult")
     g.add_argument("--fresh-rows", type=int, default=None,
                    help="HF methods: the trainer's --fresh-rows (rows changed since the last "
                         "rebuild searched exactly beside the index; 0: off)")
@@ -192,6 +197,12 @@ def resolve_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.heldout_per_class < 1:
         parser.error("--heldout-per-class must be >= 1 (top-1 is measured on held-out images)")
+    if args.row_momentum is not None and not args.row_momentum >= 0:
+        parser.error(f"--row-momentum must be >= 0, got {args.row_momentum}")
+    if args.row_lr_mult is None:
+        args.row_lr_mult = 1.0
+    if not args.row_lr_mult > 0:
+        parser.error(f"--row-lr-mult must be > 0, got {args.row_lr_mult}")
     if args.fresh_rows < 0:
         parser.error(f"--fresh-rows must be >= 0, got {args.fresh_rows}")
     if not 0.0 <= args.random_share <= 1.0:
@@ -263,6 +274,9 @@ def trainer_argv(args, method: str, head: str, save_path: str) -> list[str]:
                  "--random-share", str(args.random_share if method != "random" else 0.0),
                  "--fresh-rows", str(args.fresh_rows if method != "random" else 0),
                  "--renorm-rows", str(args.renorm_rows),
+                 *(["--row-momentum", str(args.row_momentum)]
+                   if args.row_momentum is not None else []),
+                 "--row-lr-mult", str(args.row_lr_mult),
                  *(["--sampler-opt", f"nprobe={args.nprobe}"] if method == "faiss" else []),
                  "--recall-every", str(max(1, min(200, args.steps // 5)))]
         argv += ["--background-rebuild"] if args.background_rebuild else \
@@ -480,7 +494,7 @@ def config_of(args) -> dict:
     keys = ("preset", "num_classes", "images_per_class", "heldout_per_class", "pairs",
             "family_size", "arch", "embedding_size", "batch_size", "steps", "lr",
             "lr_decay_at", "sample_num", "interval", "random_share", "fresh_rows",
-            "renorm_rows", "ntrees", "nprobe",
+            "renorm_rows", "row_momentum", "row_lr_mult", "ntrees", "nprobe",
             "background_rebuild", "scale",
             "margin", "seed", "threads", "workers", "top1_images", "data")
     return {k: getattr(args, k) for k in keys}
@@ -550,7 +564,26 @@ def write_json(path: str | None, obj: dict) -> None:
 #: whatever they are, so outputs holding only those may differ in them (or predate them)
 HF_ONLY = ("interval", "ntrees", "nprobe", "random_share", "fresh_rows", "background_rebuild")
 #: settings of the sampled head's row store: a full-softmax run is the same whatever they are
-SAMPLED_ONLY = HF_ONLY + ("sample_num", "renorm_rows")
+SAMPLED_ONLY = HF_ONLY + ("sample_num", "renorm_rows", "row_momentum", "row_lr_mult")
+
+
+#: settings added after some outputs were written: an output without them was measured at
+#: these values
+LATER_KEYS = {"row_momentum": None, "row_lr_mult": 1.0}
+#: settings of the evaluation only (the trained runs do not depend on them): --eval-only may
+#: change them, e.g. to score the same checkpoints on more verification pairs
+EVAL_KEYS = ("pairs", "top1_images")
+
+
+def stored_config(out: dict) -> dict:
+    """The configuration of an output, with :data:`LATER_KEYS` filled in where it predates
+    them."""
+    return {**LATER_KEYS, **out.get("config", {})}
+
+
+def config_diff(want: dict, got: dict, skip=()) -> list[str]:
+    """Keys (not in ``skip``) whose values differ between two configurations."""
+    return sorted(k for k in set(want) | set(got) if k not in skip and want.get(k) != got.get(k))
 
 
 def merge_outputs(paths: list[str]) -> dict:
@@ -573,13 +606,11 @@ def merge_outputs(paths: list[str]) -> dict:
 
     ref = next((p for p in parts if has_hf(p)), parts[0])
     base = dict(parts[0])
-    want = ref["config"]
+    want = stored_config(ref)
     runs: dict = {}
     for path, part in zip(paths, parts):
-        got = part.get("config", {})
         skip = () if has_hf(part) else SAMPLED_ONLY if methods(part) <= {"full"} else HF_ONLY
-        diff = sorted(k for k in set(want) | set(got)
-                      if k not in skip and want.get(k) != got.get(k))
+        diff = config_diff(want, stored_config(part), skip)
         if diff:
             raise SystemExit(f"--merge: {path} was measured with another configuration "
                              f"(differs in {', '.join(diff)}); merge only runs of the same "
@@ -624,12 +655,15 @@ def main(argv=None) -> dict:
     if (args.resume or args.eval_only) and args.out and os.path.isfile(args.out):
         with open(args.out, encoding="utf-8") as f:
             old = json.load(f)
-        if old.get("config") == cfg:
+        diff = config_diff(cfg, stored_config(old))
+        if not diff or (args.eval_only and set(diff) <= set(EVAL_KEYS)):
             runs = {k: v for k, v in old.get("runs", {}).items() if "error" not in v}
-            log.info("resuming: %s already measured", ", ".join(runs) or "nothing")
+            log.info("resuming: %s already measured%s", ", ".join(runs) or "nothing",
+                     f" (re-evaluated with new {', '.join(diff)})" if diff else "")
         elif args.eval_only:
             raise SystemExit(f"--eval-only: {args.out} was measured with another "
-                             "configuration; give the same flags as that run")
+                             f"configuration (differs in {', '.join(diff)}); give the same "
+                             f"flags as that run (only {', '.join(EVAL_KEYS)} may change)")
         else:
             log.warning("--resume: %s was measured with another configuration; starting over",
                         args.out)

@@ -109,12 +109,17 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def row_momentum(args: argparse.Namespace) -> float:
+    """The sampled head's rows' momentum: ``--row-momentum``, else ``--momentum``."""
+    return args.momentum if args.row_momentum is None else args.row_momentum
+
+
 def build_row_store(args: argparse.Namespace, num_classes: int, rank: int):
     """The sampled head's rows: in this process, or on the parameter server(s) of ``--ps``."""
     from .rowstore import LocalRowStore, RemoteRowStore, SGDConfig
 
-    sgd = SGDConfig(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                    renorm=args.renorm_rows)
+    sgd = SGDConfig(lr=args.lr * args.row_lr_mult, momentum=row_momentum(args),
+                    weight_decay=args.weight_decay, renorm=args.renorm_rows)
     if not args.ps:
         return LocalRowStore(num_classes, args.embedding_size, sgd, seed=args.seed)
     from paramserver import ParamClient
@@ -150,9 +155,14 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
     if args.margin is not None:
         kw["m"] = args.margin
     if not args.sampled:
-        if args.renorm_rows:
-            raise ValueError(f"--renorm-rows {args.renorm_rows} applies to the sampled head's "
-                             "row store; add --sampled or drop it")
+        row_flags = {"--renorm-rows": args.renorm_rows or None,
+                     "--row-momentum": args.row_momentum,
+                     "--row-lr-mult": None if args.row_lr_mult == 1.0 else args.row_lr_mult}
+        for flag, value in row_flags.items():
+            if value is not None:
+                raise ValueError(f"{flag} {value} applies to the sampled head's row store (the "
+                                 "full head's rows are torch parameters, updated with the "
+                                 "backbone's --lr and --momentum); add --sampled or drop it")
         return FullHead(num_classes, args.embedding_size, **kw), None
     if args.sample_num > num_classes:
         raise ValueError(f"--sample-num {args.sample_num} exceeds the {num_classes} classes of "
@@ -331,7 +341,7 @@ def train_one_epoch(model: nn.Module, head: nn.Module, optimizer: torch.optim.Op
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if hasattr(head, "set_lr"):
-                head.set_lr(lr)
+                head.set_lr(lr * args.row_lr_mult)
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
 

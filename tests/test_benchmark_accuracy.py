@@ -89,6 +89,23 @@ def test_quick_preset_writes_one_json_with_every_method(tmp_path):
         for fig in ("top1", "top1_family", "row_top10_in_family"):
             assert run[fig] == old[fig], (key, fig)
         assert run["verification"]["accuracy"] == old["verification"]["accuracy"]
+    # ... and may score them on more verification pairs (an evaluation-only setting: the
+    # set's .bin is rewritten, its training records kept); training settings may not change
+    rec = next((tmp_path / "work").glob("synthetic_*/train.rec"))
+    mtime = rec.stat().st_mtime_ns
+    ev = _run("--preset", "quick", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+              "--eval-only", "--pairs", "80")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert ": training" not in ev.stderr and "re-evaluated with new pairs" in ev.stderr
+    more = json.loads(ev.stdout)
+    assert more["config"]["pairs"] == 80 and rec.stat().st_mtime_ns == mtime
+    for key, run in more["runs"].items():
+        assert run["verification"]["pairs"] == 80
+        assert run["top1"] == written["runs"][key]["top1"]
+    bad = _run("--preset", "quick", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+               "--eval-only", "--pairs", "80", "--steps", "7")
+    assert bad.returncode != 0 and "differs in steps" in bad.stderr
+    assert "only pairs, top1_images may change" in bad.stderr
 
     # --merge: methods measured by two processes combine into one result (comparisons too)
     parts = []
@@ -109,6 +126,7 @@ def test_quick_preset_writes_one_json_with_every_method(tmp_path):
     hf_free = dict(written, runs={k: written["runs"][k] for k in ("cosface/full",
                                                                   "cosface/random")})
     hf_free["config"] = dict(written["config"], interval=7, fresh_rows=123)
+    del hf_free["config"]["row_lr_mult"]   # an output older than the setting: measured at 1
     hf_part = dict(written, runs={k: written["runs"][k] for k in ("cosface/annoy",
                                                                   "cosface/faiss")})
     parts2 = [tmp_path / "hf_free.json", tmp_path / "hf.json"]

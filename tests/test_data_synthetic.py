@@ -11,7 +11,7 @@ from PIL import Image
 
 from hfsoftmax.data.insightface import InsightFaceRecDataset
 from hfsoftmax.data.recordio import image_format
-from hfsoftmax.data.synthetic import SyntheticConfig, _pair_spec, make_synthetic
+from hfsoftmax.data.synthetic import SyntheticConfig, _pair_spec, make_synthetic, rewrite_pairs
 from hfsoftmax.data.verification import load_bin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +123,36 @@ def test_cli_writes_once_then_skips(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert again.returncode == 0 and "already holds" in again.stderr
     assert (out / "train.rec").stat().st_mtime_ns == mtime
+    more = subprocess.run(cmd[:-3] + ["--pairs", "8"] + cmd[-3:], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert more.returncode == 0 and "synthetic.bin only" in more.stderr, more.stderr
+    assert json.loads(more.stdout)["pairs"] == 8
+    assert (out / "train.rec").stat().st_mtime_ns == mtime
     bad = subprocess.run(cmd[:-1] + ["--pairs", "3"], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert bad.returncode == 2 and "num_pairs must be even" in bad.stderr
+
+
+def test_more_pairs_rewrite_only_the_bin(small_set, tmp_path):
+    """A prepared set asked for another pair count gets the .bin a fresh set of that count
+    has, byte for byte, and keeps its training records (not rendered again)."""
+    out, _ = small_set
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in FILES + ["synthetic.json"]:
+        (copy / name).write_bytes((out / name).read_bytes())
+    mtime = (copy / "train.rec").stat().st_mtime_ns
+    summary = rewrite_pairs(copy, 80, workers=1)
+    assert summary["pairs"] == 80 and summary["same_pairs"] == 40
+    fresh = tmp_path / "fresh"
+    make_synthetic(fresh, workers=1, **dict(SMALL, num_pairs=80))
+    for name in FILES:
+        assert (copy / name).read_bytes() == (fresh / name).read_bytes(), name
+    assert (copy / "train.rec").stat().st_mtime_ns == mtime
+    assert len(load_bin(copy / "synthetic.bin")[1]) == 80
+    meta = json.loads((copy / "synthetic.json").read_text())
+    assert meta["config"]["num_pairs"] == 80 and len(meta["class_family"]) == SMALL["num_classes"]
+    with pytest.raises(ValueError, match="no prepared synthetic set"):
+        rewrite_pairs(tmp_path / "nothing", 80)
+    with pytest.raises(ValueError, match="num_pairs must be even"):
+        rewrite_pairs(copy, 81)

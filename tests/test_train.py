@@ -420,6 +420,37 @@ def test_sampler_opt_reaches_the_backend_and_bad_keys_are_named(tiny_rec):
         parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--sampler-opt", "nprobe"])
 
 
+def test_row_momentum_and_lr_mult_reach_the_rows_through_the_schedule(tiny_rec, tmp_path):
+    """--row-momentum / --row-lr-mult set the row store's SGD, and the LR schedule reaches the
+    rows times the multiplier (the snapshot written at the end holds the decayed LR); the
+    full head refuses them (its rows are torch parameters)."""
+    from hfsoftmax.train import build_head, main
+    from paramserver.snapshot import read_snapshot
+
+    hf = ["--sampled", "--sampler", "random", "--sample-num", "24", "--renorm-rows", "1"]
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--row-momentum", "0",
+                       "--row-lr-mult", "10"])
+    _, store = build_head(args, 40, 0)
+    assert store.optim.momentum == 0.0 and store.optim.lr == pytest.approx(1.0)
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf])
+    _, store = build_head(args, 40, 0)
+    assert store.optim.momentum == 0.9 and store.optim.lr == pytest.approx(0.1)
+    save = tmp_path / "run"
+    main(["--train-rec", str(tiny_rec), *TINY, *hf, "--row-momentum", "0.5", "--row-lr-mult",
+          "4", "--max-steps", "4", "--lr-steps", "0.01", "--gamma", "0.1", "--save-path",
+          str(save), "--device", "cpu"])
+    tables, _ = read_snapshot(next(save.glob("rows_step*.safetensors")))
+    optim = next(iter(tables.values())).optim
+    assert optim.momentum == 0.5 and optim.lr == pytest.approx(0.1 * 0.1 * 4)
+    for flag in (["--row-momentum", "0"], ["--row-lr-mult", "2"]):
+        args = parse_args(["--train-rec", str(tiny_rec), *TINY, *flag])
+        with pytest.raises(ValueError, match=f"{flag[0]} .* applies to the sampled head"):
+            build_head(args, 40, 0)
+    for bad in (["--row-lr-mult", "0"], ["--row-momentum", "-1"], ["--row-lr-mult", "nan"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, *bad])
+
+
 def test_renorm_rows_reaches_the_row_store_and_is_refused_where_it_has_no_meaning(tiny_rec):
     from hfsoftmax.train import build_head
 

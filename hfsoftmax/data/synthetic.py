@@ -255,6 +255,63 @@ def _render_pairs(task):
     return out
 
 
+def _render_all_pairs(cfg: SyntheticConfig, imap, bar=None) -> tuple[list, list]:
+    """Images and same/different flags of all ``cfg.num_pairs`` verification pairs."""
+    chunk = 50
+    tasks = [(cfg, list(range(s, min(cfg.num_pairs, s + chunk))))
+             for s in range(0, cfg.num_pairs, chunk)]
+    bins, issame = [], []
+    for result in imap(_render_pairs, tasks):
+        for a, b in result:
+            bins += [a, b]
+            issame.append(len(issame) % 2 == 0)
+        if bar is not None:
+            bar.update(2 * len(result))
+    return bins, issame
+
+
+def rewrite_pairs(out_dir: str | os.PathLike, num_pairs: int, *, workers: int | None = None,
+                  progress: bool = False) -> dict:
+    """Replace the verification pairs of a prepared set (``synthetic.bin``) by ``num_pairs``
+    pairs; the training and held-out records stay as they are (their bytes do not depend on
+    the pairs), so a set gets more pairs without rendering its identities again.
+
+    Pairs are drawn as :func:`make_synthetic` would for ``num_pairs``: the same bytes as a
+    set made with that count from the start. Returns the updated summary (``synthetic.json``).
+    """
+    out_dir = os.fspath(out_dir)
+    path = os.path.join(out_dir, "synthetic.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{out_dir} holds no prepared synthetic set ({path}: {e}); prepare it "
+                         "with datasets/prepare_synthetic.py first") from None
+    cfg = SyntheticConfig(**dict(meta["config"], num_pairs=num_pairs))
+    cfg.validate()
+    workers = max(1, workers or os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=2 * num_pairs, unit="img", desc="pairs")
+    pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
+    try:
+        bins, issame = _render_all_pairs(cfg, pool.imap if pool is not None else map, bar)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        if bar is not None:
+            bar.close()
+    dump_bin(os.path.join(out_dir, "synthetic.bin"), bins, issame)
+    meta.update(config=asdict(cfg), pairs=num_pairs, same_pairs=sum(issame),
+                pairs_rewritten_s=round(time.perf_counter() - t0, 3))
+    _write_text(path, json.dumps(meta) + "\n")
+    logger.info("%s: %d verification pairs written in %.1f s (training records kept)", out_dir,
+                num_pairs, time.perf_counter() - t0)
+    return {k: v for k, v in meta.items() if k != "class_family"}
+
+
 def _write_text(path: str, text: str) -> None:
     with atomic_write(path, "w") as f:
         f.write(text)
@@ -283,9 +340,6 @@ def make_synthetic(out_dir: str | os.PathLike, num_classes: int = 2000,
     chunk = max(1, min(64, C // (4 * workers) or 1))
     tasks = [(cfg, list(range(s, min(C, s + chunk))), fams[s:s + chunk].tolist())
              for s in range(0, C, chunk)]
-    pair_chunk = 50
-    pair_tasks = [(cfg, list(range(s, min(cfg.num_pairs, s + pair_chunk))))
-                  for s in range(0, cfg.num_pairs, pair_chunk)]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -322,13 +376,7 @@ def make_synthetic(out_dir: str | os.PathLike, num_classes: int = 2000,
             for c in range(C):  # identity records: label = [a, b) of the class's images
                 a = 1 + c * per
                 w.write_idx(first + c, pack(IRHeader(2, [a, a + per], 0, 0), b""))
-        bins, issame = [], []
-        for result in imap(_render_pairs, pair_tasks):
-            for a, b in result:
-                bins += [a, b]
-                issame.append(len(issame) % 2 == 0)
-            if bar is not None:
-                bar.update(2 * len(result))
+        bins, issame = _render_all_pairs(cfg, imap, bar)
     except BaseException:
         train.abort()
         if held is not None:
@@ -360,7 +408,9 @@ def make_synthetic(out_dir: str | os.PathLike, num_classes: int = 2000,
     return summary
 
 
-def _already_prepared(out_dir: str, cfg: SyntheticConfig) -> bool:
+def _already_prepared(out_dir: str, cfg: SyntheticConfig, *, but_pairs: bool = False) -> bool:
+    """Whether ``out_dir`` holds the set of ``cfg`` (``but_pairs``: in all but the number of
+    verification pairs)."""
     path = os.path.join(out_dir, "synthetic.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -370,7 +420,10 @@ def _already_prepared(out_dir: str, cfg: SyntheticConfig) -> bool:
     needed = ["train.rec", "train.idx", "property", "synthetic.bin"]
     if cfg.heldout_per_class:
         needed += ["heldout.rec", "heldout.idx"]
-    return (meta.get("format_version") == FORMAT_VERSION and meta.get("config") == asdict(cfg)
+    want, got = asdict(cfg), dict(meta.get("config") or {})
+    if but_pairs:
+        got["num_pairs"] = want["num_pairs"]
+    return (meta.get("format_version") == FORMAT_VERSION and got == want
             and all(os.path.isfile(os.path.join(out_dir, n)) for n in needed))
 
 
@@ -412,6 +465,13 @@ def main(argv: list[str] | None = None) -> dict:
         meta.pop("class_family", None)
         print(json.dumps(meta))
         return meta
+    if not args.force and _already_prepared(args.out, cfg, but_pairs=True):
+        logger.info("%s holds this synthetic set with other verification pairs: rewriting "
+                    "synthetic.bin only", args.out)
+        summary = rewrite_pairs(args.out, cfg.num_pairs, workers=args.workers,
+                                progress=not args.no_progress)
+        print(json.dumps(summary))
+        return summary
     summary = make_synthetic(args.out, cfg.num_classes, cfg.images_per_class, cfg.seed,
                              heldout_per_class=cfg.heldout_per_class,
                              family_size=cfg.family_size, num_pairs=cfg.num_pairs,

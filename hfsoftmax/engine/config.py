@@ -45,6 +45,13 @@ def _nonneg_float(s: str) -> float:
     return v
 
 
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
+    return v
+
+
 def _unit_float(s: str) -> float:
     v = float(s)
     if not 0.0 <= v <= 1.0:  # also refuses nan
@@ -153,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "this L2 norm (0: off). Their logits ignore row norms, but a row's "
                         "effective step on its direction is lr/|w|^2, and the sparse, lumpy "
                         "updates of a sampled head inflate norms (see benchmarks/accuracy.py)")
+    g.add_argument("--row-momentum", type=_nonneg_float, default=None,
+                   help="momentum of the sampled head's rows (default: --momentum). Their SGD "
+                        "is lazy: a row's momentum moves only when the row is pushed, so a "
+                        "gradient's momentum tail lands hundreds of steps late; 0 with "
+                        "--row-lr-mult 1/(1-momentum) gives each gradient its full "
+                        "momentum-SGD displacement at once (see hfsoftmax/heads/README.md)")
+    g.add_argument("--row-lr-mult", type=_positive_float, default=1.0,
+                   help="the sampled head's rows take --lr (and its schedule) times this")
     g.add_argument("--fresh-rows", type=_nonneg_int, default=0,
                    help="keep up to this many rows changed since the last index rebuild and "
                         "search them exactly beside the index, so the selection does not go "
