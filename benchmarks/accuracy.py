@@ -66,6 +66,8 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from hfsoftmax.engine.config import build_parser as build_trainer_parser  # noqa: E402
+
 log = logging.getLogger("accuracy")
 
 METHODS = ("full", "annoy", "faiss", "hnsw", "exact", "random")
@@ -77,12 +79,16 @@ PRESETS = {
     # 12% held-out top-1 after 1,200 steps) and HF was measured below random there.
     # CPU s/step measured: full 0.32, annoy with fresh rows 0.31, faiss 0.18-0.25, random
     # 0.16-0.17, i.e. ~65 CPU-minutes in all (two methods side by side and --merge: ~40 min
-    # on 2 cores); evaluation ~1.5 min per method. HF and random use --renorm-rows 1 (the
-    # sampled head's rows kept at norm 1: see hfsoftmax/heads/README.md) and HF fresh rows.
-    "issue": dict(num_classes=20000, images_per_class=4, heldout_per_class=1, pairs=2000,
+    # on 2 cores). HF and random use --renorm-rows 1 (the sampled head's rows kept at norm 1)
+    # and --row-momentum 0 --row-lr-mult 10 (each row gradient gets its whole momentum-SGD
+    # displacement at once instead of a lazy momentum tail hundreds of steps late): see
+    # hfsoftmax/heads/README.md; HF also fresh rows. 20,000 verification pairs: with 2,000
+    # the standard error of an accuracy near 88% is 0.7 points, too coarse for a 0.5-point
+    # target; 20,000 give 0.23 (adding them to a prepared set renders only the pairs).
+    "issue": dict(num_classes=20000, images_per_class=4, heldout_per_class=1, pairs=20000,
                   family_size=10, arch="convnet-s", embedding_size=256, batch_size=64,
                   steps=3750, sample_frac=0.01, lr=0.1, interval=50, ntrees=50,
-                  fresh_rows=10000, renorm_rows=1.0,
+                  fresh_rows=10000, renorm_rows=1.0, row_momentum=0.0, row_lr_mult=10.0,
                   top1_images=0, methods="full,annoy,random,faiss", heads="cosface"),
     "quick": dict(num_classes=60, images_per_class=2, heldout_per_class=1, pairs=40,
                   family_size=5, arch="convnet-s", embedding_size=32, batch_size=16,
@@ -137,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "rescaled to this norm after each step; 0: off)")
     g.add_argument("--row-momentum", type=float, default=None,
                    help="sampled methods (HF and random): the trainer's --row-momentum (the "
-                        "rows' lazy SGD momentum; 0.9 as the backbone when not set)")
+                        "rows' lazy SGD momentum; quick preset: the backbone's 0.9)")
     g.add_argument("--row-lr-mult", type=float, default=None,
                    help="sampled methods (HF and random): the trainer's --row-lr-mult")
     g.add_argument("--fresh-rows", type=int, default=None,
@@ -197,10 +203,12 @@ def resolve_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.heldout_per_class < 1:
         parser.error("--heldout-per-class must be >= 1 (top-1 is measured on held-out images)")
-    if args.row_momentum is not None and not args.row_momentum >= 0:
-        parser.error(f"--row-momentum must be >= 0, got {args.row_momentum}")
+    if args.row_momentum is None:   # the trainer's: its --momentum (not changed here)
+        args.row_momentum = LATER_KEYS["row_momentum"]
     if args.row_lr_mult is None:
-        args.row_lr_mult = 1.0
+        args.row_lr_mult = LATER_KEYS["row_lr_mult"]
+    if not args.row_momentum >= 0:
+        parser.error(f"--row-momentum must be >= 0, got {args.row_momentum}")
     if not args.row_lr_mult > 0:
         parser.error(f"--row-lr-mult must be > 0, got {args.row_lr_mult}")
     if args.fresh_rows < 0:
@@ -274,9 +282,7 @@ def trainer_argv(args, method: str, head: str, save_path: str) -> list[str]:
                  "--random-share", str(args.random_share if method != "random" else 0.0),
                  "--fresh-rows", str(args.fresh_rows if method != "random" else 0),
                  "--renorm-rows", str(args.renorm_rows),
-                 *(["--row-momentum", str(args.row_momentum)]
-                   if args.row_momentum is not None else []),
-                 "--row-lr-mult", str(args.row_lr_mult),
+                 "--row-momentum", str(args.row_momentum), "--row-lr-mult", str(args.row_lr_mult),
                  *(["--sampler-opt", f"nprobe={args.nprobe}"] if method == "faiss" else []),
                  "--recall-every", str(max(1, min(200, args.steps // 5)))]
         argv += ["--background-rebuild"] if args.background_rebuild else \
@@ -568,8 +574,9 @@ SAMPLED_ONLY = HF_ONLY + ("sample_num", "renorm_rows", "row_momentum", "row_lr_m
 
 
 #: settings added after some outputs were written: an output without them was measured at
-#: these values
-LATER_KEYS = {"row_momentum": None, "row_lr_mult": 1.0}
+#: these values (the trainer's defaults: rows with the backbone's momentum and LR)
+LATER_KEYS = {"row_momentum": build_trainer_parser().get_default("momentum"),
+              "row_lr_mult": build_trainer_parser().get_default("row_lr_mult")}
 #: settings of the evaluation only (the trained runs do not depend on them): --eval-only may
 #: change them, e.g. to score the same checkpoints on more verification pairs
 EVAL_KEYS = ("pairs", "top1_images")
@@ -579,6 +586,15 @@ def stored_config(out: dict) -> dict:
     """The configuration of an output, with :data:`LATER_KEYS` filled in where it predates
     them."""
     return {**LATER_KEYS, **out.get("config", {})}
+
+
+def settings_unused_by(out: dict) -> tuple:
+    """The settings the runs of an output do not depend on: :data:`SAMPLED_ONLY` for
+    full-softmax runs only, :data:`HF_ONLY` for full softmax and random, none with HF."""
+    methods = {r.get("method") for r in out.get("runs", {}).values()}
+    if methods - {"full", "random"}:
+        return ()
+    return SAMPLED_ONLY if methods <= {"full"} else HF_ONLY
 
 
 def config_diff(want: dict, got: dict, skip=()) -> list[str]:
@@ -598,19 +614,12 @@ def merge_outputs(paths: list[str]) -> dict:
         with open(path, encoding="utf-8") as f:
             parts.append(json.load(f))
 
-    def methods(part):
-        return {r.get("method") for r in part.get("runs", {}).values()}
-
-    def has_hf(part):
-        return bool(methods(part) - {"full", "random"})
-
-    ref = next((p for p in parts if has_hf(p)), parts[0])
+    ref = next((p for p in parts if not settings_unused_by(p)), parts[0])
     base = dict(parts[0])
     want = stored_config(ref)
     runs: dict = {}
     for path, part in zip(paths, parts):
-        skip = () if has_hf(part) else SAMPLED_ONLY if methods(part) <= {"full"} else HF_ONLY
-        diff = config_diff(want, stored_config(part), skip)
+        diff = config_diff(want, stored_config(part), settings_unused_by(part))
         if diff:
             raise SystemExit(f"--merge: {path} was measured with another configuration "
                              f"(differs in {', '.join(diff)}); merge only runs of the same "
@@ -655,7 +664,8 @@ def main(argv=None) -> dict:
     if (args.resume or args.eval_only) and args.out and os.path.isfile(args.out):
         with open(args.out, encoding="utf-8") as f:
             old = json.load(f)
-        diff = config_diff(cfg, stored_config(old))
+        # the runs kept must not depend on what differs: settings they do not use may
+        diff = config_diff(cfg, stored_config(old), settings_unused_by(old))
         if not diff or (args.eval_only and set(diff) <= set(EVAL_KEYS)):
             runs = {k: v for k, v in old.get("runs", {}).items() if "error" not in v}
             log.info("resuming: %s already measured%s", ", ".join(runs) or "nothing",

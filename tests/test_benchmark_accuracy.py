@@ -146,6 +146,12 @@ def test_quick_preset_writes_one_json_with_every_method(tmp_path):
     mg = _run("--preset", "quick", "--merge", *map(str, parts3), "--out", str(merged_out))
     assert mg.returncode == 0, mg.stderr[-3000:]
     assert json.loads(merged_out.read_text())["runs"] == written["runs"]
+    # ... and be re-evaluated (--eval-only checks only the settings its runs depend on)
+    ev = _run("--preset", "quick", "--work-dir", str(tmp_path / "work"), "--out",
+              str(parts3[0]), "--methods", "full", "--eval-only")
+    assert ev.returncode == 0 and "re-evaluating" in ev.stderr, ev.stderr[-3000:]
+    assert json.loads(ev.stdout)["runs"]["cosface/full"]["top1"] == \
+        written["runs"]["cosface/full"]["top1"]
     rest["config"] = dict(written["config"], renorm_rows=2.0)  # an HF part may not differ
     parts3[1].write_text(json.dumps(rest))
     parts3.append(tmp_path / "hf2.json")
