@@ -43,6 +43,10 @@ methods can train side by side (``--threads 1`` each) and be combined afterwards
     python benchmarks/accuracy.py --methods full,annoy --out a.json --work-dir runs/a &
     python benchmarks/accuracy.py --methods random,faiss --out b.json --work-dir runs/b
     python benchmarks/accuracy.py --merge a.json b.json --out accuracy.json
+
+``--eval-only`` scores the trained checkpoints of ``--out`` again, e.g. on more verification
+pairs (``--pairs``: the set's ``synthetic.bin`` is rewritten, its training records kept);
+settings the trained runs depend on may not change.
 """
 from __future__ import annotations
 
@@ -476,7 +480,8 @@ def evaluate_one(args, res: dict, families: np.ndarray, indices: np.ndarray) -> 
     res["verification"] = {"accuracy": round(ver.accuracy, 5),
                            "accuracy_std": round(ver.accuracy_std, 5),
                            "val_at_far": round(ver.val, 5), "far_target": ver.far_target,
-                           "auc": round(ver.auc, 5), "pairs": ver.num_pairs}
+                           "auc": round(ver.auc, 5), "pairs": ver.num_pairs,
+                           "fold_accuracies": [round(a, 5) for a in ver.fold_accuracies]}
     rows = class_rows(res["checkpoint"], res["method"], args.num_classes, args.embedding_size)
     norms = np.linalg.norm(rows, axis=1)
     res["row_norm"] = {"mean": round(float(norms.mean()), 4),
@@ -506,6 +511,17 @@ def config_of(args) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
+def fold_diff_se(a: dict, b: dict) -> dict:
+    """The standard error, in points, of a verification difference measured on the same
+    pairs: the std of the per-fold differences over sqrt(folds) (the folds pair up, so
+    what both models get right or wrong alike cancels). Empty without fold figures."""
+    fa, fb = a.get("fold_accuracies"), b.get("fold_accuracies")
+    if not fa or not fb or len(fa) != len(fb) or len(fa) < 2:
+        return {}
+    d = 100 * (np.asarray(fa) - np.asarray(fb))
+    return {"verification_se_pts": round(float(d.std(ddof=1) / np.sqrt(d.size)), 2)}
+
+
 def comparisons(runs: dict) -> dict:
     """Per head: HF minus full and HF minus random, in points (percent), for both metrics."""
     out = {}
@@ -522,6 +538,7 @@ def comparisons(runs: dict) -> dict:
                 cmp[f"{hf}_minus_{ref}"] = {
                     "verification_pts": round(100 * (by[hf]["verification"]["accuracy"]
                                                      - by[ref]["verification"]["accuracy"]), 2),
+                    **fold_diff_se(by[hf]["verification"], by[ref]["verification"]),
                     "top1_pts": round(100 * (by[hf]["top1"] - by[ref]["top1"]), 2)}
             if "full" in by and "random" in by:
                 v = cmp[f"{hf}_minus_full"]["verification_pts"]

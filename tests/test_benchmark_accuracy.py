@@ -42,6 +42,8 @@ def test_quick_preset_writes_one_json_with_every_method(tmp_path):
         ver = run["verification"]
         assert ver["pairs"] == cfg["pairs"]
         assert 0.0 <= ver["accuracy"] <= 1.0 and 0.0 <= ver["auc"] <= 1.0
+        assert len(ver["fold_accuracies"]) == 10
+        assert sum(ver["fold_accuracies"]) / 10 == pytest.approx(ver["accuracy"], abs=1e-4)
         assert 0.0 <= run["top1"] <= run["top1_family"] <= 1.0
         assert run["top1_images"] == cfg["num_classes"] * cfg["heldout_per_class"]
         assert run["train_wall_s"] > 0 and run["train_cpu_s"] >= 0
@@ -70,6 +72,11 @@ def test_quick_preset_writes_one_json_with_every_method(tmp_path):
             d = cmp[f"{hf}_minus_{ref}"]
             a, b = written["runs"][f"cosface/{hf}"], written["runs"][f"cosface/{ref}"]
             assert d["top1_pts"] == pytest.approx(100 * (a["top1"] - b["top1"]), abs=0.01)
+            folds = [100 * (x - y) for x, y in zip(a["verification"]["fold_accuracies"],
+                                                   b["verification"]["fold_accuracies"])]
+            mean = sum(folds) / 10
+            se = (sum((f - mean) ** 2 for f in folds) / 9) ** 0.5 / 10 ** 0.5
+            assert d["verification_se_pts"] == pytest.approx(se, abs=0.006)
         assert set(cmp[f"{hf}_meets_target"]) == {"verification", "top1"}
 
     # --resume with the same configuration measures nothing again
