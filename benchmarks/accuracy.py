@@ -468,20 +468,36 @@ def row_neighbours_in_family(rows: np.ndarray, head: str, families: np.ndarray) 
     return round(hits / (w.shape[0] * k), 4)
 
 
+def pair_kind_accuracy(dist: np.ndarray, issame: np.ndarray, threshold: float) -> dict:
+    """Accuracy on each kind of pair of the synthetic set at one threshold (the best over all
+    pairs): same identity (pairs 0, 2, ...), look-alikes (two identities of one family,
+    pairs 1, 5, ...), other identities (two families, pairs 3, 7, ...); see
+    :func:`hfsoftmax.data.synthetic._pair_spec`."""
+    kind = np.arange(dist.size) % 4
+    right = (dist < threshold) == np.asarray(issame, dtype=bool)
+    return {"threshold": round(float(threshold), 3),
+            "accuracy_same": round(float(right[kind % 2 == 0].mean()), 5),
+            "accuracy_lookalike": round(float(right[kind == 1].mean()), 5),
+            "accuracy_other": round(float(right[kind == 3].mean()), 5)}
+
+
 def evaluate_one(args, res: dict, families: np.ndarray, indices: np.ndarray) -> None:
     """Add verification and closed-set figures of a trained run to ``res``."""
-    from hfsoftmax.eval import evaluate_model
-    from hfsoftmax.extract import load_backbone
+    from evaluation.verification import evaluate, pair_distances
+    from hfsoftmax.extract import extract_verification, load_backbone
 
     t0 = time.perf_counter()
     backbone = load_backbone(res["checkpoint"], device="cpu")
-    ver = evaluate_model(backbone, [os.path.join(args.data, "synthetic.bin")],
-                         device="cpu")["synthetic"]
+    feats, issame = extract_verification(backbone, os.path.join(args.data, "synthetic.bin"),
+                                         device="cpu")
+    ver = evaluate(feats, issame)
     res["verification"] = {"accuracy": round(ver.accuracy, 5),
                            "accuracy_std": round(ver.accuracy_std, 5),
                            "val_at_far": round(ver.val, 5), "far_target": ver.far_target,
                            "auc": round(ver.auc, 5), "pairs": ver.num_pairs,
-                           "fold_accuracies": [round(a, 5) for a in ver.fold_accuracies]}
+                           "fold_accuracies": [round(a, 5) for a in ver.fold_accuracies],
+                           **pair_kind_accuracy(pair_distances(feats), issame,
+                                                ver.best_threshold)}
     rows = class_rows(res["checkpoint"], res["method"], args.num_classes, args.embedding_size)
     norms = np.linalg.norm(rows, axis=1)
     res["row_norm"] = {"mean": round(float(norms.mean()), 4),

@@ -43,6 +43,9 @@ def test_quick_preset_writes_one_json_with_every_method(tmp_path):
         assert ver["pairs"] == cfg["pairs"]
         assert 0.0 <= ver["accuracy"] <= 1.0 and 0.0 <= ver["auc"] <= 1.0
         assert len(ver["fold_accuracies"]) == 10
+        for kind in ("same", "lookalike", "other"):
+            assert 0.0 <= ver[f"accuracy_{kind}"] <= 1.0
+        assert 0.0 <= ver["threshold"] <= 4.0
         assert sum(ver["fold_accuracies"]) / 10 == pytest.approx(ver["accuracy"], abs=1e-4)
         assert 0.0 <= run["top1"] <= run["top1_family"] <= 1.0
         assert run["top1_images"] == cfg["num_classes"] * cfg["heldout_per_class"]
@@ -177,3 +180,19 @@ def test_bad_flags_are_named():
     assert proc.returncode == 2 and "bogus" in proc.stderr and "annoy" in proc.stderr
     proc = _run("--preset", "quick", "--sample-num", "4")
     assert proc.returncode == 2 and "sample_num 4" in proc.stderr
+
+
+def test_pair_kind_accuracy_follows_the_synthetic_layout():
+    """Pairs 0, 2, ... are same identity, 1, 5, ... look-alikes, 3, 7, ... two families."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import accuracy
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    dist = np.array([0.1, 0.5, 0.2, 2.0, 0.3, 1.5, 1.0, 0.9])
+    same = np.arange(8) % 2 == 0
+    got = accuracy.pair_kind_accuracy(dist, same, 0.8)
+    assert got == {"threshold": 0.8, "accuracy_same": 0.75, "accuracy_lookalike": 0.5,
+                   "accuracy_other": 1.0}
