@@ -155,3 +155,39 @@ def test_init_distributed_names_missing_env(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "1")
     with pytest.raises(ValueError, match="valid: nccl, gloo, mpi"):
         hd.init_distributed(backend="tcp")
+
+
+def _fresh_worker(rank: int, port: int, outdir: str):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    hd.init_distributed()
+    try:
+        store = LocalRowStore(N, D, SGDConfig(lr=0.2), std=0.1, seed=5)  # momentum 0, no wd
+        sampler = build_sampler("exact", N, D, metric="cosine", seed=7, background=False,
+                                interval=100, fresh_rows=N)
+        head = SampledHead(store, sampler, sample_num=S, logit="cosface", s=30.0, m=0.3)
+        head.set_lr(0.2)
+        for x, y in _batches()[:2]:
+            xr = x[rank * B:(rank + 1) * B].clone().requires_grad_()
+            head(xr, y[rank * B:(rank + 1) * B]).loss.backward()
+        if rank == 0:
+            ids = sampler.fresh.ids()
+            torch.save({"ids": torch.from_numpy(ids),
+                        "noted": torch.from_numpy(sampler.fresh.values(ids)),
+                        "rows": torch.from_numpy(store.pull(ids))},
+                       os.path.join(outdir, "fresh.pt"))
+        hd.barrier()
+    finally:
+        hd.destroy_distributed()
+
+
+def test_fresh_rows_under_two_ranks_hold_the_rows_the_store_stepped_to(tmp_path):
+    """Rank 0 notes the pushed rows' new values from the ranks' *mean* gradient (the one the
+    store applies), so with momentum 0 they are the stored rows, not rank 0's own step."""
+    torch.set_num_threads(1)
+    mp.spawn(_fresh_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    res = torch.load(tmp_path / "fresh.pt", weights_only=True)
+    assert res["ids"].numel() >= S                      # two steps' rows were noted
+    rows = res["rows"] / res["rows"].norm(dim=1, keepdim=True)  # kept normalised (cosine)
+    assert rel_err(res["noted"], rows) <= 1e-5

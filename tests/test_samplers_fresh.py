@@ -49,6 +49,9 @@ def test_fresh_rows_topk_drop_and_merge_match_brute_force():
     assert np.all(np.diff(scores, axis=1) <= 0)
     assert fr.contains(np.array([ids[0], -1, 99 if 99 not in kept else 0])).tolist()[:2] == \
         [True, False]
+    np.testing.assert_array_equal(fr.values(more[:3]), vals2[:3])  # overwritten values
+    with pytest.raises(KeyError, match="not kept"):
+        fr.values(more[15:])
     # rows kept before step 7 go (the index of step 7 holds them); the 15 of step 7 stay
     assert fr.drop_before(7) == 15 and fr.size == 15
     assert set(fr.ids().tolist()) == set(more[:15].tolist())

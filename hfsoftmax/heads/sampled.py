@@ -258,8 +258,9 @@ class SampledHead(nn.Module):
 
     def _push_hook(self, ids_np: np.ndarray, w_np: np.ndarray, step: int):
         state = {"pushed": False}
-        keeps_fresh = hd.rank() == 0 and getattr(self.sampler, "fresh", None) is not None
-        note = self.sampler.note_rows if keeps_fresh else None
+        # every rank's sampler has the same fresh-rows setting; only rank 0's is queried
+        fresh = getattr(self.sampler, "fresh", None) is not None
+        note = self.sampler.note_rows if fresh and hd.rank() == 0 else None
 
         def hook(grad: torch.Tensor):
             if state["pushed"]:
@@ -270,11 +271,14 @@ class SampledHead(nn.Module):
             # note: a device-to-host copy, a sync point on CUDA; the push needs the values.
             g = grad.detach().to(device="cpu", dtype=torch.float32).numpy()
             self.rowstore.push(ids_np, g)
+            if fresh and hd.is_dist():
+                # the store steps with the ranks' mean gradient; every rank joins the mean
+                g = hd.all_reduce_mean(torch.from_numpy(g)).numpy()
             if note is not None:
                 # these rows just changed: a sampler with fresh_rows searches them beside
-                # its (older) index. Their new values, estimated as w - lr * g: exact for a
-                # row's first update; earlier momentum and weight decay are left out, and
-                # under DDP rank 0 sees only its own gradient.
+                # its (older) index. Their new values, estimated as w - lr * g: exact with
+                # momentum 0 and no weight decay (--row-momentum 0), otherwise for a row's
+                # first update; renorm changes no direction, and cosine search ignores norms.
                 note(ids_np, w_np if self.lr is None else w_np - np.float32(self.lr) * g, step)
             self.telemetry["push_s"] = time.perf_counter() - t0
             return None

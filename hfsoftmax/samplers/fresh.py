@@ -61,6 +61,14 @@ class FreshRows:
         out[ok] = self._slot[class_ids[ok]] >= 0
         return out
 
+    def values(self, class_ids: np.ndarray) -> np.ndarray:
+        """The kept values (as stored: normalised for cosine) of ``class_ids``, all kept."""
+        class_ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
+        kept = self.contains(class_ids)
+        if not kept.all():
+            raise KeyError(f"class ids not kept as fresh rows: {class_ids[~kept][:10].tolist()}")
+        return self._rows[self._slot[class_ids]].copy()
+
     def note(self, class_ids: np.ndarray, rows: np.ndarray, step: int) -> int:
         """Keep ``rows`` (S, D) as the values of ``class_ids`` (S,, unique) at ``step``.
 
