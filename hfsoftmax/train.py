@@ -466,6 +466,10 @@ def run(args: argparse.Namespace) -> dict:
             json.dump(args_to_dict(args), f, indent=2, sort_keys=True)
     verifier = Verifier(args.val_bins, os.path.join(args.save_path, "val")) \
         if args.val_bins and hd.is_main() else None
+    if store is not None:
+        logger.info("class rows: SGD lr x%g, momentum %g, weight decay %g, renorm %s; fresh "
+                    "rows %d", args.row_lr_mult, row_momentum(args), args.weight_decay,
+                    args.renorm_rows or "off", args.fresh_rows)
     logger.info("training %s (%s head%s) on %d images of %d classes: %d process(es) x batch "
                 "%d, %d steps/epoch, steps %d -> %d, device %s", args.arch, args.head,
                 f", sampled {args.sample_num} via {args.sampler}"
