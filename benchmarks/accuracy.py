@@ -70,8 +70,6 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hfsoftmax.engine.config import build_parser as build_trainer_parser  # noqa: E402
-
 log = logging.getLogger("accuracy")
 
 METHODS = ("full", "annoy", "faiss", "hnsw", "exact", "random")
@@ -147,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "rescaled to this norm after each step; 0: off)")
     g.add_argument("--row-momentum", type=float, default=None,
                    help="sampled methods (HF and random): the trainer's --row-momentum (the "
-                        "rows' lazy SGD momentum; quick preset: the backbone's 0.9)")
+                        "rows' lazy SGD momentum; quick preset: the paper's 0.9 at LR x1)")
     g.add_argument("--row-lr-mult", type=float, default=None,
                    help="sampled methods (HF and random): the trainer's --row-lr-mult")
     g.add_argument("--fresh-rows", type=int, default=None,
@@ -207,7 +205,7 @@ def resolve_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.heldout_per_class < 1:
         parser.error("--heldout-per-class must be >= 1 (top-1 is measured on held-out images)")
-    if args.row_momentum is None:   # the trainer's: its --momentum (not changed here)
+    if args.row_momentum is None:   # presets without row settings: the paper's rule
         args.row_momentum = LATER_KEYS["row_momentum"]
     if args.row_lr_mult is None:
         args.row_lr_mult = LATER_KEYS["row_lr_mult"]
@@ -607,9 +605,8 @@ SAMPLED_ONLY = HF_ONLY + ("sample_num", "renorm_rows", "row_momentum", "row_lr_m
 
 
 #: settings added after some outputs were written: an output without them was measured at
-#: these values (the trainer's defaults: rows with the backbone's momentum and LR)
-LATER_KEYS = {"row_momentum": build_trainer_parser().get_default("momentum"),
-              "row_lr_mult": build_trainer_parser().get_default("row_lr_mult")}
+#: these values (the rows with the backbone's momentum 0.9 and LR: the paper's rule)
+LATER_KEYS = {"row_momentum": 0.9, "row_lr_mult": 1.0}
 #: settings of the evaluation only (the trained runs do not depend on them): --eval-only may
 #: change them, e.g. to score the same checkpoints on more verification pairs
 EVAL_KEYS = ("pairs", "top1_images")

@@ -110,15 +110,28 @@ def pick_device(name: str) -> torch.device:
 
 
 def row_momentum(args: argparse.Namespace) -> float:
-    """The sampled head's rows' momentum: ``--row-momentum``, else ``--momentum``."""
-    return args.momentum if args.row_momentum is None else args.row_momentum
+    """The sampled head's rows' momentum: ``--row-momentum``, else 0 (no lazy momentum)."""
+    return 0.0 if args.row_momentum is None else args.row_momentum
+
+
+def row_lr_mult(args: argparse.Namespace) -> float:
+    """The rows' LR over the backbone's: ``--row-lr-mult``, else ``(1 - row momentum) /
+    (1 - momentum)``, which gives a row gradient the total displacement ``lr * g / (1 -
+    momentum)`` that momentum SGD gives it (10 for momentum 0.9 and row momentum 0)."""
+    if args.row_lr_mult is not None:
+        return args.row_lr_mult
+    if args.momentum >= 1:
+        raise ValueError(f"--momentum {args.momentum} >= 1 leaves the rows' default LR "
+                         "multiplier (1 - row momentum) / (1 - momentum) undefined; give "
+                         "--row-lr-mult")
+    return (1.0 - row_momentum(args)) / (1.0 - args.momentum)
 
 
 def build_row_store(args: argparse.Namespace, num_classes: int, rank: int):
     """The sampled head's rows: in this process, or on the parameter server(s) of ``--ps``."""
     from .rowstore import LocalRowStore, RemoteRowStore, SGDConfig
 
-    sgd = SGDConfig(lr=args.lr * args.row_lr_mult, momentum=row_momentum(args),
+    sgd = SGDConfig(lr=args.lr * row_lr_mult(args), momentum=row_momentum(args),
                     weight_decay=args.weight_decay, renorm=args.renorm_rows)
     if not args.ps:
         return LocalRowStore(num_classes, args.embedding_size, sgd, seed=args.seed)
@@ -157,7 +170,7 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
     if not args.sampled:
         row_flags = {"--renorm-rows": args.renorm_rows or None,
                      "--row-momentum": args.row_momentum,
-                     "--row-lr-mult": None if args.row_lr_mult == 1.0 else args.row_lr_mult}
+                     "--row-lr-mult": args.row_lr_mult}
         for flag, value in row_flags.items():
             if value is not None:
                 raise ValueError(f"{flag} {value} applies to the sampled head's row store (the "
@@ -341,7 +354,7 @@ def train_one_epoch(model: nn.Module, head: nn.Module, optimizer: torch.optim.Op
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if hasattr(head, "set_lr"):
-                head.set_lr(lr * args.row_lr_mult)
+                head.set_lr(lr * row_lr_mult(args))
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
 
@@ -468,7 +481,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.val_bins and hd.is_main() else None
     if store is not None:
         logger.info("class rows: SGD lr x%g, momentum %g, weight decay %g, renorm %s; fresh "
-                    "rows %d", args.row_lr_mult, row_momentum(args), args.weight_decay,
+                    "rows %d", row_lr_mult(args), row_momentum(args), args.weight_decay,
                     args.renorm_rows or "off", args.fresh_rows)
     logger.info("training %s (%s head%s) on %d images of %d classes: %d process(es) x batch "
                 "%d, %d steps/epoch, steps %d -> %d, device %s", args.arch, args.head,

@@ -178,6 +178,7 @@ def _assert_same_training_state(a, b):
     assert ta.updates == tb.updates == ca["step"]
     np.testing.assert_array_equal(ta.weight, tb.weight)
     np.testing.assert_array_equal(ta.momentum, tb.momentum)
+    assert np.abs(ta.momentum).max() > 0        # the rows' momentum really was restored
     assert ca["rng"] == cb["rng"]
     assert ca["head"]["_extra_state"] == cb["head"]["_extra_state"]
 
@@ -189,7 +190,7 @@ def test_resume_continues_exactly(tiny_rec, tmp_path, store):
     snapshot) are bit-identical. Exact needs a reproducible index: synchronous rebuilds
     every 3 steps, the checkpoint at a multiple of that."""
     hf = ["--sampled", "--sampler", "exact", "--sample-num", "24", "--interval", "3",
-          "--no-background-rebuild", "--recall-every", "0"]
+          "--no-background-rebuild", "--recall-every", "0", "--row-momentum", "0.9"]
     runs = {}
     for name in ("straight", "split"):
         out = str(tmp_path / name)
@@ -421,20 +422,24 @@ def test_sampler_opt_reaches_the_backend_and_bad_keys_are_named(tiny_rec):
 
 
 def test_row_momentum_and_lr_mult_reach_the_rows_through_the_schedule(tiny_rec, tmp_path):
-    """--row-momentum / --row-lr-mult set the row store's SGD, and the LR schedule reaches the
-    rows times the multiplier (the snapshot written at the end holds the decayed LR); the
+    """The rows' SGD: by default no lazy momentum at LR x (1-0)/(1-momentum); explicit
+    --row-momentum / --row-lr-mult win; the LR schedule reaches the rows times the
+    multiplier (the snapshot written at the end holds the decayed LR); a checkpoint written
+    before these settings resumes with the rows it had (the backbone's momentum, LR x1); the
     full head refuses them (its rows are torch parameters)."""
+    import torch as _torch
+
     from hfsoftmax.train import build_head, main
     from paramserver.snapshot import read_snapshot
 
     hf = ["--sampled", "--sampler", "random", "--sample-num", "24", "--renorm-rows", "1"]
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--row-momentum", "0",
-                       "--row-lr-mult", "10"])
-    _, store = build_head(args, 40, 0)
-    assert store.optim.momentum == 0.0 and store.optim.lr == pytest.approx(1.0)
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf])
-    _, store = build_head(args, 40, 0)
-    assert store.optim.momentum == 0.9 and store.optim.lr == pytest.approx(0.1)
+    for extra, momentum, lr in (([], 0.0, 1.0),                       # 0.1 x 10
+                                (["--momentum", "0.5"], 0.0, 0.2),     # 0.1 x 2
+                                (["--row-momentum", "0.9"], 0.9, 0.1),  # the paper's rule
+                                (["--row-momentum", "0.5", "--row-lr-mult", "3"], 0.5, 0.3)):
+        args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, *extra])
+        _, store = build_head(args, 40, 0)
+        assert store.optim.momentum == momentum and store.optim.lr == pytest.approx(lr), extra
     save = tmp_path / "run"
     main(["--train-rec", str(tiny_rec), *TINY, *hf, "--row-momentum", "0.5", "--row-lr-mult",
           "4", "--max-steps", "4", "--lr-steps", "0.01", "--gamma", "0.1", "--save-path",
@@ -442,10 +447,18 @@ def test_row_momentum_and_lr_mult_reach_the_rows_through_the_schedule(tiny_rec, 
     tables, _ = read_snapshot(next(save.glob("rows_step*.safetensors")))
     optim = next(iter(tables.values())).optim
     assert optim.momentum == 0.5 and optim.lr == pytest.approx(0.1 * 0.1 * 4)
+    ckpt = _torch.load(save / "last.pth", weights_only=True)
+    del ckpt["args"]["row_momentum"], ckpt["args"]["row_lr_mult"]
+    _torch.save(ckpt, save / "old.pth")
+    args = parse_args(["--resume", str(save / "old.pth")])
+    assert args.row_momentum == args.momentum == 0.9 and args.row_lr_mult == 1.0
     for flag in (["--row-momentum", "0"], ["--row-lr-mult", "2"]):
         args = parse_args(["--train-rec", str(tiny_rec), *TINY, *flag])
         with pytest.raises(ValueError, match=f"{flag[0]} .* applies to the sampled head"):
             build_head(args, 40, 0)
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--momentum", "1"])
+    with pytest.raises(ValueError, match="give --row-lr-mult"):
+        build_head(args, 40, 0)
     for bad in (["--row-lr-mult", "0"], ["--row-momentum", "-1"], ["--row-lr-mult", "nan"]):
         with pytest.raises(SystemExit):
             parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, *bad])

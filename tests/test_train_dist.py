@@ -33,8 +33,9 @@ COMMON = ["--arch", "convnet-s-gn", "--embedding-size", "32", "--workers", "0",
           "--threads", "1", "--print-freq", "2", "--head", "linear", "--lr", "0.05",
           "--no-augment", "--seed", "3",
           "--max-steps", str(STEPS)]
+# --row-momentum 0.9: the rows' (lazy) momentum buffers are compared too
 HF = ["--sampled", "--sampler", "exact", "--sample-num", "24", "--interval", "3",
-      "--no-background-rebuild", "--recall-every", "4"]
+      "--no-background-rebuild", "--recall-every", "4", "--row-momentum", "0.9"]
 
 
 def free_port() -> int:

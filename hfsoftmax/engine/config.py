@@ -161,13 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "effective step on its direction is lr/|w|^2, and the sparse, lumpy "
                         "updates of a sampled head inflate norms (see benchmarks/accuracy.py)")
     g.add_argument("--row-momentum", type=_nonneg_float, default=None,
-                   help="momentum of the sampled head's rows (default: --momentum). Their SGD "
-                        "is lazy: a row's momentum moves only when the row is pushed, so a "
-                        "gradient's momentum tail lands hundreds of steps late; 0 with "
-                        "--row-lr-mult 1/(1-momentum) gives each gradient its full "
-                        "momentum-SGD displacement at once (see hfsoftmax/heads/README.md)")
-    g.add_argument("--row-lr-mult", type=_positive_float, default=1.0,
-                   help="the sampled head's rows take --lr (and its schedule) times this")
+                   help="momentum of the sampled head's rows (default 0). Their SGD is lazy: "
+                        "a row's momentum moves only when the row is pushed, so a gradient's "
+                        "momentum tail would land hundreds of steps late; with 0 and the "
+                        "default --row-lr-mult each row gradient gets its whole momentum-SGD "
+                        "displacement at once. --row-momentum 0.9 (--momentum): the paper's "
+                        "lazy momentum (see hfsoftmax/heads/README.md)")
+    g.add_argument("--row-lr-mult", type=_positive_float, default=None,
+                   help="the sampled head's rows take --lr (and its schedule) times this "
+                        "(default (1 - row momentum) / (1 - --momentum): a row gradient moves "
+                        "its row as far in all as momentum SGD would; 10 at the defaults)")
     g.add_argument("--fresh-rows", type=_nonneg_int, default=0,
                    help="keep up to this many rows changed since the last index rebuild and "
                         "search them exactly beside the index, so the selection does not go "
@@ -310,6 +313,9 @@ def _stored_args(resume: str, dests: dict[str, argparse.Action]) -> dict[str, An
 
     ckpt = load_checkpoint(resolve_resume_path(resume))
     stored = ckpt.get("args") or {}
+    if stored.get("sampled") and "row_momentum" not in stored:
+        # written before the rows had their own settings: they took the backbone's
+        stored = {**stored, "row_momentum": stored.get("momentum", 0.9), "row_lr_mult": 1.0}
     return {k: v for k, v in stored.items() if k in dests and k not in ("config", "resume")}
 
 
