@@ -7,8 +7,9 @@ they are defined in :mod:`hfsoftmax.engine.config`. Launch several processes wit
 The loop is plain (torchvision's ``train_one_epoch``): per step, load a batch, compute the
 embeddings (DDP over the ranks), the head's loss, backward, one SGD step of the backbone
 (and of the full head's weight). The sampled head's rows are not trainer parameters: its
-backward pushes their gradients to the row store, whose SGD (same lr, momentum and weight
-decay; the LR schedule reaches it through ``head.set_lr``) updates them.
+backward pushes their gradients to the row store, whose SGD updates them: the same weight
+decay and LR schedule (through ``head.set_lr``), by default without lazy momentum at LR x
+``1/(1 - momentum)`` (``--row-momentum``, ``--row-lr-mult``; see :func:`row_lr_mult`).
 
 Distributed: every rank is a parameter-server worker (``worker_id = rank``); the sampled
 head selects classes over the gathered global batch on rank 0 and broadcasts them, so W
