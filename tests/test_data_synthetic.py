@@ -133,7 +133,7 @@ def test_cli_writes_once_then_skips(tmp_path):
     assert bad.returncode == 2 and "num_pairs must be even" in bad.stderr
 
 
-def test_more_pairs_rewrite_only_the_bin(small_set, tmp_path):
+def test_more_pairs_rewrite_only_the_bin(small_set, tmp_path, monkeypatch):
     """A prepared set asked for another pair count gets the .bin a fresh set of that count
     has, byte for byte, and keeps its training records (not rendered again)."""
     out, _ = small_set
@@ -152,6 +152,24 @@ def test_more_pairs_rewrite_only_the_bin(small_set, tmp_path):
     assert len(load_bin(copy / "synthetic.bin")[1]) == 80
     meta = json.loads((copy / "synthetic.json").read_text())
     assert meta["config"]["num_pairs"] == 80 and len(meta["class_family"]) == SMALL["num_classes"]
+    # a crash between the .bin and synthetic.json: the set matches no pair count exactly, so
+    # it is not taken as prepared, and its pairs are rewritten (only) on the next call
+    import hfsoftmax.data.synthetic as syn
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(syn, "dump_bin", crash)
+        with pytest.raises(OSError, match="disk full"):
+            rewrite_pairs(copy, 40, workers=1)
+    for n in (40, 80):
+        cfg = SyntheticConfig(**dict(SMALL, num_pairs=n))
+        assert not syn._already_prepared(str(copy), cfg)
+        assert syn._already_prepared(str(copy), cfg, but_pairs=True)
+    rewrite_pairs(copy, 80, workers=1)
+    assert (copy / "synthetic.bin").read_bytes() == (fresh / "synthetic.bin").read_bytes()
+    assert syn._already_prepared(str(copy), SyntheticConfig(**dict(SMALL, num_pairs=80)))
     with pytest.raises(ValueError, match="no prepared synthetic set"):
         rewrite_pairs(tmp_path / "nothing", 80)
     with pytest.raises(ValueError, match="num_pairs must be even"):

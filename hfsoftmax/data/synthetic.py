@@ -303,6 +303,9 @@ def rewrite_pairs(out_dir: str | os.PathLike, num_pairs: int, *, workers: int | 
             pool.terminate()
         if bar is not None:
             bar.close()
+    # synthetic.json first says "some pairs count" (-1), so a crash between the two writes
+    # leaves a set that matches no count exactly and gets its pairs rewritten again
+    _write_text(path, json.dumps(dict(meta, config=dict(meta["config"], num_pairs=-1))) + "\n")
     dump_bin(os.path.join(out_dir, "synthetic.bin"), bins, issame)
     meta.update(config=asdict(cfg), pairs=num_pairs, same_pairs=sum(issame),
                 pairs_rewritten_s=round(time.perf_counter() - t0, 3))
