@@ -95,7 +95,7 @@ PRESETS = {
     "quick": dict(num_classes=60, images_per_class=2, heldout_per_class=1, pairs=40,
                   family_size=5, arch="convnet-s", embedding_size=32, batch_size=16,
                   steps=6, sample_frac=0.5, lr=0.05, interval=2, ntrees=5,
-                  fresh_rows=20, renorm_rows=1.0,
+                  fresh_rows=20, renorm_rows=1.0, row_momentum=0.9, row_lr_mult=1.0,
                   top1_images=0, methods="full,annoy,faiss,random", heads="cosface"),
 }
 
@@ -205,10 +205,6 @@ def resolve_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.heldout_per_class < 1:
         parser.error("--heldout-per-class must be >= 1 (top-1 is measured on held-out images)")
-    if args.row_momentum is None:   # presets without row settings: the paper's rule
-        args.row_momentum = LATER_KEYS["row_momentum"]
-    if args.row_lr_mult is None:
-        args.row_lr_mult = LATER_KEYS["row_lr_mult"]
     if not args.row_momentum >= 0:
         parser.error(f"--row-momentum must be >= 0, got {args.row_momentum}")
     if not args.row_lr_mult > 0:
