@@ -71,8 +71,13 @@ class RowStore(abc.ABC):
         """The current values of ``rows`` (int64 ids), float32 ``(len(rows), dim)``."""
 
     @abc.abstractmethod
-    def push(self, rows: np.ndarray, grads: np.ndarray) -> None:
-        """One synchronous SGD step on ``rows`` with gradients ``grads`` (n, dim)."""
+    def push(self, rows: np.ndarray, grads: np.ndarray) -> np.ndarray | None:
+        """One synchronous SGD step on ``rows`` with gradients ``grads`` (n, dim).
+
+        Returns the gradient the step applied where this process knows it (the local
+        store: the ranks' mean), or None where another process averages the workers'
+        gradients (the parameter server): a caller that needs the applied gradient then
+        averages it itself."""
 
     @abc.abstractmethod
     def read_range(self, start: int, stop: int) -> np.ndarray:
@@ -151,10 +156,11 @@ class LocalRowStore(RowStore):
     def pull(self, rows: np.ndarray) -> np.ndarray:
         return self.table.pull(_as_rows(rows, self.num_rows))
 
-    def push(self, rows: np.ndarray, grads: np.ndarray) -> None:
+    def push(self, rows: np.ndarray, grads: np.ndarray) -> np.ndarray:
         rows = _as_rows(rows, self.num_rows)
         grads = _dist_mean(_as_grads(grads, rows.size, self.dim))
         self.table.apply_grad(rows, grads)
+        return grads
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         return self.table.read(start, stop)
@@ -301,6 +307,7 @@ class RemoteRowStore(RowStore):
 
     def push(self, rows: np.ndarray, grads: np.ndarray) -> None:
         rows = _as_rows(rows, self.num_rows)
+        # the server averages the workers' pushes: the applied gradient is not known here
         self.client.push(self.name, rows, _as_grads(grads, rows.size, self.dim))
 
     def read_range(self, start: int, stop: int) -> np.ndarray:

@@ -8,6 +8,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hfsoftmax import distributed as hd
@@ -168,12 +169,18 @@ def _fresh_worker(rank: int, port: int, outdir: str):
                                 interval=100, fresh_rows=N)
         head = SampledHead(store, sampler, sample_num=S, logit="cosface", s=30.0, m=0.3)
         head.set_lr(0.2)
-        for x, y in _batches()[:2]:
-            xr = x[rank * B:(rank + 1) * B].clone().requires_grad_()
-            head(xr, y[rank * B:(rank + 1) * B]).loss.backward()
+        # count the all-reduces a step makes (the real collective runs underneath)
+        calls, real = [], dist.all_reduce
+        dist.all_reduce = lambda t, *a, **k: calls.append(t.numel()) or real(t, *a, **k)
+        try:
+            for x, y in _batches()[:2]:
+                xr = x[rank * B:(rank + 1) * B].clone().requires_grad_()
+                head(xr, y[rank * B:(rank + 1) * B]).loss.backward()
+        finally:
+            dist.all_reduce = real
         if rank == 0:
             ids = sampler.fresh.ids()
-            torch.save({"ids": torch.from_numpy(ids),
+            torch.save({"ids": torch.from_numpy(ids), "reduced": torch.tensor(calls),
                         "noted": torch.from_numpy(sampler.fresh.values(ids)),
                         "rows": torch.from_numpy(store.pull(ids))},
                        os.path.join(outdir, "fresh.pt"))
@@ -191,3 +198,5 @@ def test_fresh_rows_under_two_ranks_hold_the_rows_the_store_stepped_to(tmp_path)
     assert res["ids"].numel() >= S                      # two steps' rows were noted
     rows = res["rows"] / res["rows"].norm(dim=1, keepdim=True)  # kept normalised (cosine)
     assert rel_err(res["noted"], rows) <= 1e-5
+    # one S x D all-reduce per step: the store's mean is the one the fresh rows use
+    assert res["reduced"].tolist() == [S * D, S * D]

@@ -270,9 +270,11 @@ class SampledHead(nn.Module):
             t0 = time.perf_counter()
             # note: a device-to-host copy, a sync point on CUDA; the push needs the values.
             g = grad.detach().to(device="cpu", dtype=torch.float32).numpy()
-            self.rowstore.push(ids_np, g)
-            if fresh and hd.is_dist():
-                # the store steps with the ranks' mean gradient; every rank joins the mean
+            applied = self.rowstore.push(ids_np, g)
+            if applied is not None:
+                g = applied                 # the local store's mean over the ranks
+            elif fresh and hd.is_dist():
+                # the server steps with the ranks' mean gradient; every rank joins the mean
                 g = hd.all_reduce_mean(torch.from_numpy(g)).numpy()
             if note is not None:
                 # these rows just changed: a sampler with fresh_rows searches them beside
