@@ -377,14 +377,17 @@ class ParamClient:
     def restore(self, path: str | os.PathLike, timeout_s: float | None = None) -> list[dict]:
         """Each shard replaces all its tables with those of its snapshot file (which must be
         that shard's: index and count are checked before anything changes). Refused while a
-        step is pending. With several shards, a failure on one leaves the others restored:
-        call again."""
+        step is pending. With several shards, every shard first reads and checks its file
+        (``check``: nothing changes); only when all would succeed do they restore, so a
+        missing, corrupt or misplaced file of one shard leaves every shard as it was."""
         paths = self.shard_paths(path)
         n = len(paths)
+        timeout = timeout_s or max(self.timeout_s, 600.0)
         headers = [{"op": "restore", "path": p, "shard_index": i, "shard_count": n}
                    for i, p in enumerate(paths)]
-        replies = [r for r, _ in self._request(range(n), headers, [()] * n,
-                                               timeout_s or max(self.timeout_s, 600.0))]
+        if n > 1:
+            self._request(range(n), [{**h, "check": True} for h in headers], [()] * n, timeout)
+        replies = [r for r, _ in self._request(range(n), headers, [()] * n, timeout)]
         self._bounds.clear()
         self._dims.clear()
         self._steps.clear()

@@ -516,11 +516,12 @@ class ParamServer:
         return {"path": str(path), "bytes": size, "tables": steps}, ()
 
     def op_restore(self, header, arrays, ctx):
-        h = _Header(header, {"path", "shard_index", "shard_count"})
+        h = _Header(header, {"path", "shard_index", "shard_count", "check"})
         self._expect(arrays, [], "restore")
         path = self._resolve(h.get("path", "str"))
         count = h.get("shard_count", "int", None, lo=1, hi=1 << 20)
         index = h.get("shard_index", "int", None, lo=0, hi=(count or 1) - 1)
+        check = h.get("check", "bool", False)
         if self.rounds:
             raise RequestError(f"cannot restore while steps are pending: "
                                f"{ {n: r.step for n, r in self.rounds.items()} }; restore "
@@ -534,10 +535,13 @@ class ParamServer:
         if have != want:
             raise RequestError(f"{str(path)!r} is shard {have[0]} of {have[1]}, not "
                                f"{want[0]} of {want[1]}; nothing was restored")
-        self.tables = tables
         steps = {n: t.updates for n, t in tables.items()}
-        log.info("restored %d table(s) from %s: steps %s", len(tables), path, steps)
-        return {"path": str(path), "tables": steps,
+        if check:  # the first phase of a sharded restore: the file would do; nothing changes
+            log.info("checked %s for a restore: %d table(s), steps %s", path, len(tables), steps)
+        else:
+            self.tables = tables
+            log.info("restored %d table(s) from %s: steps %s", len(tables), path, steps)
+        return {"path": str(path), "tables": steps, "check": check,
                 "shard_index": int(meta.get("shard_index", 0)),
                 "shard_count": int(meta.get("shard_count", 1))}, ()
 

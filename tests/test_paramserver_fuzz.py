@@ -151,7 +151,10 @@ def malformed(rng: np.random.Generator) -> tuple[str, list[bytes]]:
     if kind == 26:
         return "unknown table", msg({"op": pick(["pull", "table_info", "set_lr"]),
                                      "table": "nope", "lr": 0.1})
-    return "restore missing file", msg({"op": "restore", "path": "/nonexistent/snap"})
+    return "restore missing file or bad check", msg(pick([
+        {"op": "restore", "path": "/nonexistent/snap"},
+        {"op": "restore", "path": "/nonexistent/snap", "check": True},
+        {"op": "restore", "path": "/nonexistent/snap", "check": "yes"}]))
 
 
 def test_ten_thousand_malformed_messages():

@@ -75,6 +75,17 @@ def test_three_shards_equal_one_server(tmp_path):
                 with ParamClient(addrs[0]) as single:
                     single.restore(tmp_path / "snap.00001-of-00003")
             np.testing.assert_array_equal(ps.read_all("w"), one)  # refused before changing
+            # One shard's file is bad: no shard restores (each checks its file first).
+            _train(ps, np.random.default_rng(2), n, d, 2)
+            moved, moved_mom = ps.read_all("w"), ps.read_all("w", field="momentum")
+            assert ps.table_info("w")["step"] == steps + 2
+            bad = tmp_path / "snap.00001-of-00003"
+            bad.write_bytes(bad.read_bytes()[:-16])  # truncated
+            with pytest.raises(ParamServerError, match="snap.00001-of-00003"):
+                ps.restore(tmp_path / "snap")
+            np.testing.assert_array_equal(ps.read_all("w"), moved)
+            np.testing.assert_array_equal(ps.read_all("w", field="momentum"), moved_mom)
+            assert ps.table_info("w")["step"] == steps + 2
 
 
 def test_two_workers_over_two_shards_synchronous():
