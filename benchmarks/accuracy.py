@@ -532,24 +532,31 @@ def fold_diff_se(a: dict, b: dict) -> dict:
     return {"verification_se_pts": round(float(d.std(ddof=1) / np.sqrt(d.size)), 2)}
 
 
+def _minus(a: dict, b: dict) -> dict:
+    """Run ``a`` minus run ``b`` in points (percent), both metrics, with the paired SE."""
+    return {"verification_pts": round(100 * (a["verification"]["accuracy"]
+                                             - b["verification"]["accuracy"]), 2),
+            **fold_diff_se(a["verification"], b["verification"]),
+            "top1_pts": round(100 * (a["top1"] - b["top1"]), 2)}
+
+
 def comparisons(runs: dict) -> dict:
-    """Per head: HF minus full and HF minus random, in points (percent), for both metrics."""
+    """Per head: HF minus full and HF minus random, in points (percent), for both metrics;
+    and full minus random, what the target's "above random" is to be read against (how far
+    the set lets even the full softmax get ahead of random negatives)."""
     out = {}
     heads = sorted({r["head"] for r in runs.values()})
     for head in heads:
         by = {r["method"]: r for r in runs.values() if r["head"] == head and "top1" in r}
         cmp = {}
+        if "full" in by and "random" in by:
+            cmp["full_minus_random"] = _minus(by["full"], by["random"])
         for hf in ("annoy", "faiss", "hnsw", "exact"):
             if hf not in by:
                 continue
             for ref in ("full", "random"):
-                if ref not in by:
-                    continue
-                cmp[f"{hf}_minus_{ref}"] = {
-                    "verification_pts": round(100 * (by[hf]["verification"]["accuracy"]
-                                                     - by[ref]["verification"]["accuracy"]), 2),
-                    **fold_diff_se(by[hf]["verification"], by[ref]["verification"]),
-                    "top1_pts": round(100 * (by[hf]["top1"] - by[ref]["top1"]), 2)}
+                if ref in by:
+                    cmp[f"{hf}_minus_{ref}"] = _minus(by[hf], by[ref])
             if "full" in by and "random" in by:
                 v = cmp[f"{hf}_minus_full"]["verification_pts"]
                 r = cmp[f"{hf}_minus_random"]["verification_pts"]
