@@ -479,3 +479,46 @@ def test_renorm_rows_reaches_the_row_store_and_is_refused_where_it_has_no_meanin
     args = parse_args(["--train-rec", str(tiny_rec), *TINY, "--renorm-rows", "1"])
     with pytest.raises(ValueError, match="applies to the sampled head's row store"):
         build_head(args, 40, 0)
+
+
+def test_margin_heads_default_to_renormed_and_fresh_rows_linear_to_neither(tiny_rec, tmp_path):
+    """Unset, --renorm-rows is 1 and --fresh-rows is --interval x --sample-num (up to 32768)
+    for a sampled margin head with an index; the linear head, the random sampler and
+    explicit 0 turn them off; a checkpoint written before these defaults resumes with both
+    off."""
+    import torch as _torch
+
+    from hfsoftmax.train import build_head, main
+
+    linear = TINY[:TINY.index("--head")] + TINY[TINY.index("--lr"):]
+    hf = ["--sampled", "--sample-num", "16", "--interval", "2"]
+    for base, extra, renorm, fresh in ((TINY, ["--sampler", "exact"], 1.0, 32),
+                                       (TINY, ["--sampler", "exact", "--head", "arcface"], 1.0,
+                                        32),
+                                       (TINY, ["--sampler", "random"], 1.0, None),
+                                       (TINY, ["--sampler", "exact", "--renorm-rows", "0",
+                                               "--fresh-rows", "0"], 0.0, None),
+                                       (TINY, ["--sampler", "exact", "--fresh-rows", "5"], 1.0,
+                                        5),
+                                       (TINY, ["--sampler", "exact", "--interval", "2049"], 1.0,
+                                        None),  # 2049 x 16 rows: above the automatic cap
+                                       (linear, ["--sampler", "exact", "--head", "linear"],
+                                        0.0, None)):
+        args = parse_args(["--train-rec", str(tiny_rec), *base, *hf, *extra])
+        head, store = build_head(args, 40, 0)
+        try:
+            assert store.table.optim.renorm == renorm, extra
+            assert (head.sampler.fresh and head.sampler.fresh.capacity) == fresh, extra
+        finally:
+            head.sampler.close()
+    save = tmp_path / "run"
+    main(["--train-rec", str(tiny_rec), *TINY, *hf, "--sampler", "exact", "--max-steps", "2",
+          "--save-path", str(save), "--device", "cpu"])
+    ckpt = _torch.load(save / "last.pth", weights_only=True)
+    assert ckpt["args"]["renorm_rows"] is None and ckpt["args"]["fresh_rows"] is None
+    args = parse_args(["--resume", str(save / "last.pth")])
+    assert (args.renorm_rows, args.fresh_rows) == (None, None)  # the same defaults again
+    del ckpt["args"]["renorm_rows"], ckpt["args"]["fresh_rows"]
+    _torch.save(ckpt, save / "old.pth")
+    args = parse_args(["--resume", str(save / "old.pth")])
+    assert (args.renorm_rows, args.fresh_rows) == (0.0, 0)

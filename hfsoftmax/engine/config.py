@@ -155,11 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="KEY=VALUE",
                    help="backend options of the sampler's index, e.g. nprobe=32 (faiss), "
                         "search_k=5000 (annoy), ef=128 (hnsw); see hfsoftmax/samplers/README.md")
-    g.add_argument("--renorm-rows", type=_nonneg_float, default=0.0,
+    g.add_argument("--renorm-rows", type=_nonneg_float, default=None,
                    help="margin heads: after each SGD step rescale the updated class rows to "
-                        "this L2 norm (0: off). Their logits ignore row norms, but a row's "
-                        "effective step on its direction is lr/|w|^2, and the sparse, lumpy "
-                        "updates of a sampled head inflate norms (see benchmarks/accuracy.py)")
+                        "this L2 norm (0: off; default 1 for cosface/arcface, off for "
+                        "linear). Their logits ignore row norms, but a row's effective step "
+                        "on its direction is lr/|w|^2, and the sparse, lumpy updates of a "
+                        "sampled head inflate norms (see benchmarks/accuracy.py)")
     g.add_argument("--row-momentum", type=_nonneg_float, default=None,
                    help="momentum of the sampled head's rows (default 0). Their SGD is lazy: "
                         "a row's momentum moves only when the row is pushed, so a gradient's "
@@ -171,10 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sampled head's rows take --lr (and its schedule) times this "
                         "(default (1 - row momentum) / (1 - --momentum): a row gradient moves "
                         "its row as far in all as momentum SGD would; 10 at the defaults)")
-    g.add_argument("--fresh-rows", type=_nonneg_int, default=0,
+    g.add_argument("--fresh-rows", type=_nonneg_int, default=None,
                    help="keep up to this many rows changed since the last index rebuild and "
                         "search them exactly beside the index, so the selection does not go "
-                        "stale between rebuilds (rebuilds early when full; 0: off)")
+                        "stale between rebuilds (rebuilds early when full; 0: off; default "
+                        "--interval x --sample-num for cosface/arcface with an index where "
+                        "that is at most 32768 rows, else off; off for linear). Costs a "
+                        "(batch x D) x (D x rows) product per step on the CPU")
     g.add_argument("--random-share", type=_unit_float, default=0.0,
                    help="share (0 to 1) of the slots left after the batch's labels that go to "
                         "uniformly random classes; the nearest classes take the rest (0: the "
@@ -316,6 +320,9 @@ def _stored_args(resume: str, dests: dict[str, argparse.Action]) -> dict[str, An
     if stored.get("sampled") and "row_momentum" not in stored:
         # written before the rows had their own settings: they took the backbone's
         stored = {**stored, "row_momentum": stored.get("momentum", 0.9), "row_lr_mult": 1.0}
+    if stored.get("sampled"):
+        # written before these had defaults of their own: they were off
+        stored = {"renorm_rows": 0.0, "fresh_rows": 0, **stored}
     return {k: v for k, v in stored.items() if k in dests and k not in ("config", "resume")}
 
 
