@@ -40,7 +40,8 @@ from torch import nn
 from . import distributed as hd
 from .engine.checkpoint import (load_checkpoint, prune_row_snapshots, rows_snapshot_name,
                                 save_checkpoint)
-from .engine.config import args_to_dict, parse_args, parse_key_values, resolve_resume_path
+from .engine.config import (FRESH_ROWS_AUTO_MAX, args_to_dict, parse_args, parse_key_values,
+                            resolve_resume_path)
 from .engine.data import FlipDataset, ShardedBatchSampler, build_train_dataset
 from .engine.metrics import CsvWriter, ScalarWriter, SmoothedValue, format_eta
 from .engine.schedule import StepSchedule
@@ -116,19 +117,11 @@ def row_momentum(args: argparse.Namespace) -> float:
 
 
 # The margin heads' logits ignore row norms; for them the sampled rows are kept at norm 1
-# and the rows changed since the last rebuild are searched beside the index by default. On
-# the accuracy benchmark (cosface, annoy, 20K classes, 3 epochs, verification % / top-1 %)
-# the trainer's rows gave 85.08 / 37.67 with neither, 86.42 / 61.32 with fresh rows,
-# 89.44 / 75.13 with renormed rows and 89.65 / 86.47 with both
-# (benchmarks/results/accuracy_3epochs_ablation/). The linear head keeps both off: its
-# logits scale with the norms, and an inner-product index may not score fresh rows alike.
+# and the rows changed since the last rebuild are searched beside the index by default: the
+# accuracy benchmark needed both (the README's ablation, with the trainer's rows). The
+# linear head keeps both off: its logits scale with the norms, and an inner-product index
+# may not score fresh rows alike.
 MARGIN_HEADS = ("cosface", "arcface")
-# Fresh rows cost a (batch x D) x (D x rows) product per step on the CPU and rows x D floats
-# in the trainer; the automatic size (the rows one interval can change) is used up to this
-# many rows (measured: 25.6K rows at B=256, D=256 added 15 ms to a select here). Beyond it
-# fresh rows stay off unless --fresh-rows asks: a smaller store would fill within an
-# interval and rebuild the index early, which a default should not do behind --interval.
-FRESH_ROWS_AUTO_MAX = 32768
 
 
 def renorm_rows(args: argparse.Namespace) -> float:

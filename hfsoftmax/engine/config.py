@@ -22,6 +22,12 @@ HEADS = ("linear", "cosface", "arcface")
 SAMPLERS = ("annoy", "hnsw", "faiss", "exact", "random")
 # Settings that shape the model or the classifier table: a resumed run must keep them.
 STRUCTURAL = ("arch", "embedding_size", "head", "sampled", "num_classes")
+# Fresh rows cost a (batch x D) x (D x rows) product per step on the CPU and rows x D floats
+# in the trainer (measured in hfsoftmax/samplers/README.md); the automatic size (the rows
+# one interval can change) is used up to this many rows. Beyond it fresh rows stay off
+# unless --fresh-rows asks: a smaller store would fill within an interval and rebuild the
+# index early, which a default should not do behind --interval.
+FRESH_ROWS_AUTO_MAX = 32768
 
 
 def _positive_int(s: str) -> int:
@@ -177,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "search them exactly beside the index, so the selection does not go "
                         "stale between rebuilds (rebuilds early when full; 0: off; default "
                         "--interval x --sample-num for cosface/arcface with an index where "
-                        "that is at most 32768 rows, else off; off for linear). Costs a "
-                        "(batch x D) x (D x rows) product per step on the CPU")
+                        f"that is at most {FRESH_ROWS_AUTO_MAX} rows, else off; off for "
+                        "linear). Costs a (batch x D) x (D x rows) product per step on the CPU")
     g.add_argument("--random-share", type=_unit_float, default=0.0,
                    help="share (0 to 1) of the slots left after the batch's labels that go to "
                         "uniformly random classes; the nearest classes take the rest (0: the "
@@ -317,12 +323,11 @@ def _stored_args(resume: str, dests: dict[str, argparse.Action]) -> dict[str, An
 
     ckpt = load_checkpoint(resolve_resume_path(resume))
     stored = ckpt.get("args") or {}
-    if stored.get("sampled") and "row_momentum" not in stored:
-        # written before the rows had their own settings: they took the backbone's
-        stored = {**stored, "row_momentum": stored.get("momentum", 0.9), "row_lr_mult": 1.0}
     if stored.get("sampled"):
-        # written before these had defaults of their own: they were off
-        stored = {"renorm_rows": 0.0, "fresh_rows": 0, **stored}
+        # settings a checkpoint may predate, at the values it was trained with: the rows took
+        # the backbone's momentum and LR; renormed and fresh rows were off
+        stored = {"row_momentum": stored.get("momentum", 0.9), "row_lr_mult": 1.0,
+                  "renorm_rows": 0.0, "fresh_rows": 0, **stored}
     return {k: v for k, v in stored.items() if k in dests and k not in ("config", "resume")}
 
 
