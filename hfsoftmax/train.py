@@ -163,6 +163,18 @@ def row_lr_mult(args: argparse.Namespace) -> float:
     return (1.0 - row_momentum(args)) / (1.0 - args.momentum)
 
 
+def stored_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a checkpoint keeps: the flags as given, with the sampled head's row rule
+    (momentum, LR multiplier, renorm) resolved to the values it ran with, so that a later
+    change of a default does not change a resumed run. (Checkpoints written before this
+    store ``None`` for defaults; ``config._stored_args`` reads those as today's defaults.)"""
+    out = args_to_dict(args)
+    if args.sampled:
+        out.update(row_momentum=row_momentum(args), row_lr_mult=row_lr_mult(args),
+                   renorm_rows=renorm_rows(args))
+    return out
+
+
 def build_row_store(args: argparse.Namespace, num_classes: int, rank: int):
     """The sampled head's rows: in this process, or on the parameter server(s) of ``--ps``."""
     from .rowstore import LocalRowStore, RemoteRowStore, SGDConfig
@@ -291,7 +303,7 @@ class Checkpointer:
         return {"model": self.backbone.state_dict(), "head": self.head.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "lr_scheduler": self.schedule.state_dict(), "step": step, "epoch": epoch,
-                "args": args_to_dict(self.args), "ps_snapshot": rows,
+                "args": stored_settings(self.args), "ps_snapshot": rows,
                 "ps_kind": None if self.store is None else ("remote" if self.args.ps
                                                             else "local"),
                 "rng": {"sampler": _sampler_rng_state(self.head)},
@@ -512,7 +524,7 @@ def run(args: argparse.Namespace) -> dict:
         writers["val"] = CsvWriter(os.path.join(args.save_path, "val.csv"), VAL_FIELDS)
         writers["tb"] = ScalarWriter(os.path.join(args.save_path, "tb"))
         with open(os.path.join(args.save_path, "args.json"), "w", encoding="utf-8") as f:
-            json.dump(args_to_dict(args), f, indent=2, sort_keys=True)
+            json.dump(stored_settings(args), f, indent=2, sort_keys=True)
     verifier = Verifier(args.val_bins, os.path.join(args.save_path, "val")) \
         if args.val_bins and hd.is_main() else None
     if store is not None:

@@ -484,8 +484,8 @@ def test_renorm_rows_reaches_the_row_store_and_is_refused_where_it_has_no_meanin
 def test_margin_heads_default_to_renormed_and_fresh_rows_linear_to_neither(tiny_rec, tmp_path):
     """Unset, --renorm-rows is 1 and --fresh-rows is --interval x --sample-num (up to 32768)
     for a sampled margin head with an index; the linear head, the random sampler and
-    explicit 0 turn them off; a checkpoint written before these defaults resumes with both
-    off."""
+    explicit 0 turn them off; a checkpoint keeps the row rule as it ran; one written before
+    these defaults resumes with both off."""
     import torch as _torch
 
     from hfsoftmax.train import build_head, main
@@ -515,9 +515,19 @@ def test_margin_heads_default_to_renormed_and_fresh_rows_linear_to_neither(tiny_
     main(["--train-rec", str(tiny_rec), *TINY, *hf, "--sampler", "exact", "--max-steps", "2",
           "--save-path", str(save), "--device", "cpu"])
     ckpt = _torch.load(save / "last.pth", weights_only=True)
-    assert ckpt["args"]["renorm_rows"] is None and ckpt["args"]["fresh_rows"] is None
+    # the row rule is kept as it ran (a later default change leaves a resumed run alone);
+    # fresh rows stay a rule over the stored --interval and --sample-num
+    stored = {k: ckpt["args"][k] for k in ("row_momentum", "row_lr_mult", "renorm_rows",
+                                            "fresh_rows")}
+    assert stored == {"row_momentum": 0.0, "row_lr_mult": pytest.approx(10.0),
+                      "renorm_rows": 1.0, "fresh_rows": None}
+    assert json.loads((save / "args.json").read_text())["renorm_rows"] == 1.0
     args = parse_args(["--resume", str(save / "last.pth")])
-    assert (args.renorm_rows, args.fresh_rows) == (None, None)  # the same defaults again
+    assert (args.row_momentum, args.renorm_rows, args.fresh_rows) == (0.0, 1.0, None)
+    ckpt["args"].update(renorm_rows=None, row_momentum=None, row_lr_mult=None)
+    _torch.save(ckpt, save / "unresolved.pth")  # written before the values were resolved
+    args = parse_args(["--resume", str(save / "unresolved.pth")])
+    assert (args.renorm_rows, args.row_momentum, args.row_lr_mult) == (None, None, None)
     del ckpt["args"]["renorm_rows"], ckpt["args"]["fresh_rows"]
     _torch.save(ckpt, save / "old.pth")
     args = parse_args(["--resume", str(save / "old.pth")])
