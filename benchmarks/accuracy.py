@@ -594,10 +594,9 @@ def code_of(args) -> dict:
 def write_json(path: str | None, obj: dict) -> None:
     if not path:
         return
-    from hfsoftmax.fileio import atomic_write
+    from hfsoftmax.fileio import write_text
 
-    with atomic_write(path, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 #: settings that only HF methods (an index) use: full softmax and random runs are the same

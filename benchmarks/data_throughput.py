@@ -101,10 +101,9 @@ def main(argv=None) -> dict:
     text = json.dumps(result)
     print(text)
     if args.out:
-        from hfsoftmax.fileio import atomic_write
+        from hfsoftmax.fileio import write_text
 
-        with atomic_write(args.out, "w") as f:
-            f.write(text + "\n")
+        write_text(args.out, text + "\n")
     return result
 
 

@@ -136,10 +136,9 @@ def main() -> None:
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
-        from hfsoftmax.fileio import atomic_write  # torch-free, like this benchmark
+        from hfsoftmax.fileio import write_text  # torch-free, like this benchmark
 
-        with atomic_write(args.out, "w") as f:
-            f.write(text + "\n")
+        write_text(args.out, text + "\n")
 
 
 if __name__ == "__main__":

@@ -286,10 +286,9 @@ def main(argv=None) -> dict:
     text = json.dumps(result, sort_keys=False)
     print(text)
     if args.out:
-        from hfsoftmax.fileio import atomic_write
+        from hfsoftmax.fileio import write_text
 
-        with atomic_write(args.out, "w") as f:
-            f.write(text + "\n")
+        write_text(args.out, text + "\n")
     return result
 
 

@@ -14,7 +14,7 @@ import os
 import tempfile
 from typing import IO, Iterator
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "write_text"]
 
 
 @contextlib.contextmanager
@@ -44,3 +44,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *,
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`)."""
+    with atomic_write(path, "w") as f:
+        f.write(text)

@@ -32,3 +32,14 @@ def test_bad_mode_is_named(tmp_path):
     with pytest.raises(ValueError, match="'a'"):
         with atomic_write(tmp_path / "x", "a"):
             pass
+
+
+def test_write_text_is_utf8_and_atomic(tmp_path):
+    from hfsoftmax.fileio import write_text
+
+    p = tmp_path / "r.json"
+    write_text(p, "ok \u00e9\n")
+    assert p.read_bytes() == "ok \u00e9\n".encode("utf-8")
+    with pytest.raises(TypeError):
+        write_text(p, b"bytes are not text")
+    assert p.read_text(encoding="utf-8") == "ok \u00e9\n" and os.listdir(tmp_path) == ["r.json"]
