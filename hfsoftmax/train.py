@@ -45,6 +45,7 @@ from .engine.config import (FRESH_ROWS_AUTO_MAX, args_to_dict, parse_args, parse
 from .engine.data import FlipDataset, ShardedBatchSampler, build_train_dataset
 from .engine.metrics import CsvWriter, ScalarWriter, SmoothedValue, format_eta
 from .engine.schedule import StepSchedule
+from .fileio import write_text
 
 __all__ = ["main", "run", "TrainModel", "train_one_epoch"]
 
@@ -523,8 +524,8 @@ def run(args: argparse.Namespace) -> dict:
         writers["csv"] = CsvWriter(os.path.join(args.save_path, "metrics.csv"), TRAIN_FIELDS)
         writers["val"] = CsvWriter(os.path.join(args.save_path, "val.csv"), VAL_FIELDS)
         writers["tb"] = ScalarWriter(os.path.join(args.save_path, "tb"))
-        with open(os.path.join(args.save_path, "args.json"), "w", encoding="utf-8") as f:
-            json.dump(stored_settings(args), f, indent=2, sort_keys=True)
+        write_text(os.path.join(args.save_path, "args.json"),
+                   json.dumps(stored_settings(args), indent=2, sort_keys=True))
     verifier = Verifier(args.val_bins, os.path.join(args.save_path, "val")) \
         if args.val_bins and hd.is_main() else None
     if store is not None:
