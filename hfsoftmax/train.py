@@ -46,6 +46,7 @@ from .engine.data import FlipDataset, ShardedBatchSampler, build_train_dataset
 from .engine.metrics import CsvWriter, ScalarWriter, SmoothedValue, format_eta
 from .engine.schedule import StepSchedule
 from .fileio import write_text
+from .samplers.selection import neighbour_slots
 
 __all__ = ["main", "run", "TrainModel", "train_one_epoch"]
 
@@ -139,6 +140,22 @@ def _auto_fresh_rows(args: argparse.Namespace) -> int:
     if args.sampled and args.head in MARGIN_HEADS and args.sampler != "random":
         return args.interval * args.sample_num
     return 0
+
+
+def neighbour_slots_per_sample(args: argparse.Namespace, world: int = 1) -> float | None:
+    """Nearest-class slots per sample of one step of a sampled head with an index: the
+    ``--sample-num`` classes less the (global) batch's labels, less the ``--random-share``,
+    over the global batch; the least it can be (every label of the batch distinct). None for
+    full softmax and ``random``.
+
+    It bounds how many of a sample's hardest negatives each step can hold: the selection
+    gives every sample its 1st neighbour, then every sample its 2nd, ... (``selection.py``).
+    """
+    if not args.sampled or args.sampler == "random":
+        return None
+    batch = args.batch_size * max(1, int(world))
+    labels = min(batch, args.sample_num)
+    return neighbour_slots(args.sample_num, labels, args.random_share) / batch
 
 
 def fresh_rows(args: argparse.Namespace) -> int:
@@ -532,6 +549,12 @@ def run(args: argparse.Namespace) -> dict:
         logger.info("class rows: SGD lr x%g, momentum %g, weight decay %g, renorm %s; fresh "
                     "rows %d", row_lr_mult(args), row_momentum(args), args.weight_decay,
                     renorm_rows(args) or "off", fresh_rows(args))
+        slots = neighbour_slots_per_sample(args, world)
+        if slots is not None:
+            logger.info("class selection: %d of %d classes per step (%.2f%%); after the "
+                        "batch's labels, %.1f slots per sample for its nearest classes",
+                        args.sample_num, num_classes, 100.0 * args.sample_num / num_classes,
+                        slots)
         auto = _auto_fresh_rows(args)
         if args.fresh_rows is None and auto > FRESH_ROWS_AUTO_MAX:
             logger.info("fresh rows off: --interval x --sample-num = %d rows is above the "

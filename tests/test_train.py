@@ -532,3 +532,21 @@ def test_margin_heads_default_to_renormed_and_fresh_rows_linear_to_neither(tiny_
     _torch.save(ckpt, save / "old.pth")
     args = parse_args(["--resume", str(save / "old.pth")])
     assert (args.renorm_rows, args.fresh_rows) == (0.0, 0)
+
+
+def test_neighbour_slots_per_sample_is_what_the_selection_leaves_each_sample():
+    """(sample_num - labels of the global batch - random share) / global batch; None where
+    no index selects classes."""
+    from hfsoftmax.train import neighbour_slots_per_sample
+
+    base = ["--train-rec", "x", "--batch-size", "64", "--sampled", "--sample-num", "200"]
+    # the benchmark's 1%: 136 slots for 64 samples; 5%: 936
+    assert neighbour_slots_per_sample(parse_args(base)) == pytest.approx(136 / 64)
+    five = base[:-1] + ["1000"]
+    assert neighbour_slots_per_sample(parse_args(five)) == pytest.approx(936 / 64)
+    # two processes: the sampled head selects over the all-gathered batch of 128
+    assert neighbour_slots_per_sample(parse_args(base), world=2) == pytest.approx(72 / 128)
+    half = parse_args(base + ["--random-share", "0.5"])
+    assert neighbour_slots_per_sample(half) == pytest.approx(68 / 64)
+    assert neighbour_slots_per_sample(parse_args(base + ["--sampler", "random"])) is None
+    assert neighbour_slots_per_sample(parse_args(["--train-rec", "x"])) is None
