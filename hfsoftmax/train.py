@@ -134,10 +134,15 @@ def renorm_rows(args: argparse.Namespace) -> float:
     return 1.0 if args.sampled and args.head in MARGIN_HEADS else 0.0
 
 
+def _selects_by_index(args: argparse.Namespace) -> bool:
+    """Whether the run's classes come from an index (a sampled head, not ``random``)."""
+    return args.sampled and args.sampler != "random"
+
+
 def _auto_fresh_rows(args: argparse.Namespace) -> int:
     """The rows one rebuild interval can change (``--interval`` x ``--sample-num``) for a
     sampled margin head with an index (not ``random``); 0 where fresh rows do not apply."""
-    if args.sampled and args.head in MARGIN_HEADS and args.sampler != "random":
+    if _selects_by_index(args) and args.head in MARGIN_HEADS:
         return args.interval * args.sample_num
     return 0
 
@@ -151,11 +156,10 @@ def neighbour_slots_per_sample(args: argparse.Namespace, world: int = 1) -> floa
     It bounds how many of a sample's hardest negatives each step can hold: the selection
     gives every sample its 1st neighbour, then every sample its 2nd, ... (``selection.py``).
     """
-    if not args.sampled or args.sampler == "random":
+    if not _selects_by_index(args):
         return None
     batch = args.batch_size * max(1, int(world))
-    labels = min(batch, args.sample_num)
-    return neighbour_slots(args.sample_num, labels, args.random_share) / batch
+    return neighbour_slots(args.sample_num, batch, args.random_share) / batch
 
 
 def fresh_rows(args: argparse.Namespace) -> int:
