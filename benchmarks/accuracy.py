@@ -640,13 +640,16 @@ def merge_outputs(paths: list[str]) -> dict:
 
     Outputs with full-softmax / random runs only may differ in the :data:`HF_ONLY` settings,
     outputs with full-softmax runs only in the :data:`SAMPLED_ONLY` ones; the merged
-    configuration takes those from the outputs with HF runs (which must agree)."""
+    configuration takes those from the outputs with HF runs (which must agree), or, with
+    none, from those with random runs."""
     parts = []
     for path in paths:
         with open(path, encoding="utf-8") as f:
             parts.append(json.load(f))
 
-    ref = next((p for p in parts if not settings_unused_by(p)), parts[0])
+    # the reference configuration: that of the part whose runs depend on the most settings
+    # (HF, then random, then full softmax), whatever the order the parts were named in
+    ref = min(parts, key=lambda p: len(settings_unused_by(p)))
     base = dict(parts[0])
     want = stored_config(ref)
     runs: dict = {}

@@ -157,6 +157,18 @@ def test_quick_preset_writes_one_json_with_every_method(tmp_path):
     mg = _run("--preset", "quick", "--merge", *map(str, parts3), "--out", str(merged_out))
     assert mg.returncode == 0, mg.stderr[-3000:]
     assert json.loads(merged_out.read_text())["runs"] == written["runs"]
+    # ... named first or last beside a random part of another sample_num: the merged
+    # configuration is the random part's (e.g. the sampled head over all classes vs full)
+    random_only = dict(written, runs={"cosface/random": written["runs"]["cosface/random"]})
+    random_only["config"] = dict(written["config"], sample_num=written["config"]["sample_num"] + 1)
+    parts4 = [tmp_path / "random_only.json"]
+    parts4[0].write_text(json.dumps(random_only))
+    for order in ([parts3[0], parts4[0]], [parts4[0], parts3[0]]):
+        mg = _run("--preset", "quick", "--merge", *map(str, order), "--out", str(merged_out))
+        assert mg.returncode == 0, mg.stderr[-3000:]
+        merged = json.loads(merged_out.read_text())
+        assert merged["config"] == random_only["config"]
+        assert sorted(merged["runs"]) == ["cosface/full", "cosface/random"]
     # ... and be re-evaluated (--eval-only checks only the settings its runs depend on)
     ev = _run("--preset", "quick", "--work-dir", str(tmp_path / "work"), "--out",
               str(parts3[0]), "--methods", "full", "--eval-only")
