@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-share", type=float, default=0.0,
                    help="HF methods: share of the non-label slots kept for random classes "
                         "(the trainer's --random-share; 0: the paper's rule)")
+    g.add_argument("--logq-correction", action="store_true",
+                   help="sampled methods (HF and random): the trainer's --logq-correction "
+                        "(the random classes' logits corrected so that the sampled "
+                        "normaliser is unbiased; acts with --random-share > 0 and on random)")
     g.add_argument("--ntrees", type=int, help="annoy trees")
     g.add_argument("--nprobe", type=int, default=32,
                    help="faiss IVF lists searched per query (of sqrt(N) = 141 at 20K). The "
@@ -282,7 +286,8 @@ def trainer_argv(args, method: str, head: str, save_path: str) -> list[str]:
                  "--renorm-rows", str(args.renorm_rows),
                  "--row-momentum", str(args.row_momentum), "--row-lr-mult", str(args.row_lr_mult),
                  *(["--sampler-opt", f"nprobe={args.nprobe}"] if method == "faiss" else []),
-                 "--recall-every", str(max(1, min(200, args.steps // 5)))]
+                 "--recall-every", str(max(1, min(200, args.steps // 5))),
+                 *(["--logq-correction"] if args.logq_correction else [])]
         argv += ["--background-rebuild"] if args.background_rebuild else \
             ["--no-background-rebuild"]
     return argv
@@ -515,7 +520,7 @@ def config_of(args) -> dict:
     keys = ("preset", "num_classes", "images_per_class", "heldout_per_class", "pairs",
             "family_size", "arch", "embedding_size", "batch_size", "steps", "lr",
             "lr_decay_at", "sample_num", "interval", "random_share", "fresh_rows",
-            "renorm_rows", "row_momentum", "row_lr_mult", "ntrees", "nprobe",
+            "renorm_rows", "row_momentum", "row_lr_mult", "logq_correction", "ntrees", "nprobe",
             "background_rebuild", "scale",
             "margin", "seed", "threads", "workers", "top1_images", "data")
     return {k: getattr(args, k) for k in keys}
@@ -603,12 +608,14 @@ def write_json(path: str | None, obj: dict) -> None:
 #: whatever they are, so outputs holding only those may differ in them (or predate them)
 HF_ONLY = ("interval", "ntrees", "nprobe", "random_share", "fresh_rows", "background_rebuild")
 #: settings of the sampled head's row store: a full-softmax run is the same whatever they are
-SAMPLED_ONLY = HF_ONLY + ("sample_num", "renorm_rows", "row_momentum", "row_lr_mult")
+SAMPLED_ONLY = HF_ONLY + ("sample_num", "renorm_rows", "row_momentum", "row_lr_mult",
+                          "logq_correction")
 
 
 #: settings added after some outputs were written: an output without them was measured at
-#: these values (the rows with the backbone's momentum 0.9 and LR: the paper's rule)
-LATER_KEYS = {"row_momentum": 0.9, "row_lr_mult": 1.0}
+#: these values (the rows with the backbone's momentum 0.9 and LR: the paper's rule; no
+#: log-Q correction)
+LATER_KEYS = {"row_momentum": 0.9, "row_lr_mult": 1.0, "logq_correction": False}
 #: settings of the evaluation only (the trained runs do not depend on them): --eval-only may
 #: change them, e.g. to score the same checkpoints on more verification pairs
 EVAL_KEYS = ("pairs", "top1_images")

@@ -246,6 +246,10 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
                 raise ValueError(f"{flag} {value} applies to the sampled head's row store (the "
                                  "full head's rows are torch parameters, updated with the "
                                  "backbone's --lr and --momentum); add --sampled or drop it")
+        if args.logq_correction:
+            raise ValueError("--logq-correction corrects the sampled head's softmax for the "
+                             "classes a selection leaves out; the full head leaves none out: "
+                             "add --sampled or drop it")
         return FullHead(num_classes, args.embedding_size, **kw), None
     if args.sample_num > num_classes:
         raise ValueError(f"--sample-num {args.sample_num} exceeds the {num_classes} classes of "
@@ -294,7 +298,7 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
                          "for each backend's options") from None
     store = build_row_store(args, num_classes, rank)
     head = SampledHead(store, sampler, args.sample_num, interval=args.interval,
-                       recall_every=args.recall_every, **kw)
+                       recall_every=args.recall_every, logq=args.logq_correction, **kw)
     return head, store
 
 
@@ -559,6 +563,11 @@ def run(args: argparse.Namespace) -> dict:
                         "batch's labels, %.1f slots per sample for its nearest classes",
                         args.sample_num, num_classes, 100.0 * args.sample_num / num_classes,
                         slots)
+        if args.logq_correction and _selects_by_index(args) and not args.random_share:
+            logger.warning("--logq-correction acts on random classes only, and with "
+                           "--random-share 0 a selection has some only before the first "
+                           "index (or where the index finds too few neighbours); add "
+                           "--random-share, e.g. 0.3")
         auto = _auto_fresh_rows(args)
         if args.fresh_rows is None and auto > FRESH_ROWS_AUTO_MAX:
             logger.info("fresh rows off: --interval x --sample-num = %d rows is above the "

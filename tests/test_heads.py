@@ -242,6 +242,42 @@ def _double_backward(head, x, y):
     out.loss.backward()
 
 
+def test_logq_correction_offsets_the_random_classes_in_the_loss_only():
+    """logq=True: the loss (and so the pushed row gradient) is the cross-entropy over the
+    selection with log(#others / #random) added to the random top-up's logits; the logits
+    the head returns are the plain ones."""
+    num_classes, S, lr = 200, 40, 0.5
+    store = LocalRowStore(num_classes, D, SGDConfig(lr=lr), std=0.3, seed=1)
+    sampler = build_sampler("exact", num_classes, D, metric="cosine", seed=2, background=False,
+                            random_share=0.5)
+    head = SampledHead(store, sampler, sample_num=S, logit="cosface", s=30.0, m=0.35,
+                       logq=True)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, D, generator=g, requires_grad=True)
+    y = torch.randint(0, num_classes, (B,), generator=g)
+    w0 = store.read_all()
+    head.rebuild_index()                                # neighbours from the first step on
+    state = sampler.rng.bit_generator.state
+    out = head(x, y)
+    sampler.rng.bit_generator.state = state             # the selection the head made
+    ids, target, off = sampler.select(x.detach(), y, S, log_weights=True)
+    fixed = torch.unique(y).numel() + sampler.last_num_neighbours
+    assert 0 < fixed < S and not off[:fixed].any()
+    torch.testing.assert_close(off[fixed:], torch.full((S - fixed,), float(
+        np.log((num_classes - fixed) / (S - fixed)))))
+    w_s = torch.from_numpy(w0)[ids].requires_grad_()
+    plain = LogitSpec("cosface", 30.0, 0.35)(x.detach(), w_s, target)
+    ref = F.cross_entropy(plain + off, target)
+    torch.testing.assert_close(out.logits, plain.detach())
+    torch.testing.assert_close(out.loss, ref)
+    assert float(ref.detach()) > float(F.cross_entropy(plain.detach(), target))
+    out.loss.backward()
+    ref.backward()
+    torch.testing.assert_close(torch.from_numpy(w0 - store.read_all())[ids], lr * w_s.grad)
+    with pytest.raises(ValueError, match="logq must be True or False"):
+        SampledHead(store, sampler, sample_num=S, logq=1)
+
+
 def test_eval_mode_pushes_nothing_and_set_lr_forwards():
     store = LocalRowStore(N, D, SGDConfig(lr=0.1), seed=4)
     head = SampledHead(store, PermutingSampler(N), sample_num=20)

@@ -41,9 +41,13 @@ def _batches():
 
 
 def _make_head(store, logit):
+    # arcface runs with random classes in the selection and the log-Q correction, whose
+    # offsets rank 0 broadcasts with the ids
+    logq = logit == "arcface"
     sampler = build_sampler("exact", N, D, metric="ip" if logit == "linear" else "cosine",
-                            seed=7, background=False, interval=2)
-    return SampledHead(store, sampler, sample_num=S, logit=logit, s=30.0, m=0.3)
+                            seed=7, background=False, interval=2,
+                            random_share=0.5 if logq else 0.0)
+    return SampledHead(store, sampler, sample_num=S, logit=logit, s=30.0, m=0.3, logq=logq)
 
 
 def _worker(rank: int, address: str, port: int, outdir: str, logit: str):

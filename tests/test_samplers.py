@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hfsoftmax.samplers import (build_sampler, list_samplers, recall_of_true_topk,
                                 register_sampler, select_classes)
 from hfsoftmax.samplers.registry import _lazy
-from hfsoftmax.samplers.selection import random_topup
+from hfsoftmax.samplers.selection import random_topup, topup_log_weights
 
 torch.set_num_threads(1)
 
@@ -193,6 +193,41 @@ def test_random_share_keeps_half_the_free_slots_for_random_classes():
     for bad in (-0.1, 1.5, float("nan"), True, "half"):
         with pytest.raises(ValueError, match="random_share must be a number in"):
             build_sampler("exact", 100, 16, random_share=bad)
+
+
+def test_log_weights_make_the_sampled_normaliser_unbiased():
+    """log_weights=True (the log-Q correction): 0 for the labels and neighbours, log(#other
+    classes / #random) for the random top-up; over many draws each sample's corrected
+    normaliser averages to the full softmax's, which the uncorrected one falls well short of."""
+    _, rows = make_exact()
+    s = build_sampler("exact", 500, 16, seed=0, random_share=0.5)
+    s.rebuild(rows)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([3, 3, 10, 11, 12, 13, 14, 15])
+    logits = 0.25 * (x.numpy() @ rows.T)                    # (8, 500), std ~1
+    full = np.exp(logits).sum(1)
+    fixed = 7 + 27                                          # labels + neighbours (see above)
+    want = np.log((500 - fixed) / (60 - fixed))
+    corrected, plain, seen = np.zeros(8), np.zeros(8), np.zeros(500)
+    draws = 1500
+    for _ in range(draws):
+        ids, remapped, off = s.select(x, y, 60, log_weights=True)
+        ids, off = ids.numpy(), off.numpy()
+        assert off.dtype == np.float32 and torch.equal(torch.from_numpy(ids)[remapped], y)
+        assert (off[:fixed] == 0).all() and np.allclose(off[fixed:], want)
+        z = logits[:, ids]
+        corrected += np.exp(z + off).sum(1) / draws
+        plain += np.exp(z).sum(1) / draws
+        seen[ids] += 1
+    assert (seen > 0).sum() == 500                          # every class was drawn at times
+    np.testing.assert_allclose(corrected, full, rtol=0.03)
+    assert (plain < 0.5 * full).all()
+    # every class selected: nothing to correct; numpy in, numpy out
+    ids, _, off = s.select(x.numpy(), y.numpy(), 500, log_weights=True)
+    assert isinstance(off, np.ndarray) and off.shape == (500,) and not off.any()
+    assert not topup_log_weights(60, 500, 60).any()
+    with pytest.raises(ValueError, match="num_fixed=61 must be in"):
+        topup_log_weights(60, 500, 61)
 
 
 def test_select_full_when_sample_num_covers_all_classes():

@@ -397,6 +397,24 @@ def test_fresh_rows_and_random_share_reach_the_sampler(tiny_rec):
             parse_args(["--train-rec", str(tiny_rec), *TINY, "--sampled", *bad])
 
 
+def test_logq_correction_reaches_the_head_and_needs_the_sampled_head(tiny_rec):
+    """--logq-correction turns on the sampled head's log-Q correction (off by default) and
+    is kept in the stored settings; the full head refuses it."""
+    from hfsoftmax.train import build_head, stored_settings
+
+    hf = ["--sampled", "--sampler", "random", "--sample-num", "24"]
+    for extra, want in (([], False), (["--logq-correction"], True)):
+        args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, *extra])
+        head, _ = build_head(args, 40, 0)
+        try:
+            assert head.logq is want and stored_settings(args)["logq_correction"] is want
+        finally:
+            head.sampler.close()
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, "--logq-correction"])
+    with pytest.raises(ValueError, match="--logq-correction corrects the sampled head"):
+        build_head(args, 40, 0)
+
+
 def test_sampler_opt_reaches_the_backend_and_bad_keys_are_named(tiny_rec):
     """--sampler-opt KEY=VALUE sets a backend option (typed), in the trainer and in an index
     process; an unknown key or one the trainer's own flags own is a clear error."""

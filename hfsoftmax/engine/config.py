@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share (0 to 1) of the slots left after the batch's labels that go to "
                         "uniformly random classes; the nearest classes take the rest (0: the "
                         "paper's rule, neighbours first, random only to top up)")
+    g.add_argument("--logq-correction", action=argparse.BooleanOptionalAction, default=False,
+                   help="log-Q correction of the sampled softmax: add log(#classes not chosen "
+                        "outright / #random classes) to the random classes' logits in the "
+                        "loss, so they stand for every class left out and the normaliser is "
+                        "an unbiased estimate of the full softmax's. Acts on random classes "
+                        "only: use it with --random-share > 0 or --sampler random")
     g.add_argument("--background-rebuild", action=argparse.BooleanOptionalAction,
                    default=True,
                    help="rebuild the index on a background thread (training queries the old "

@@ -26,6 +26,16 @@ of the trainer. Per training step:
 
 With ``sample_num == num_classes`` it gives exactly the full head's loss and gradients.
 
+**log-Q correction** (``logq=True``, trainer ``--logq-correction``; off by default). A
+softmax over a selection leaves the unselected classes out of its normaliser, so a sample's
+loss, and its feature's pull toward its own row, fade sooner than under the full softmax.
+With the correction the random top-up's logits (never a label's or a neighbour's) get
+``log(#classes not chosen outright / #random drawn)`` added in the loss, so the random
+classes stand for all those left out and the normaliser is unbiased (``selection.
+topup_log_weights``). The logits the head returns (accuracy, logs) stay uncorrected. It acts
+only where the selection has random classes: ``--random-share`` > 0, the ``random`` sampler,
+or steps before the first index.
+
 **Distributed (torch.distributed, world size W > 1).** Every rank all-gathers the features
 (detached) and labels of all ranks; rank 0 runs the selection over the *global* batch and
 broadcasts the class ids and the remapped global labels; every rank then pulls the same rows,
@@ -101,7 +111,7 @@ class SampledHead(nn.Module):
     def __init__(self, rowstore, sampler, sample_num: int, logit: str = "linear",
                  s: float = DEFAULT_SCALE, m: float | None = None, interval: int | None = None,
                  easy_margin: bool = False, recall_every: int = 0, recall_k: int = 10,
-                 chunk_rows: int = 65536):
+                 chunk_rows: int = 65536, logq: bool = False):
         super().__init__()
         if isinstance(sample_num, bool) or not isinstance(sample_num, (int, np.integer)) \
                 or not 0 < sample_num <= rowstore.num_rows:
@@ -127,6 +137,9 @@ class SampledHead(nn.Module):
         self.num_classes, self.dim = int(rowstore.num_rows), int(rowstore.dim)
         self.recall_every, self.recall_k = int(recall_every), int(recall_k)
         self.chunk_rows = int(chunk_rows)
+        if not isinstance(logq, bool):
+            raise ValueError(f"logq must be True or False, got {logq!r}")
+        self.logq = logq
         self.step = 0  # training steps taken (forward passes in training mode)
         self.lr: float | None = None  # the rows' LR, once set_lr told it
         self.telemetry: dict = {"step": 0, "recall": None, "select_s": None, "pull_s": None,
@@ -140,7 +153,7 @@ class SampledHead(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, dim={self.dim}, sample_num={self.sample_num},"
                 f" logit={self.spec.logit}, s={self.spec.s}, m={self.spec.m}, "
-                f"interval={self.interval}")
+                f"interval={self.interval}, logq={self.logq}")
 
     # -- what the trainer calls besides forward ----------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -187,29 +200,43 @@ class SampledHead(nn.Module):
             self.sampler.maybe_rebuild(self.step, self.rowstore.reader(self.chunk_rows))
 
     # -- the step ------------------------------------------------------------------------
+    def _sampler_select(self, features: torch.Tensor, labels: torch.Tensor):
+        # the log-Q offsets are asked for only when used: a sampler of one's own needs
+        # ``log_weights`` only for logq=True
+        if self.logq:
+            return self.sampler.select(features, labels, self.sample_num, log_weights=True)
+        return self.sampler.select(features, labels, self.sample_num)
+
     def _select(self, features: torch.Tensor, labels: torch.Tensor):
-        """Class ids (S,) and this rank's labels remapped into them, over the global batch."""
+        """Class ids (S,), this rank's labels remapped into them (over the global batch), the
+        global features, the ids as selected, and the (S,) log-Q offsets (None when off)."""
         if not hd.is_dist():
-            ids, target = self.sampler.select(features.detach(), labels, self.sample_num)
+            ids, target, *offsets = self._sampler_select(features.detach(), labels)
             return (torch.as_tensor(ids, dtype=torch.int64).cpu(),
                     torch.as_tensor(target, dtype=torch.int64), features.detach(),
-                    torch.as_tensor(ids, dtype=torch.int64))
+                    torch.as_tensor(ids, dtype=torch.int64),
+                    torch.as_tensor(offsets[0]).cpu() if offsets else None)
         g_feat = hd.all_gather_tensor(features.detach())
         g_lab = hd.all_gather_tensor(labels)
         sizes = hd.all_gather_tensor(torch.tensor([labels.shape[0]], device=labels.device))
         offset = int(sizes[:hd.rank()].sum())
+        offsets = None
         if hd.rank() == 0:
-            ids, g_target = self.sampler.select(g_feat, g_lab, self.sample_num)
+            ids, g_target, *offsets = self._sampler_select(g_feat, g_lab)
             ids = torch.as_tensor(ids, dtype=torch.int64)
             g_target = torch.as_tensor(g_target, dtype=torch.int64)
+            offsets = torch.as_tensor(offsets[0]).cpu() if offsets else None
         else:
             ids = g_target = None
         ids = hd.broadcast(ids, 0, shape=(self.sample_num,), dtype=torch.int64,
                            device=torch.device("cpu"))
         g_target = hd.broadcast(g_target, 0, shape=(g_lab.shape[0],), dtype=torch.int64,
                                 device=torch.device("cpu"))
+        if self.logq:
+            offsets = hd.broadcast(offsets, 0, shape=(self.sample_num,), dtype=torch.float32,
+                                   device=torch.device("cpu"))
         target = g_target[offset:offset + labels.shape[0]]
-        return ids.cpu(), target, g_feat, ids
+        return ids.cpu(), target, g_feat, ids, offsets
 
     def _recall(self, g_feat: torch.Tensor, ids: torch.Tensor) -> float:
         top = exact_topk(g_feat, self.rowstore, self.recall_k, self.spec.normalized,
@@ -225,7 +252,7 @@ class SampledHead(nn.Module):
         if training:
             self._maybe_rebuild()
         t0 = time.perf_counter()
-        ids, target, g_feat, ids_sel = self._select(features, labels)
+        ids, target, g_feat, ids_sel, offsets = self._select(features, labels)
         t1 = time.perf_counter()
         ids_np = ids.numpy()
         if ids_np.shape != (self.sample_num,):
@@ -240,7 +267,11 @@ class SampledHead(nn.Module):
             weight.requires_grad_(True)
             weight.register_hook(self._push_hook(ids_np, w_np, self.step))
         logits = self.spec(features, weight, target)
-        loss = F.cross_entropy(logits, target)
+        if offsets is None:
+            loss = F.cross_entropy(logits, target)
+        else:  # log-Q: only the random top-up's columns move (a label's offset is 0)
+            loss = F.cross_entropy(logits + offsets.to(device=logits.device,
+                                                       dtype=logits.dtype), target)
         if not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(f"sampled-head loss became {float(loss)} at step "
                                      f"{self.step}")

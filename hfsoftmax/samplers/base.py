@@ -45,7 +45,8 @@ from typing import Any, Callable, Union
 import numpy as np
 
 from .fresh import FreshRows, merge_topk
-from .selection import check_labels, check_random_share, neighbour_slots, select_classes
+from .selection import (check_labels, check_random_share, neighbour_slots, select_classes,
+                        topup_log_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -374,7 +375,7 @@ class ClassSampler:
         ids_f, sc_f = fresh.topk(q, k)
         return merge_topk(ids_i, sc_i, ids_f, sc_f, k)
 
-    def select(self, features, labels, sample_num: int):
+    def select(self, features, labels, sample_num: int, log_weights: bool = False):
         """The HF-Softmax selection for one batch: ``(class_ids (S,), remapped_labels (B,))``.
 
         ``class_ids`` holds the batch's unique labels first, then the nearest classes of the
@@ -382,6 +383,9 @@ class ClassSampler:
         ``sample_num`` distinct ids in [0, num_classes); ``class_ids[remapped] == labels``.
         With ``sample_num >= num_classes`` it is ``arange(num_classes)`` and the labels are
         unchanged. Both are LongTensors on the features' device (numpy in, numpy out).
+        ``log_weights=True`` adds a third value, the (S,) float32 logit offsets of the log-Q
+        correction (:func:`~hfsoftmax.samplers.selection.topup_log_weights`: 0 for labels
+        and neighbours, ``log(#other classes / #random)`` for the random top-up).
         """
         device = _torch_device(features) or _torch_device(labels)
         x = self._check_features(features)
@@ -407,10 +411,14 @@ class ClassSampler:
         ids, remapped, n_near = select_classes(lab, neighbours, sample_num, self.num_classes,
                                                self.rng, self.random_share)
         self.last_num_neighbours = n_near
+        out = (ids, remapped)
+        if log_weights:
+            n_fixed = ids.size if sample_num >= self.num_classes else np.unique(lab).size + n_near
+            out += (topup_log_weights(ids.size, self.num_classes, n_fixed),)
         if device is not None:
             import torch
-            return (torch.from_numpy(ids).to(device), torch.from_numpy(remapped).to(device))
-        return ids, remapped
+            return tuple(torch.from_numpy(a).to(device) for a in out)
+        return out
 
     # ------------------------------------------------------------------ telemetry
     def stats(self) -> dict:

@@ -429,10 +429,10 @@ class ProcessSampler(ClassSampler):
             self.refresh()
         return super().query(features, k)
 
-    def select(self, features, labels, sample_num: int):
+    def select(self, features, labels, sample_num: int, log_weights: bool = False):
         if self._index is None and not self._closed:
             self.refresh()  # has the first index been built meanwhile?
-        return super().select(features, labels, sample_num)
+        return super().select(features, labels, sample_num, log_weights)
 
     # ------------------------------------------------------------------ rebuilds
     @property

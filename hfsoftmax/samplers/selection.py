@@ -18,6 +18,12 @@ synthetic benchmark: see ``benchmarks/accuracy.py``).
 
 Everything is vectorized; the only loop is the (rare) redraw of the random top-up.
 
+:func:`topup_log_weights` gives the log-Q correction of such a selection (off by default,
+trainer ``--logq-correction``): the labels and neighbours are chosen outright, the random
+top-up uniformly from all the other classes, so adding ``log(#others / #random)`` to the
+random classes' logits makes the sampled softmax's normaliser an unbiased estimate of the
+full softmax's (importance sampling; Bengio & Senecal 2008, Jean et al. 2015).
+
 >>> ids, remapped = select_classes(labels, neighbours, sample_num=1000, num_classes=10**6, rng=rng)
 """
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["check_labels", "check_random_share", "interleave_neighbours", "neighbour_slots",
-           "random_topup", "select_classes"]
+           "random_topup", "select_classes", "topup_log_weights"]
 
 
 def check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -152,3 +158,22 @@ def select_classes(labels: np.ndarray, neighbours: np.ndarray | None, sample_num
     class_ids = np.concatenate([chosen, rand])
     remapped = np.searchsorted(uniq, labels).astype(np.int64, copy=False)
     return class_ids, remapped, int(near.size)
+
+
+def topup_log_weights(sample_num: int, num_classes: int, num_fixed: int) -> np.ndarray:
+    """Per-slot logit offsets (``(sample_num,)`` float32) of the log-Q correction for a
+    selection whose first ``num_fixed`` slots (labels, neighbours) were chosen outright and
+    whose other ``r = sample_num - num_fixed`` slots were drawn uniformly without replacement
+    from the ``num_classes - num_fixed`` classes left: 0 for the fixed slots,
+    ``log((num_classes - num_fixed) / r)`` for the random ones (each stands for that many
+    classes). Then ``sum_fixed exp(z) + sum_random exp(z + offset)`` has, over the draw, the
+    full softmax's normaliser as its mean. All zeros when every class is selected.
+    """
+    sample_num, num_classes, num_fixed = int(sample_num), int(num_classes), int(num_fixed)
+    if not 0 <= num_fixed <= sample_num:
+        raise ValueError(f"num_fixed={num_fixed} must be in [0, sample_num={sample_num}]")
+    out = np.zeros(sample_num, dtype=np.float32)
+    rest, drawn = num_classes - num_fixed, sample_num - num_fixed
+    if drawn > 0 and rest > drawn:
+        out[num_fixed:] = np.log(rest / drawn)
+    return out
