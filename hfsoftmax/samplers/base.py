@@ -412,9 +412,9 @@ class ClassSampler:
                                                self.rng, self.random_share)
         self.last_num_neighbours = n_near
         out = (ids, remapped)
-        if log_weights:
-            n_fixed = ids.size if sample_num >= self.num_classes else np.unique(lab).size + n_near
-            out += (topup_log_weights(ids.size, self.num_classes, n_fixed),)
+        if log_weights:  # every class selected: nothing left to stand for, all zeros
+            out += (topup_log_weights(ids.size, self.num_classes,
+                                      np.unique(lab).size + n_near),)
         if device is not None:
             import torch
             return tuple(torch.from_numpy(a).to(device) for a in out)
