@@ -411,6 +411,7 @@ def closed_set_top1(backbone, rows: np.ndarray, head: str, args, families: np.nd
     others = top != labels[:, None]
     neigh_fam = (families[top] == families[labels][:, None]) & others
     figures = {"top1": round(float(right.mean()), 5),
+               **own_row_cosines(feats.numpy(), rows, labels, top),
                "top1_family": round(float(fam_right.mean()), 5),
                "errors_in_family": round(float(fam_right[wrong].mean()), 4) if wrong.any()
                else None,
@@ -418,6 +419,24 @@ def closed_set_top1(backbone, rows: np.ndarray, head: str, args, families: np.nd
                "hub_share": hub_share(top[others], rows.shape[0]),
                "top1_images": int(len(indices))}
     return figures, feats.numpy(), top[:, :NEIGHBOURS]
+
+
+def own_row_cosines(feats: np.ndarray, rows: np.ndarray, labels: np.ndarray,
+                    top: np.ndarray) -> dict:
+    """How close the images' features sit to their own class row: the mean cosine of each
+    feature to its own row, to its highest-scoring other row (``top``: each image's classes
+    by the head's score, best first), and the mean gap between the two. A softmax pulls a
+    feature toward its row until the normaliser it sees is small; one that leaves most
+    classes out of it stops pulling sooner (what the log-Q correction is about)."""
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    w = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    wrong_first = np.argmax(top != labels[:, None], axis=1)  # first entry that is not the label
+    other = top[np.arange(len(labels)), wrong_first]
+    own_cos = np.einsum("nd,nd->n", f, w[labels])
+    other_cos = np.einsum("nd,nd->n", f, w[other])
+    return {"own_row_cos": round(float(own_cos.mean()), 4),
+            "best_other_row_cos": round(float(other_cos.mean()), 4),
+            "own_row_cos_gap": round(float((own_cos - other_cos).mean()), 4)}
 
 
 def fresh_index_recall(args, method: str, head: str, rows: np.ndarray, feats: np.ndarray,
@@ -474,10 +493,14 @@ def pair_kind_accuracy(dist: np.ndarray, issame: np.ndarray, threshold: float) -
     :func:`hfsoftmax.data.synthetic._pair_spec`."""
     kind = np.arange(dist.size) % 4
     right = (dist < threshold) == np.asarray(issame, dtype=bool)
-    return {"threshold": round(float(threshold), 3),
-            "accuracy_same": round(float(right[kind % 2 == 0].mean()), 5),
-            "accuracy_lookalike": round(float(right[kind == 1].mean()), 5),
-            "accuracy_other": round(float(right[kind == 3].mean()), 5)}
+    cos = 1.0 - np.asarray(dist, dtype=np.float64) / 2  # squared L2 of unit vectors = 2 - 2 cos
+    masks = {"same": kind % 2 == 0, "lookalike": kind == 1, "other": kind == 3}
+    out = {"threshold": round(float(threshold), 3)}
+    out.update({f"accuracy_{k}": round(float(right[m].mean()), 5) for k, m in masks.items()})
+    # the pairs' mean cosine per kind: how tight an unseen identity's images sit (same) and
+    # how far apart look-alikes are, apart from where the threshold falls
+    out.update({f"cos_{k}": round(float(cos[m].mean()), 4) for k, m in masks.items()})
+    return out
 
 
 def evaluate_one(args, res: dict, families: np.ndarray, indices: np.ndarray) -> None:

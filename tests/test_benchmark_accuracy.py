@@ -46,6 +46,10 @@ def test_quick_preset_writes_one_json_with_every_method(tmp_path):
         for kind in ("same", "lookalike", "other"):
             assert 0.0 <= ver[f"accuracy_{kind}"] <= 1.0
         assert 0.0 <= ver["threshold"] <= 4.0
+        assert -1.0 <= ver["cos_lookalike"] <= 1.0 and -1.0 <= ver["cos_same"] <= 1.0
+        assert -1.0 <= run["best_other_row_cos"] <= 1.0 and -1.0 <= run["own_row_cos"] <= 1.0
+        assert run["own_row_cos_gap"] == pytest.approx(
+            run["own_row_cos"] - run["best_other_row_cos"], abs=2e-4)
         assert sum(ver["fold_accuracies"]) / 10 == pytest.approx(ver["accuracy"], abs=1e-4)
         assert 0.0 <= run["top1"] <= run["top1_family"] <= 1.0
         assert run["top1_images"] == cfg["num_classes"] * cfg["heldout_per_class"]
@@ -208,4 +212,26 @@ def test_pair_kind_accuracy_follows_the_synthetic_layout():
     same = np.arange(8) % 2 == 0
     got = accuracy.pair_kind_accuracy(dist, same, 0.8)
     assert got == {"threshold": 0.8, "accuracy_same": 0.75, "accuracy_lookalike": 0.5,
-                   "accuracy_other": 1.0}
+                   "accuracy_other": 1.0,
+                   # cosine = 1 - squared L2 / 2 of unit vectors, averaged per kind
+                   "cos_same": 0.8, "cos_lookalike": 0.5, "cos_other": 0.275}
+
+
+def test_own_row_cosines_takes_the_best_row_that_is_not_the_label():
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import accuracy
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = np.array([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])   # norms differ: cosines, not dots
+    feats = np.array([[3.0, 4.0], [-3.0, -4.0]])             # unit: +-(0.6, 0.8)
+    labels = np.array([0, 2])
+    # image 0: its label ranks second, so class 1 is its best other; image 1: its label
+    # ranks first, so class 0 (second) is
+    top = np.array([[1, 0, 2], [2, 0, 1]])
+    got = accuracy.own_row_cosines(feats, rows, labels, top)
+    own, other = (0.6 + 0.6) / 2, (0.8 - 0.6) / 2
+    assert got == {"own_row_cos": pytest.approx(own), "best_other_row_cos": pytest.approx(other),
+                   "own_row_cos_gap": pytest.approx(own - other)}
