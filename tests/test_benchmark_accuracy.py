@@ -16,6 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "accuracy.py"
 
 
+def _accuracy_module():
+    """benchmarks/accuracy.py imported as a module (benchmarks/ is no package)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import accuracy
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return accuracy
+
+
 def _run(*args, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
@@ -203,11 +213,7 @@ def test_pair_kind_accuracy_follows_the_synthetic_layout():
     """Pairs 0, 2, ... are same identity, 1, 5, ... look-alikes, 3, 7, ... two families."""
     import numpy as np
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import accuracy
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    accuracy = _accuracy_module()
     dist = np.array([0.1, 0.5, 0.2, 2.0, 0.3, 1.5, 1.0, 0.9])
     same = np.arange(8) % 2 == 0
     got = accuracy.pair_kind_accuracy(dist, same, 0.8)
@@ -220,11 +226,7 @@ def test_pair_kind_accuracy_follows_the_synthetic_layout():
 def test_own_row_cosines_takes_the_best_row_that_is_not_the_label():
     import numpy as np
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import accuracy
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    accuracy = _accuracy_module()
     rows = np.array([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])   # norms differ: cosines, not dots
     feats = np.array([[3.0, 4.0], [-3.0, -4.0]])             # unit: +-(0.6, 0.8)
     labels = np.array([0, 2])
