@@ -412,7 +412,8 @@ class ClassSampler:
                                                self.rng, self.random_share)
         self.last_num_neighbours = n_near
         out = (ids, remapped)
-        if log_weights:  # every class selected: nothing left to stand for, all zeros
+        if log_weights:  # labels and neighbours 0, the random top-up log(#others / #random);
+            # all zeros when every class is selected (no class left for a random one to stand for)
             out += (topup_log_weights(ids.size, self.num_classes,
                                       np.unique(lab).size + n_near),)
         if device is not None:
