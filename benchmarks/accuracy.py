@@ -620,11 +620,10 @@ def code_of(args) -> dict:
 
 
 def write_json(path: str | None, obj: dict) -> None:
-    if not path:
-        return
-    from hfsoftmax.fileio import write_text
+    if path:
+        from hfsoftmax.fileio import write_json as _write
 
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+        _write(path, obj, indent=2)
 
 
 #: settings that only HF methods (an index) use: full softmax and random runs are the same

@@ -98,12 +98,11 @@ def main(argv=None) -> dict:
             for w in [int(x) for x in args.loader_workers.split(",")]:
                 result[f"{name}_workers{w}"] = _loader_rate(ds, w, args.batch_size,
                                                             args.epochs)
-    text = json.dumps(result)
-    print(text)
+    print(json.dumps(result))
     if args.out:
-        from hfsoftmax.fileio import write_text
+        from hfsoftmax.fileio import write_json
 
-        write_text(args.out, text + "\n")
+        write_json(args.out, result)
     return result
 
 

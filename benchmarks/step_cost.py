@@ -283,12 +283,11 @@ def main(argv=None) -> dict:
         result.update(time_full(args))
         if "full_ms" in result:
             result["ratio"] = round(result["full_ms"] / result["sampled_ms"], 1)
-    text = json.dumps(result, sort_keys=False)
-    print(text)
+    print(json.dumps(result))
     if args.out:
-        from hfsoftmax.fileio import write_text
+        from hfsoftmax.fileio import write_json
 
-        write_text(args.out, text + "\n")
+        write_json(args.out, result)
     return result
 
 

@@ -184,9 +184,9 @@ def main() -> int:
                           "threads": torch.get_num_threads(), "python": platform.python_version(),
                           "load_avg_1m": os.getloadavg()[0]},
               "results": results, "speedup": speedup}
-    from hfsoftmax.fileio import write_text
+    from hfsoftmax.fileio import write_json
 
-    write_text(a.out, json.dumps(report, indent=2))
+    write_json(a.out, report, indent=2)
     print(json.dumps(report))
     return 0
 

@@ -10,11 +10,12 @@ own copies of this for their snapshot and report files.)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from typing import IO, Iterator
 
-__all__ = ["atomic_write", "write_text"]
+__all__ = ["atomic_write", "write_json", "write_text"]
 
 
 @contextlib.contextmanager
@@ -50,3 +51,12 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`)."""
     with atomic_write(path, "w") as f:
         f.write(text)
+
+
+def write_json(path: str | os.PathLike, obj, *, indent: int | None = None,
+               sort_keys: bool = False) -> str:
+    """Write ``obj`` as JSON (one trailing newline) to ``path`` atomically; return the JSON
+    text (without the newline), for a caller that also prints it."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys)
+    write_text(path, text + "\n")
+    return text

@@ -45,7 +45,7 @@ from .engine.config import (FRESH_ROWS_AUTO_MAX, args_to_dict, parse_args, parse
 from .engine.data import FlipDataset, ShardedBatchSampler, build_train_dataset
 from .engine.metrics import CsvWriter, ScalarWriter, SmoothedValue, format_eta
 from .engine.schedule import StepSchedule
-from .fileio import write_text
+from .fileio import write_json
 from .samplers.selection import neighbour_slots
 
 __all__ = ["main", "run", "TrainModel", "train_one_epoch"]
@@ -549,8 +549,8 @@ def run(args: argparse.Namespace) -> dict:
         writers["csv"] = CsvWriter(os.path.join(args.save_path, "metrics.csv"), TRAIN_FIELDS)
         writers["val"] = CsvWriter(os.path.join(args.save_path, "val.csv"), VAL_FIELDS)
         writers["tb"] = ScalarWriter(os.path.join(args.save_path, "tb"))
-        write_text(os.path.join(args.save_path, "args.json"),
-                   json.dumps(stored_settings(args), indent=2, sort_keys=True))
+        write_json(os.path.join(args.save_path, "args.json"), stored_settings(args), indent=2,
+                   sort_keys=True)
     verifier = Verifier(args.val_bins, os.path.join(args.save_path, "val")) \
         if args.val_bins and hd.is_main() else None
     if store is not None:

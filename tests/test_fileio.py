@@ -43,3 +43,17 @@ def test_write_text_is_utf8_and_atomic(tmp_path):
     with pytest.raises(TypeError):
         write_text(p, b"bytes are not text")
     assert p.read_text(encoding="utf-8") == "ok \u00e9\n" and os.listdir(tmp_path) == ["r.json"]
+
+
+def test_write_json_round_trips_and_a_bad_object_leaves_the_file(tmp_path):
+    import json
+
+    from hfsoftmax.fileio import write_json
+
+    p = tmp_path / "r.json"
+    text = write_json(p, {"b": 1, "a": [0.5]}, indent=2, sort_keys=True)
+    assert p.read_text() == text + "\n" and text.index('"a"') < text.index('"b"')
+    assert json.loads(p.read_text()) == {"a": [0.5], "b": 1}
+    with pytest.raises(TypeError, match="set"):
+        write_json(p, {"a": {1, 2}})  # not JSON: refused before the file is touched
+    assert json.loads(p.read_text()) == {"a": [0.5], "b": 1} and os.listdir(tmp_path) == ["r.json"]

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from ..fileio import write_text
+from ..fileio import write_json, write_text
 
 from .recordio import IRHeader, RecordIOWriter, pack
 from .verification import dump_bin
@@ -305,11 +305,11 @@ def rewrite_pairs(out_dir: str | os.PathLike, num_pairs: int, *, workers: int | 
             bar.close()
     # synthetic.json first says "some pairs count" (-1), so a crash between the two writes
     # leaves a set that matches no count exactly and gets its pairs rewritten again
-    write_text(path, json.dumps(dict(meta, config=dict(meta["config"], num_pairs=-1))) + "\n")
+    write_json(path, dict(meta, config=dict(meta["config"], num_pairs=-1)))
     dump_bin(os.path.join(out_dir, "synthetic.bin"), bins, issame)
     meta.update(config=asdict(cfg), pairs=num_pairs, same_pairs=sum(issame),
                 pairs_rewritten_s=round(time.perf_counter() - t0, 3))
-    write_text(path, json.dumps(meta) + "\n")
+    write_json(path, meta)
     logger.info("%s: %d verification pairs written in %.1f s (training records kept)", out_dir,
                 num_pairs, time.perf_counter() - t0)
     return {k: v for k, v in meta.items() if k != "class_family"}
@@ -399,7 +399,7 @@ def make_synthetic(out_dir: str | os.PathLike, num_classes: int = 2000,
         "seconds": round(seconds, 3), "images_per_s": round(n_images / seconds, 1),
     }
     meta = dict(summary, class_family=fams.tolist())
-    write_text(os.path.join(out_dir, "synthetic.json"), json.dumps(meta) + "\n")
+    write_json(os.path.join(out_dir, "synthetic.json"), meta)
     logger.info("synthetic set: %d classes x %d images (+%d held out) and %d pairs written to "
                 "%s in %.1f s (%.0f images/s, %d workers)", C, K, H, cfg.num_pairs, out_dir,
                 seconds, n_images / seconds, workers)
