@@ -98,11 +98,9 @@ def main(argv=None) -> dict:
             for w in [int(x) for x in args.loader_workers.split(",")]:
                 result[f"{name}_workers{w}"] = _loader_rate(ds, w, args.batch_size,
                                                             args.epochs)
-    print(json.dumps(result))
-    if args.out:
-        from hfsoftmax.fileio import write_json
+    from hfsoftmax.fileio import write_json
 
-        write_json(args.out, result)
+    print(write_json(args.out, result) if args.out else json.dumps(result))
     return result
 
 

@@ -133,11 +133,9 @@ def main() -> None:
             f"{k} {v['steps_per_s']} steps/s ({v['cpu_bound_steps_per_s']} CPU-bound)"
             for k, v in case.items()), file=sys.stderr)
     result["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
-    print(json.dumps(result, indent=1))
-    if args.out:
-        from hfsoftmax.fileio import write_json  # torch-free, like this benchmark
+    from hfsoftmax.fileio import write_json  # torch-free, like this benchmark
 
-        write_json(args.out, result, indent=1)
+    print(write_json(args.out, result, indent=1) if args.out else json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -283,11 +283,9 @@ def main(argv=None) -> dict:
         result.update(time_full(args))
         if "full_ms" in result:
             result["ratio"] = round(result["full_ms"] / result["sampled_ms"], 1)
-    print(json.dumps(result))
-    if args.out:
-        from hfsoftmax.fileio import write_json
+    from hfsoftmax.fileio import write_json
 
-        write_json(args.out, result)
+    print(write_json(args.out, result) if args.out else json.dumps(result))
     return result
 
 
