@@ -19,7 +19,6 @@ threshold) and writes ``<name>.json`` and ``<name>_roc.png`` per set plus ``summ
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -29,11 +28,11 @@ from typing import Sequence
 import torch.nn as nn
 
 from evaluation import VerificationResult, evaluate, format_table, write_report
-from evaluation.report import atomic_write_bytes
 
 from .extract import (USER_ERRORS, VerificationSet, add_model_args, extract_verification,
                       issame_path, load_backbone, load_verification_set, resolve_device,
                       save_npy)
+from .fileio import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     payload = {"checkpoint": str(args.load_path), "flip": args.flip, "results": summary(results)}
-    atomic_write_bytes(out_dir / "summary.json", (json.dumps(payload, indent=2) + "\n").encode())
+    write_json(out_dir / "summary.json", payload, indent=2)
     print(format_table(results))
     print(f"reports: {out_dir}")
     return 0
