@@ -619,11 +619,20 @@ def code_of(args) -> dict:
     return out
 
 
-def write_json(path: str | None, obj: dict) -> None:
+def write_json(path: str | None, obj: dict) -> str | None:
+    """Write ``obj`` (indent 2) to ``path`` when one is given; return the text written."""
     if path:
         from hfsoftmax.fileio import write_json as _write
 
-        _write(path, obj, indent=2)
+        return _write(path, obj, indent=2)
+    return None
+
+
+def emit(path: str | None, obj: dict) -> None:
+    """Print ``obj`` as JSON (indent 2), and write the same text to ``path`` when one is
+    given (serialised once)."""
+    text = write_json(path, obj)
+    print(text if text is not None else json.dumps(obj, indent=2))
 
 
 #: settings that only HF methods (an index) use: full softmax and random runs are the same
@@ -712,8 +721,7 @@ def main(argv=None) -> dict:
         if not args.out:
             raise SystemExit("--merge needs --out (the combined JSON to write)")
         result = merge_outputs(args.merge)
-        write_json(args.out, result)
-        print(json.dumps(result, indent=2))
+        emit(args.out, result)
         return result
     torch.set_num_threads(args.threads)
     os.makedirs(args.work_dir, exist_ok=True)
@@ -780,8 +788,7 @@ def main(argv=None) -> dict:
         result["eval_only_wall_s"] = round(time.perf_counter() - t_all, 1)
     else:
         result["total_wall_s"] = round(time.perf_counter() - t_all, 1)
-    write_json(args.out, result)
-    print(json.dumps(result, indent=2))
+    emit(args.out, result)
     return result
 
 
