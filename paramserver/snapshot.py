@@ -177,6 +177,7 @@ def write_snapshot(path: str | os.PathLike, tables: dict[str, Table],
                 f.write(memoryview(arr).cast("B"))
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the rows from the group's eval jobs
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -276,6 +276,8 @@ def test_report_files_and_table(tmp_path):
     assert data["accuracy"] == result.accuracy and len(data["tpr"]) == 400
     assert paths["roc"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temps
+    # World-readable like a plain open() (mkstemp alone would leave them 0600).
+    assert {oct(p.stat().st_mode & 0o777) for p in paths.values()} == {"0o644"}
     table = format_table({"lfw": result, "cfp_fp": result})
     lines = table.splitlines()
     assert lines[0].split()[:2] == ["name", "pairs"] and "VAL@FAR=0.001" in lines[0]

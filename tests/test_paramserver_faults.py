@@ -217,6 +217,7 @@ def test_completed_snapshot_restores_to_identical_bytes(tmp_path):
         assert ps.ping()[0]["tables"] == {"w": 3, "bias": 3}
         ps.snapshot(c)
     assert a.read_bytes() == b.read_bytes() == c.read_bytes()
+    assert oct(a.stat().st_mode & 0o777) == "0o644"  # not mkstemp's 0600
     # The format is plain safetensors, readable (memory-mapped) by the safetensors library.
     with safe_open(str(a), framework="numpy") as f:
         np.testing.assert_array_equal(f.get_tensor("w/weight"), weights)
