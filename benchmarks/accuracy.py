@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampled methods (HF and random): the trainer's --logq-correction "
                         "(the random classes' logits corrected so that the sampled "
                         "normaliser is unbiased; acts with --random-share > 0 and on random)")
+    g.add_argument("--logq-per-sample", action="store_true",
+                   help="sampled methods: the trainer's --logq-per-sample (the correction per "
+                        "sample: every selected class but a sample's label and own neighbours "
+                        "stands for the classes left out; needs no --random-share)")
     g.add_argument("--ntrees", type=int, help="annoy trees")
     g.add_argument("--nprobe", type=int, default=32,
                    help="faiss IVF lists searched per query (of sqrt(N) = 141 at 20K). The "
@@ -287,7 +291,8 @@ def trainer_argv(args, method: str, head: str, save_path: str) -> list[str]:
                  "--row-momentum", str(args.row_momentum), "--row-lr-mult", str(args.row_lr_mult),
                  *(["--sampler-opt", f"nprobe={args.nprobe}"] if method == "faiss" else []),
                  "--recall-every", str(max(1, min(200, args.steps // 5))),
-                 *(["--logq-correction"] if args.logq_correction else [])]
+                 *(["--logq-correction"] if args.logq_correction else []),
+                 *(["--logq-per-sample"] if args.logq_per_sample else [])]
         argv += ["--background-rebuild"] if args.background_rebuild else \
             ["--no-background-rebuild"]
     return argv
@@ -543,7 +548,8 @@ def config_of(args) -> dict:
     keys = ("preset", "num_classes", "images_per_class", "heldout_per_class", "pairs",
             "family_size", "arch", "embedding_size", "batch_size", "steps", "lr",
             "lr_decay_at", "sample_num", "interval", "random_share", "fresh_rows",
-            "renorm_rows", "row_momentum", "row_lr_mult", "logq_correction", "ntrees", "nprobe",
+            "renorm_rows", "row_momentum", "row_lr_mult", "logq_correction", "logq_per_sample",
+            "ntrees", "nprobe",
             "background_rebuild", "scale",
             "margin", "seed", "threads", "workers", "top1_images", "data")
     return {k: getattr(args, k) for k in keys}
@@ -640,13 +646,14 @@ def emit(path: str | None, obj: dict) -> None:
 HF_ONLY = ("interval", "ntrees", "nprobe", "random_share", "fresh_rows", "background_rebuild")
 #: settings of the sampled head's row store: a full-softmax run is the same whatever they are
 SAMPLED_ONLY = HF_ONLY + ("sample_num", "renorm_rows", "row_momentum", "row_lr_mult",
-                          "logq_correction")
+                          "logq_correction", "logq_per_sample")
 
 
 #: settings added after some outputs were written: an output without them was measured at
 #: these values (the rows with the backbone's momentum 0.9 and LR: the paper's rule; no
 #: log-Q correction)
-LATER_KEYS = {"row_momentum": 0.9, "row_lr_mult": 1.0, "logq_correction": False}
+LATER_KEYS = {"row_momentum": 0.9, "row_lr_mult": 1.0, "logq_correction": False,
+              "logq_per_sample": False}
 #: settings of the evaluation only (the trained runs do not depend on them): --eval-only may
 #: change them, e.g. to score the same checkpoints on more verification pairs
 EVAL_KEYS = ("pairs", "top1_images")

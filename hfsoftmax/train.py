@@ -197,6 +197,12 @@ def stored_settings(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def logq_mode(args: argparse.Namespace) -> bool | str:
+    """The sampled head's ``logq``: "sample" (``--logq-per-sample``), True
+    (``--logq-correction``: the random top-up's) or False."""
+    return "sample" if args.logq_per_sample else bool(args.logq_correction)
+
+
 def build_row_store(args: argparse.Namespace, num_classes: int, rank: int):
     """The sampled head's rows: in this process, or on the parameter server(s) of ``--ps``."""
     from .rowstore import LocalRowStore, RemoteRowStore, SGDConfig
@@ -246,8 +252,9 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
                 raise ValueError(f"{flag} {value} applies to the sampled head's row store (the "
                                  "full head's rows are torch parameters, updated with the "
                                  "backbone's --lr and --momentum); add --sampled or drop it")
-        if args.logq_correction:
-            raise ValueError("--logq-correction corrects the sampled head's softmax for the "
+        if args.logq_correction or args.logq_per_sample:
+            flag = "--logq-per-sample" if args.logq_per_sample else "--logq-correction"
+            raise ValueError(f"{flag} corrects the sampled head's softmax for the "
                              "classes a selection leaves out; the full head leaves none out: "
                              "add --sampled or drop it")
         return FullHead(num_classes, args.embedding_size, **kw), None
@@ -298,7 +305,7 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
                          "for each backend's options") from None
     store = build_row_store(args, num_classes, rank)
     head = SampledHead(store, sampler, args.sample_num, interval=args.interval,
-                       recall_every=args.recall_every, logq=args.logq_correction, **kw)
+                       recall_every=args.recall_every, logq=logq_mode(args), **kw)
     return head, store
 
 
@@ -563,7 +570,7 @@ def run(args: argparse.Namespace) -> dict:
                         "batch's labels, %.1f slots per sample for its nearest classes",
                         args.sample_num, num_classes, 100.0 * args.sample_num / num_classes,
                         slots)
-        if args.logq_correction and _selects_by_index(args) and not args.random_share:
+        if logq_mode(args) is True and _selects_by_index(args) and not args.random_share:
             logger.warning("--logq-correction acts on random classes only, and with "
                            "--random-share 0 a selection has some only before the first "
                            "index (or where the index finds too few neighbours); add "

@@ -237,3 +237,19 @@ def test_own_row_cosines_takes_the_best_row_that_is_not_the_label():
     own, other = (0.6 + 0.6) / 2, (0.8 - 0.6) / 2
     assert got == {"own_row_cos": pytest.approx(own), "best_other_row_cos": pytest.approx(other),
                    "own_row_cos_gap": pytest.approx(own - other)}
+
+
+def test_log_q_flags_reach_the_sampled_runs_only():
+    """--logq-correction / --logq-per-sample are passed to the sampled methods' trainers, not
+    to the full softmax's, and recorded in the output's configuration."""
+    acc = _accuracy_module()
+    for flag, key in (("--logq-correction", "logq_correction"),
+                      ("--logq-per-sample", "logq_per_sample")):
+        args = acc.resolve_args(["--preset", "quick", flag])
+        assert acc.config_of(args)[key] is True
+        assert flag in acc.trainer_argv(args, "annoy", "cosface", "x")
+        assert flag in acc.trainer_argv(args, "random", "cosface", "x")
+        assert flag not in acc.trainer_argv(args, "full", "cosface", "x")
+    args = acc.resolve_args(["--preset", "quick"])
+    assert not acc.config_of(args)["logq_per_sample"]
+    assert acc.stored_config({"config": {}})["logq_per_sample"] is False  # older outputs

@@ -274,8 +274,46 @@ def test_logq_correction_offsets_the_random_classes_in_the_loss_only():
     out.loss.backward()
     ref.backward()
     torch.testing.assert_close(torch.from_numpy(w0 - store.read_all())[ids], lr * w_s.grad)
-    with pytest.raises(ValueError, match="logq must be True or False"):
-        SampledHead(store, sampler, sample_num=S, logq=1)
+    for bad in (1, "random", None):
+        with pytest.raises(ValueError, match="logq must be False, True .* or 'sample'"):
+            SampledHead(store, sampler, sample_num=S, logq=bad)
+
+
+def test_logq_per_sample_offsets_all_but_each_samples_own_classes():
+    """logq="sample": for each sample, its label and its own neighbours (its row of the
+    index's answer) keep offset 0 and every other selected class gets log((N - a_i) / (S -
+    a_i)), a_i its own count; loss and pushed row gradient follow, the logits stay plain."""
+    num_classes, S, lr = 200, 40, 0.5
+    store = LocalRowStore(num_classes, D, SGDConfig(lr=lr), std=0.3, seed=1)
+    sampler = build_sampler("exact", num_classes, D, metric="cosine", seed=2, background=False)
+    head = SampledHead(store, sampler, sample_num=S, logit="cosface", s=30.0, m=0.35,
+                       logq="sample")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, D, generator=g, requires_grad=True)
+    y = torch.randint(0, num_classes, (B,), generator=g)
+    w0 = store.read_all()
+    head.rebuild_index()
+    state = sampler.rng.bit_generator.state
+    out = head(x, y)
+    sampler.rng.bit_generator.state = state
+    ids, target, own = sampler.select(x.detach(), y, S, log_weights="sample")
+    # the samples' own classes, from scratch: label + the ids of its exact nearest rows
+    k = own.shape[1] - 1
+    near = sampler.query(x.detach(), k)
+    off = np.empty((B, S), dtype=np.float32)
+    for i in range(B):
+        mine = {int(y[i])} | {int(c) for c in near[i] if c in set(ids.tolist())}
+        a = len(mine)
+        off[i] = [0.0 if int(c) in mine else np.log((num_classes - a) / (S - a)) for c in ids]
+    assert (off == 0).sum(1).max() > 1          # some sample has own neighbours selected
+    w_s = torch.from_numpy(w0)[ids].requires_grad_()
+    plain = LogitSpec("cosface", 30.0, 0.35)(x.detach(), w_s, target)
+    ref = F.cross_entropy(plain + torch.from_numpy(off), target)
+    torch.testing.assert_close(out.logits, plain.detach())
+    torch.testing.assert_close(out.loss, ref)
+    out.loss.backward()
+    ref.backward()
+    torch.testing.assert_close(torch.from_numpy(w0 - store.read_all())[ids], lr * w_s.grad)
 
 
 def test_eval_mode_pushes_nothing_and_set_lr_forwards():

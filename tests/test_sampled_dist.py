@@ -42,11 +42,12 @@ def _batches():
 
 def _make_head(store, logit):
     # arcface runs with random classes in the selection and the log-Q correction, whose
-    # offsets rank 0 broadcasts with the ids
-    logq = logit == "arcface"
+    # offsets rank 0 broadcasts with the ids; cosface with the per-sample correction, for
+    # which rank 0 broadcasts every sample's own slots and each rank takes its own samples'
+    logq = {"linear": False, "arcface": True, "cosface": "sample"}[logit]
     sampler = build_sampler("exact", N, D, metric="ip" if logit == "linear" else "cosine",
                             seed=7, background=False, interval=2,
-                            random_share=0.5 if logq else 0.0)
+                            random_share=0.5 if logq is True else 0.0)
     return SampledHead(store, sampler, sample_num=S, logit=logit, s=30.0, m=0.3, logq=logq)
 
 
@@ -106,7 +107,7 @@ def rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("logit", ["linear", "arcface"])
+@pytest.mark.parametrize("logit", ["linear", "arcface", "cosface"])
 def test_two_gloo_ranks_equal_one_process_at_twice_the_batch(logit, tmp_path):
     torch.set_num_threads(1)
     with running_server("--workers", str(WORLD), "--worker-timeout", "60") as (_, address):

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from hfsoftmax.samplers import (build_sampler, list_samplers, recall_of_true_topk,
                                 register_sampler, select_classes)
 from hfsoftmax.samplers.registry import _lazy
-from hfsoftmax.samplers.selection import random_topup, topup_log_weights
+from hfsoftmax.samplers.selection import (own_slots, random_topup, sample_log_weights,
+                                          topup_log_weights)
 
 torch.set_num_threads(1)
 
@@ -228,6 +229,62 @@ def test_log_weights_make_the_sampled_normaliser_unbiased():
     assert not topup_log_weights(60, 500, 60).any()
     with pytest.raises(ValueError, match="num_fixed=61 must be in"):
         topup_log_weights(60, 500, 61)
+
+
+def test_own_slots_and_per_sample_log_weights():
+    """own_slots: each sample's label slot, then the slots of its own neighbours that the
+    selection holds (-1 for one left out, padding or the label itself); sample_log_weights:
+    0 there, log((N - a_i) / (S - a_i)) on every other slot, a_i = the distinct own slots."""
+    ids = np.array([7, 3, 9, 40, 41, 42, 50, 51])            # labels 7, 3, 9 first
+    remapped = np.array([0, 1, 2, 0])                        # the 4th sample is class 7 too
+    nb = np.array([[40, 99, -1],                             # 99 not selected, -1 padding
+                   [3, 41, 42],                              # 3: its own label
+                   [51, 40, 7],                              # 7: another sample's label
+                   [40, 41, 40]])                            # a repeat counts once
+    own = own_slots(ids, remapped, nb)
+    np.testing.assert_array_equal(own, [[0, 3, -1, -1], [1, -1, 4, 5], [2, 7, 3, 0],
+                                        [0, 3, 4, 3]])
+    np.testing.assert_array_equal(own_slots(ids, remapped, None), remapped[:, None])
+    off = sample_log_weights(own, 8, 1000)
+    assert off.dtype == np.float32 and off.shape == (4, 8)
+    for i, a in enumerate([2, 3, 4, 3]):
+        mine = np.zeros(8, bool)
+        mine[own[i][own[i] >= 0]] = True
+        assert mine.sum() == a and not off[i, mine].any()
+        np.testing.assert_allclose(off[i, ~mine], np.log((1000 - a) / (8 - a)), rtol=1e-6)
+    # every class selected (or every slot a sample's own): nothing to stand for
+    assert not sample_log_weights(own, 8, 8).any()
+    assert not sample_log_weights(np.array([[0, 1, 2]]), 3, 100).any()
+    with pytest.raises(ValueError, match="neighbours must have shape"):
+        own_slots(ids, remapped, nb[:3])
+    for bad in (np.array([[8]]), np.array([[-1, 2]]), np.array([0, 1])):
+        with pytest.raises(ValueError, match="own must be"):
+            sample_log_weights(bad, 8, 1000)
+
+
+def test_select_gives_own_slots_for_the_per_sample_correction():
+    """log_weights="sample": the third value is own_slots of the selection and of the
+    neighbours the index returned; anything but False / True / "sample" is refused."""
+    _, rows = make_exact()
+    s = build_sampler("exact", 500, 16, seed=0)
+    s.rebuild(rows)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([3, 3, 10, 11, 12, 13, 14, 15])
+    state = s.rng.bit_generator.state
+    ids, remapped, own = s.select(x, y, 60, log_weights="sample")
+    s.rng.bit_generator.state = state
+    ids2, _ = s.select(x, y, 60)
+    assert torch.equal(ids, ids2) and own.dtype == torch.int64
+    assert torch.equal(own[:, 0], remapped) and own.shape[1] > 1
+    near = s.query(x, own.shape[1] - 1)
+    sel = ids.numpy()
+    for i in range(8):
+        want = {int(c) for c in near[i] if c in sel and c != int(y[i])}
+        got = {int(sel[j]) for j in own[i, 1:].tolist() if j >= 0}
+        assert got == want
+    for bad in ("random", 1, None):
+        with pytest.raises(ValueError, match="log_weights must be False, True or 'sample'"):
+            s.select(x, y, 60, log_weights=bad)
 
 
 def test_select_full_when_sample_num_covers_all_classes():

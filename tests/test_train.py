@@ -398,21 +398,28 @@ def test_fresh_rows_and_random_share_reach_the_sampler(tiny_rec):
 
 
 def test_logq_correction_reaches_the_head_and_needs_the_sampled_head(tiny_rec):
-    """--logq-correction turns on the sampled head's log-Q correction (off by default) and
-    is kept in the stored settings; the full head refuses it."""
+    """--logq-correction turns on the sampled head's log-Q correction (off by default),
+    --logq-per-sample its per-sample form (with or without the first); both are kept in the
+    stored settings; the full head refuses either."""
     from hfsoftmax.train import build_head, stored_settings
 
     hf = ["--sampled", "--sampler", "random", "--sample-num", "24"]
-    for extra, want in (([], False), (["--logq-correction"], True)):
+    for extra, want in (([], False), (["--logq-correction"], True),
+                        (["--logq-per-sample"], "sample"),
+                        (["--logq-correction", "--logq-per-sample"], "sample")):
         args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, *extra])
         head, _ = build_head(args, 40, 0)
         try:
-            assert head.logq is want and stored_settings(args)["logq_correction"] is want
+            assert head.logq == want and type(head.logq) is type(want)
+            stored = stored_settings(args)
+            assert (stored["logq_correction"], stored["logq_per_sample"]) == \
+                ("--logq-correction" in extra, "--logq-per-sample" in extra)
         finally:
             head.sampler.close()
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, "--logq-correction"])
-    with pytest.raises(ValueError, match="--logq-correction corrects the sampled head"):
-        build_head(args, 40, 0)
+    for flag in ("--logq-correction", "--logq-per-sample"):
+        args = parse_args(["--train-rec", str(tiny_rec), *TINY, flag])
+        with pytest.raises(ValueError, match=f"{flag} corrects the sampled head"):
+            build_head(args, 40, 0)
 
 
 def test_sampler_opt_reaches_the_backend_and_bad_keys_are_named(tiny_rec):

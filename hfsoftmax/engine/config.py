@@ -195,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "loss, so they stand for every class left out and the normaliser is "
                         "an unbiased estimate of the full softmax's. Acts on random classes "
                         "only: use it with --random-share > 0 or --sampler random")
+    g.add_argument("--logq-per-sample", action=argparse.BooleanOptionalAction, default=False,
+                   help="the log-Q correction per sample (implies --logq-correction): only a "
+                        "sample's label and its own nearest classes count as chosen for it; "
+                        "every other selected class (the batch's other labels, the other "
+                        "samples' neighbours, random ones) stands for log(#classes not chosen "
+                        "for it / #other selected) classes. Needs no --random-share")
     g.add_argument("--background-rebuild", action=argparse.BooleanOptionalAction,
                    default=True,
                    help="rebuild the index on a background thread (training queries the old "

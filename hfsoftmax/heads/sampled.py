@@ -34,7 +34,11 @@ With the correction the random top-up's logits (never a label's or a neighbour's
 classes stand for all those left out and the normaliser is unbiased (``selection.
 topup_log_weights``). The logits the head returns (accuracy, logs) stay uncorrected. It acts
 only where the selection has random classes: ``--random-share`` > 0, the ``random`` sampler,
-or steps before the first index.
+or steps before the first index. ``logq="sample"`` (trainer ``--logq-per-sample``) corrects
+per sample instead: only a sample's label and its own nearest classes count as chosen for
+it, every other selected class gets ``log(#classes not chosen for it / #other selected)``
+(``selection.sample_log_weights``); it needs no random share, as the batch's other labels
+and the other samples' neighbours are (nearly) uniform draws from a sample's point of view.
 
 **Distributed (torch.distributed, world size W > 1).** Every rank all-gathers the features
 (detached) and labels of all ranks; rank 0 runs the selection over the *global* batch and
@@ -62,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as hd
+from ..samplers.selection import sample_log_weights
 from .base import HeadOutput, check_batch, register_head
 from .logits import DEFAULT_SCALE, LogitSpec
 
@@ -111,7 +116,7 @@ class SampledHead(nn.Module):
     def __init__(self, rowstore, sampler, sample_num: int, logit: str = "linear",
                  s: float = DEFAULT_SCALE, m: float | None = None, interval: int | None = None,
                  easy_margin: bool = False, recall_every: int = 0, recall_k: int = 10,
-                 chunk_rows: int = 65536, logq: bool = False):
+                 chunk_rows: int = 65536, logq: bool | str = False):
         super().__init__()
         if isinstance(sample_num, bool) or not isinstance(sample_num, (int, np.integer)) \
                 or not 0 < sample_num <= rowstore.num_rows:
@@ -137,8 +142,9 @@ class SampledHead(nn.Module):
         self.num_classes, self.dim = int(rowstore.num_rows), int(rowstore.dim)
         self.recall_every, self.recall_k = int(recall_every), int(recall_k)
         self.chunk_rows = int(chunk_rows)
-        if not isinstance(logq, bool):
-            raise ValueError(f"logq must be True or False, got {logq!r}")
+        if not (logq is False or logq is True or logq == "sample"):
+            raise ValueError(f"logq must be False, True (the random top-up's correction) or "
+                             f"'sample' (per sample), got {logq!r}")
         self.logq = logq
         self.step = 0  # training steps taken (forward passes in training mode)
         self.lr: float | None = None  # the rows' LR, once set_lr told it
@@ -204,18 +210,21 @@ class SampledHead(nn.Module):
         # the log-Q offsets are asked for only when used: a sampler of one's own needs
         # ``log_weights`` only for logq=True
         if self.logq:
-            return self.sampler.select(features, labels, self.sample_num, log_weights=True)
+            return self.sampler.select(features, labels, self.sample_num, log_weights=self.logq)
         return self.sampler.select(features, labels, self.sample_num)
 
     def _select(self, features: torch.Tensor, labels: torch.Tensor):
         """Class ids (S,), this rank's labels remapped into them (over the global batch), the
-        global features, the ids as selected, and the (S,) log-Q offsets (None when off)."""
+        global features, the ids as selected, and the log-Q offsets: (S,), or (B, S) for this
+        rank's samples with ``logq="sample"``, None when off."""
         if not hd.is_dist():
             ids, target, *offsets = self._sampler_select(features.detach(), labels)
+            offsets = torch.as_tensor(offsets[0]).cpu() if offsets else None
+            if self.logq == "sample":
+                offsets = self._sample_offsets(offsets)
             return (torch.as_tensor(ids, dtype=torch.int64).cpu(),
                     torch.as_tensor(target, dtype=torch.int64), features.detach(),
-                    torch.as_tensor(ids, dtype=torch.int64),
-                    torch.as_tensor(offsets[0]).cpu() if offsets else None)
+                    torch.as_tensor(ids, dtype=torch.int64), offsets)
         g_feat = hd.all_gather_tensor(features.detach())
         g_lab = hd.all_gather_tensor(labels)
         sizes = hd.all_gather_tensor(torch.tensor([labels.shape[0]], device=labels.device))
@@ -232,11 +241,19 @@ class SampledHead(nn.Module):
                            device=torch.device("cpu"))
         g_target = hd.broadcast(g_target, 0, shape=(g_lab.shape[0],), dtype=torch.int64,
                                 device=torch.device("cpu"))
-        if self.logq:
+        if self.logq == "sample":  # each sample's own slots, (G, 1 + k): k known on rank 0
+            own = hd.broadcast(offsets, 0, device=torch.device("cpu"))
+            offsets = self._sample_offsets(own[offset:offset + labels.shape[0]])
+        elif self.logq:
             offsets = hd.broadcast(offsets, 0, shape=(self.sample_num,), dtype=torch.float32,
                                    device=torch.device("cpu"))
         target = g_target[offset:offset + labels.shape[0]]
         return ids.cpu(), target, g_feat, ids, offsets
+
+    def _sample_offsets(self, own: torch.Tensor) -> torch.Tensor:
+        """The per-sample correction's (B, S) offsets from the samples' own slots."""
+        return torch.from_numpy(sample_log_weights(own.cpu().numpy(), self.sample_num,
+                                                   self.num_classes))
 
     def _recall(self, g_feat: torch.Tensor, ids: torch.Tensor) -> float:
         top = exact_topk(g_feat, self.rowstore, self.recall_k, self.spec.normalized,
@@ -269,7 +286,7 @@ class SampledHead(nn.Module):
         logits = self.spec(features, weight, target)
         if offsets is None:
             loss = F.cross_entropy(logits, target)
-        else:  # log-Q: only the random top-up's columns move (a label's offset is 0)
+        else:  # log-Q: a label's offset is 0; (S,) broadcasts over the batch, (B, S) per sample
             loss = F.cross_entropy(logits + offsets.to(device=logits.device,
                                                        dtype=logits.dtype), target)
         if not torch.isfinite(loss.detach()).all():

@@ -45,8 +45,8 @@ from typing import Any, Callable, Union
 import numpy as np
 
 from .fresh import FreshRows, merge_topk
-from .selection import (check_labels, check_random_share, neighbour_slots, select_classes,
-                        topup_log_weights)
+from .selection import (check_labels, check_random_share, neighbour_slots, own_slots,
+                        select_classes, topup_log_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ class ClassSampler:
         ids_f, sc_f = fresh.topk(q, k)
         return merge_topk(ids_i, sc_i, ids_f, sc_f, k)
 
-    def select(self, features, labels, sample_num: int, log_weights: bool = False):
+    def select(self, features, labels, sample_num: int, log_weights: bool | str = False):
         """The HF-Softmax selection for one batch: ``(class_ids (S,), remapped_labels (B,))``.
 
         ``class_ids`` holds the batch's unique labels first, then the nearest classes of the
@@ -385,8 +385,14 @@ class ClassSampler:
         unchanged. Both are LongTensors on the features' device (numpy in, numpy out).
         ``log_weights=True`` adds a third value, the (S,) float32 logit offsets of the log-Q
         correction (:func:`~hfsoftmax.samplers.selection.topup_log_weights`: 0 for labels
-        and neighbours, ``log(#other classes / #random)`` for the random top-up).
+        and neighbours, ``log(#other classes / #random)`` for the random top-up);
+        ``log_weights="sample"`` adds instead each sample's own slots, (B, 1 + k) int64 (its
+        label's, then its own neighbours'; :func:`~hfsoftmax.samplers.selection.own_slots`),
+        from which :func:`~hfsoftmax.samplers.selection.sample_log_weights` makes the
+        per-sample correction's (B, S) offsets.
         """
+        if not (log_weights is False or log_weights is True or log_weights == "sample"):
+            raise ValueError(f"log_weights must be False, True or 'sample', got {log_weights!r}")
         device = _torch_device(features) or _torch_device(labels)
         x = self._check_features(features)
         lab = _labels_to_numpy(labels)
@@ -412,7 +418,9 @@ class ClassSampler:
                                                self.rng, self.random_share)
         self.last_num_neighbours = n_near
         out = (ids, remapped)
-        if log_weights:  # labels and neighbours 0, the random top-up log(#others / #random);
+        if log_weights == "sample":
+            out += (own_slots(ids, remapped, neighbours),)
+        elif log_weights:  # labels and neighbours 0, the random top-up log(#others / #random);
             # all zeros when every class is selected (no class left for a random one to stand for)
             out += (topup_log_weights(ids.size, self.num_classes,
                                       np.unique(lab).size + n_near),)

@@ -429,7 +429,7 @@ class ProcessSampler(ClassSampler):
             self.refresh()
         return super().query(features, k)
 
-    def select(self, features, labels, sample_num: int, log_weights: bool = False):
+    def select(self, features, labels, sample_num: int, log_weights: bool | str = False):
         if self._index is None and not self._closed:
             self.refresh()  # has the first index been built meanwhile?
         return super().select(features, labels, sample_num, log_weights)

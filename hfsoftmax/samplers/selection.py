@@ -23,6 +23,11 @@ trainer ``--logq-correction``): the labels and neighbours are chosen outright, t
 top-up uniformly from all the other classes, so adding ``log(#others / #random)`` to the
 random classes' logits makes the sampled softmax's normaliser an unbiased estimate of the
 full softmax's (importance sampling; Bengio & Senecal 2008, Jean et al. 2015).
+:func:`own_slots` and :func:`sample_log_weights` give the per-sample variant (trainer
+``--logq-per-sample``): for one sample only its label and *its own* nearest classes are
+chosen outright; every other selected class (the batch's other labels, the other samples'
+neighbours, the random top-up) is counted as a uniform draw from the classes left, so the
+correction needs no random share and its estimate has the whole selection to draw on.
 
 >>> ids, remapped = select_classes(labels, neighbours, sample_num=1000, num_classes=10**6, rng=rng)
 """
@@ -31,7 +36,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["check_labels", "check_random_share", "interleave_neighbours", "neighbour_slots",
-           "random_topup", "select_classes", "topup_log_weights"]
+           "own_slots", "random_topup", "sample_log_weights", "select_classes",
+           "topup_log_weights"]
 
 
 def check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -177,3 +183,52 @@ def topup_log_weights(sample_num: int, num_classes: int, num_fixed: int) -> np.n
     if drawn > 0 and rest > drawn:
         out[num_fixed:] = np.log(rest / drawn)
     return out
+
+
+def own_slots(class_ids: np.ndarray, remapped: np.ndarray,
+              neighbours: np.ndarray | None) -> np.ndarray:
+    """Each sample's own slots in a selection: ``(B, 1 + k)`` int64, the slot of its label
+    (``remapped``) first, then the slots of its own nearest classes (its row of the index's
+    answer ``neighbours``, (B, k), negative entries padding) that ``class_ids`` holds; -1
+    where a neighbour was not selected (or is the label). ``neighbours=None``: label only."""
+    class_ids = np.asarray(class_ids, dtype=np.int64)
+    remapped = np.asarray(remapped, dtype=np.int64)
+    if neighbours is None:
+        return remapped[:, None].copy()
+    nb = np.asarray(neighbours, dtype=np.int64)
+    if nb.ndim != 2 or nb.shape[0] != remapped.shape[0]:
+        raise ValueError(f"neighbours must have shape (batch_size, k) = ({remapped.shape[0]}, "
+                         f"k), got {tuple(nb.shape)}")
+    order = np.argsort(class_ids, kind="stable")
+    sorted_ids = class_ids[order]
+    pos = np.minimum(np.searchsorted(sorted_ids, nb), sorted_ids.size - 1)
+    slots = np.where((nb >= 0) & (sorted_ids[pos] == nb), order[pos], -1)
+    slots[slots == remapped[:, None]] = -1
+    return np.concatenate([remapped[:, None], slots], axis=1)
+
+
+def sample_log_weights(own: np.ndarray, sample_num: int, num_classes: int) -> np.ndarray:
+    """Per-sample logit offsets (``(B, sample_num)`` float32) of the per-sample log-Q
+    correction, from :func:`own_slots`: 0 on a sample's own slots (``a_i`` distinct ones),
+    ``log((num_classes - a_i) / (sample_num - a_i))`` on every other slot, which then stands
+    for that many of the classes not chosen for this sample. All zeros when every class is
+    selected. The other slots are not a uniform draw in the strict sense (other samples'
+    neighbours lean toward classes near the batch), so the normaliser is nearly, not exactly,
+    unbiased; in exchange the estimate rests on all ``sample_num - a_i`` other classes rather
+    than on the random top-up alone."""
+    own = np.asarray(own, dtype=np.int64)
+    sample_num, num_classes = int(sample_num), int(num_classes)
+    if own.ndim != 2 or own.size and (own.max() >= sample_num or (own[:, 0] < 0).any()):
+        raise ValueError(f"own must be (B, 1 + k) slots in [0, sample_num={sample_num}) with "
+                         "the label's slot first (own_slots), got "
+                         f"shape {tuple(own.shape)}")
+    b = own.shape[0]
+    mine = np.zeros((b, sample_num), dtype=bool)
+    r, c = np.nonzero(own >= 0)
+    mine[r, own[r, c]] = True
+    a = mine.sum(axis=1)
+    rest, drawn = num_classes - a, sample_num - a
+    ok = (drawn > 0) & (rest > drawn)
+    w = np.zeros(b, dtype=np.float64)
+    w[ok] = np.log(rest[ok] / drawn[ok])
+    return np.where(mine, 0.0, w[:, None]).astype(np.float32)
