@@ -8,22 +8,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_utils import ROOT, import_benchmark
+
 SCRIPT = ROOT / "benchmarks" / "accuracy.py"
-
-
-def _accuracy_module():
-    """benchmarks/accuracy.py imported as a module (benchmarks/ is no package)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import accuracy
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return accuracy
 
 
 def _run(*args, timeout=600):
@@ -213,7 +203,7 @@ def test_pair_kind_accuracy_follows_the_synthetic_layout():
     """Pairs 0, 2, ... are same identity, 1, 5, ... look-alikes, 3, 7, ... two families."""
     import numpy as np
 
-    accuracy = _accuracy_module()
+    accuracy = import_benchmark("accuracy")
     dist = np.array([0.1, 0.5, 0.2, 2.0, 0.3, 1.5, 1.0, 0.9])
     same = np.arange(8) % 2 == 0
     got = accuracy.pair_kind_accuracy(dist, same, 0.8)
@@ -226,7 +216,7 @@ def test_pair_kind_accuracy_follows_the_synthetic_layout():
 def test_own_row_cosines_takes_the_best_row_that_is_not_the_label():
     import numpy as np
 
-    accuracy = _accuracy_module()
+    accuracy = import_benchmark("accuracy")
     rows = np.array([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])   # norms differ: cosines, not dots
     feats = np.array([[3.0, 4.0], [-3.0, -4.0]])             # unit: +-(0.6, 0.8)
     labels = np.array([0, 2])
@@ -242,7 +232,7 @@ def test_own_row_cosines_takes_the_best_row_that_is_not_the_label():
 def test_log_q_flags_reach_the_sampled_runs_only():
     """--logq-correction / --logq-per-sample are passed to the sampled methods' trainers, not
     to the full softmax's, and recorded in the output's configuration."""
-    acc = _accuracy_module()
+    acc = import_benchmark("accuracy")
     for flag, key in (("--logq-correction", "logq_correction"),
                       ("--logq-per-sample", "logq_per_sample")):
         args = acc.resolve_args(["--preset", "quick", flag])

@@ -4,27 +4,17 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from hfsoftmax.heads.logits import LogitSpec
+from tests.bench_utils import ROOT, import_benchmark
 from tests.train_data import make_tiny_rec
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "sampled_fidelity.py"
 pytestmark = pytest.mark.timeout(300)
-
-
-def _module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import sampled_fidelity
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return sampled_fidelity
 
 
 def _clustered(n=300, d=16, images=120, seed=0):
@@ -38,7 +28,7 @@ def _clustered(n=300, d=16, images=120, seed=0):
 
 
 def test_every_class_selected_is_the_full_softmax():
-    sf = _module()
+    sf = import_benchmark("sampled_fidelity")
     feats, labels, rows = _clustered()
     res = sf.fidelity(feats, labels, rows, LogitSpec("cosface", 16.0, 0.1), 300, 20, 0.5)
     assert set(res) == {"plain", "random", "sample"}
@@ -53,7 +43,7 @@ def test_a_small_selection_falls_short_and_the_corrections_make_up_for_it():
     """With 40 of 300 classes the plain loss is below the full one for every sample (a
     normaliser with fewer terms) and the feature gradients are too short; both corrections
     bring the mean loss and the gradient norm closer to the full softmax's."""
-    sf = _module()
+    sf = import_benchmark("sampled_fidelity")
     feats, labels, rows = _clustered()
     spec = LogitSpec("cosface", 16.0, 0.1)
     res = sf.fidelity(feats, labels, rows, spec, 40, 20, 0.5)
