@@ -158,10 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampled methods (HF and random): the trainer's --logq-correction "
                         "(the random classes' logits corrected so that the sampled "
                         "normaliser is unbiased; acts with --random-share > 0 and on random)")
-    g.add_argument("--logq-per-sample", action="store_true",
-                   help="sampled methods: the trainer's --logq-per-sample (the correction per "
+    g.add_argument("--logq-per-sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="HF methods: the trainer's --logq-per-sample (the correction per "
                         "sample: every selected class but a sample's label and own neighbours "
-                        "stands for the classes left out; needs no --random-share)")
+                        "stands for the classes left out). Default: on, as the trainer's for "
+                        "margin heads, unless --logq-correction is given; "
+                        "--no-logq-per-sample: the paper's rule")
     g.add_argument("--ntrees", type=int, help="annoy trees")
     g.add_argument("--nprobe", type=int, default=32,
                    help="faiss IVF lists searched per query (of sqrt(N) = 141 at 20K). The "
@@ -221,6 +223,8 @@ def resolve_args(argv=None) -> argparse.Namespace:
         parser.error(f"--fresh-rows must be >= 0, got {args.fresh_rows}")
     if not 0.0 <= args.random_share <= 1.0:
         parser.error(f"--random-share must be from 0 to 1, got {args.random_share}")
+    if args.logq_per_sample is None:  # the trainer's default for a margin head with an index
+        args.logq_per_sample = not args.logq_correction
     if args.pairs < 20 or args.pairs % 4:
         parser.error(f"--pairs must be a multiple of 4 and >= 20 (10 folds), got {args.pairs}")
     if args.sample_num is None:
@@ -292,7 +296,8 @@ def trainer_argv(args, method: str, head: str, save_path: str) -> list[str]:
                  *(["--sampler-opt", f"nprobe={args.nprobe}"] if method == "faiss" else []),
                  "--recall-every", str(max(1, min(200, args.steps // 5))),
                  *(["--logq-correction"] if args.logq_correction else []),
-                 *(["--logq-per-sample"] if args.logq_per_sample else [])]
+                 *([] if method == "random" else
+                   ["--logq-per-sample" if args.logq_per_sample else "--no-logq-per-sample"])]
         argv += ["--background-rebuild"] if args.background_rebuild else \
             ["--no-background-rebuild"]
     return argv
@@ -643,10 +648,11 @@ def emit(path: str | None, obj: dict) -> None:
 
 #: settings that only HF methods (an index) use: full softmax and random runs are the same
 #: whatever they are, so outputs holding only those may differ in them (or predate them)
-HF_ONLY = ("interval", "ntrees", "nprobe", "random_share", "fresh_rows", "background_rebuild")
+HF_ONLY = ("interval", "ntrees", "nprobe", "random_share", "fresh_rows", "background_rebuild",
+           "logq_per_sample")
 #: settings of the sampled head's row store: a full-softmax run is the same whatever they are
 SAMPLED_ONLY = HF_ONLY + ("sample_num", "renorm_rows", "row_momentum", "row_lr_mult",
-                          "logq_correction", "logq_per_sample")
+                          "logq_correction")
 
 
 #: settings added after some outputs were written: an output without them was measured at

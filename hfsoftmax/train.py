@@ -187,20 +187,31 @@ def row_lr_mult(args: argparse.Namespace) -> float:
 
 def stored_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings a checkpoint keeps: the flags as given, with the sampled head's row rule
-    (momentum, LR multiplier, renorm) resolved to the values it ran with, so that a later
-    change of a default does not change a resumed run. (Checkpoints written before this
+    (momentum, LR multiplier, renorm) and its per-sample log-Q correction resolved to the
+    values it ran with, so that a later change of a default does not change a resumed run. (Checkpoints written before this
     store ``None`` for defaults; ``config._stored_args`` reads those as today's defaults.)"""
     out = args_to_dict(args)
     if args.sampled:
         out.update(row_momentum=row_momentum(args), row_lr_mult=row_lr_mult(args),
-                   renorm_rows=renorm_rows(args))
+                   renorm_rows=renorm_rows(args), logq_per_sample=logq_per_sample(args))
     return out
 
 
+def logq_per_sample(args: argparse.Namespace) -> bool:
+    """Whether the sampled head corrects its softmax per sample: ``--logq-per-sample``, else
+    on for a margin head selecting by index unless ``--logq-correction`` asks for the random
+    top-up's correction. Measured at 1% of 20K classes (README): above the paper's rule and
+    the mix at 3 and 12 epochs; the linear head and the ``random`` sampler (Partial FC's
+    rule, the benchmark's baseline) keep it off."""
+    if args.logq_per_sample is not None:
+        return bool(args.logq_per_sample)
+    return _selects_by_index(args) and args.head in MARGIN_HEADS and not args.logq_correction
+
+
 def logq_mode(args: argparse.Namespace) -> bool | str:
-    """The sampled head's ``logq``: "sample" (``--logq-per-sample``), True
+    """The sampled head's ``logq``: "sample" (:func:`logq_per_sample`), True
     (``--logq-correction``: the random top-up's) or False."""
-    return "sample" if args.logq_per_sample else bool(args.logq_correction)
+    return "sample" if logq_per_sample(args) else bool(args.logq_correction)
 
 
 def build_row_store(args: argparse.Namespace, num_classes: int, rank: int):
@@ -562,8 +573,10 @@ def run(args: argparse.Namespace) -> dict:
         if args.val_bins and hd.is_main() else None
     if store is not None:
         logger.info("class rows: SGD lr x%g, momentum %g, weight decay %g, renorm %s; fresh "
-                    "rows %d", row_lr_mult(args), row_momentum(args), args.weight_decay,
-                    renorm_rows(args) or "off", fresh_rows(args))
+                    "rows %d; log-Q correction %s", row_lr_mult(args), row_momentum(args),
+                    args.weight_decay, renorm_rows(args) or "off", fresh_rows(args),
+                    {"sample": "per sample", True: "of the random classes",
+                     False: "off"}[logq_mode(args)])
         slots = neighbour_slots_per_sample(args, world)
         if slots is not None:
             logger.info("class selection: %d of %d classes per step (%.2f%%); after the "

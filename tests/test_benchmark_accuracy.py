@@ -229,17 +229,26 @@ def test_own_row_cosines_takes_the_best_row_that_is_not_the_label():
                    "own_row_cos_gap": pytest.approx(own - other)}
 
 
-def test_log_q_flags_reach_the_sampled_runs_only():
-    """--logq-correction / --logq-per-sample are passed to the sampled methods' trainers, not
-    to the full softmax's, and recorded in the output's configuration."""
+def test_log_q_flags_reach_the_sampled_runs_they_are_for():
+    """--logq-correction goes to the sampled methods (HF and random); the per-sample
+    correction (on by default, as the trainer's for margin heads, unless --logq-correction is
+    given) is passed explicitly, on or off, to the HF methods only; both are recorded."""
     acc = import_benchmark("accuracy")
-    for flag, key in (("--logq-correction", "logq_correction"),
-                      ("--logq-per-sample", "logq_per_sample")):
-        args = acc.resolve_args(["--preset", "quick", flag])
-        assert acc.config_of(args)[key] is True
-        assert flag in acc.trainer_argv(args, "annoy", "cosface", "x")
-        assert flag in acc.trainer_argv(args, "random", "cosface", "x")
-        assert flag not in acc.trainer_argv(args, "full", "cosface", "x")
-    args = acc.resolve_args(["--preset", "quick"])
-    assert not acc.config_of(args)["logq_per_sample"]
+
+    def flags(args, method):
+        argv = acc.trainer_argv(args, method, "cosface", "x")
+        return [a for a in argv if "logq" in a]
+
+    cases = (([], True, ["--logq-per-sample"], []),
+             (["--no-logq-per-sample"], False, ["--no-logq-per-sample"], []),
+             (["--logq-correction"], False, ["--logq-correction", "--no-logq-per-sample"],
+              ["--logq-correction"]),
+             (["--logq-correction", "--logq-per-sample"], True,
+              ["--logq-correction", "--logq-per-sample"], ["--logq-correction"]))
+    for extra, per_sample, hf, random in cases:
+        args = acc.resolve_args(["--preset", "quick", *extra])
+        assert acc.config_of(args)["logq_per_sample"] is per_sample
+        assert acc.config_of(args)["logq_correction"] is ("--logq-correction" in extra)
+        assert flags(args, "annoy") == flags(args, "faiss") == hf
+        assert flags(args, "random") == random and flags(args, "full") == []
     assert acc.stored_config({"config": {}})["logq_per_sample"] is False  # older outputs

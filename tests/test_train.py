@@ -398,22 +398,31 @@ def test_fresh_rows_and_random_share_reach_the_sampler(tiny_rec):
 
 
 def test_logq_correction_reaches_the_head_and_needs_the_sampled_head(tiny_rec):
-    """--logq-correction turns on the sampled head's log-Q correction (off by default),
-    --logq-per-sample its per-sample form (with or without the first); both are kept in the
-    stored settings; the full head refuses either."""
+    """--logq-correction turns on the sampled head's log-Q correction of the random classes,
+    --logq-per-sample its per-sample form, the default for a margin head with an index unless
+    --logq-correction is given (off for random sampling and the linear head); both are kept in
+    the stored settings, resolved; the full head refuses either."""
     from hfsoftmax.train import build_head, stored_settings
 
     hf = ["--sampled", "--sampler", "random", "--sample-num", "24"]
-    for extra, want in (([], False), (["--logq-correction"], True),
-                        (["--logq-per-sample"], "sample"),
-                        (["--logq-correction", "--logq-per-sample"], "sample")):
-        args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, *extra])
+    index = ["--sampled", "--sampler", "exact", "--sample-num", "24"]
+    linear = ["--head", "linear", "--margin", "0"]
+    for base, extra, want in (
+            (hf, [], False),                   # random sampling: Partial FC's rule, no correction
+            (hf, ["--logq-correction"], True),
+            (hf, ["--logq-per-sample"], "sample"),
+            (index, [], "sample"),             # the default for a margin head with an index
+            (index, ["--logq-correction"], True),           # asked for the random top-up's
+            (index, ["--logq-correction", "--logq-per-sample"], "sample"),
+            (index, ["--no-logq-per-sample"], False),       # the paper's rule
+            (index + linear, [], False)):                   # the linear head: off
+        args = parse_args(["--train-rec", str(tiny_rec), *TINY, *base, *extra])
         head, _ = build_head(args, 40, 0)
         try:
-            assert head.logq == want and type(head.logq) is type(want)
+            assert head.logq == want and type(head.logq) is type(want), (base, extra)
             stored = stored_settings(args)
             assert (stored["logq_correction"], stored["logq_per_sample"]) == \
-                ("--logq-correction" in extra, "--logq-per-sample" in extra)
+                ("--logq-correction" in extra, want == "sample")
         finally:
             head.sampler.close()
     for flag in ("--logq-correction", "--logq-per-sample"):
@@ -543,9 +552,9 @@ def test_margin_heads_default_to_renormed_and_fresh_rows_linear_to_neither(tiny_
     # the row rule is kept as it ran (a later default change leaves a resumed run alone);
     # fresh rows stay a rule over the stored --interval and --sample-num
     stored = {k: ckpt["args"][k] for k in ("row_momentum", "row_lr_mult", "renorm_rows",
-                                            "fresh_rows")}
+                                            "fresh_rows", "logq_per_sample")}
     assert stored == {"row_momentum": 0.0, "row_lr_mult": pytest.approx(10.0),
-                      "renorm_rows": 1.0, "fresh_rows": None}
+                      "renorm_rows": 1.0, "fresh_rows": None, "logq_per_sample": True}
     assert json.loads((save / "args.json").read_text())["renorm_rows"] == 1.0
     args = parse_args(["--resume", str(save / "last.pth")])
     assert (args.row_momentum, args.renorm_rows, args.fresh_rows) == (0.0, 1.0, None)
@@ -553,10 +562,10 @@ def test_margin_heads_default_to_renormed_and_fresh_rows_linear_to_neither(tiny_
     _torch.save(ckpt, save / "unresolved.pth")  # written before the values were resolved
     args = parse_args(["--resume", str(save / "unresolved.pth")])
     assert (args.renorm_rows, args.row_momentum, args.row_lr_mult) == (None, None, None)
-    del ckpt["args"]["renorm_rows"], ckpt["args"]["fresh_rows"]
+    del ckpt["args"]["renorm_rows"], ckpt["args"]["fresh_rows"], ckpt["args"]["logq_per_sample"]
     _torch.save(ckpt, save / "old.pth")
     args = parse_args(["--resume", str(save / "old.pth")])
-    assert (args.renorm_rows, args.fresh_rows) == (0.0, 0)
+    assert (args.renorm_rows, args.fresh_rows, args.logq_per_sample) == (0.0, 0, False)
 
 
 def test_neighbour_slots_per_sample_is_what_the_selection_leaves_each_sample():

@@ -195,12 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "loss, so they stand for every class left out and the normaliser is "
                         "an unbiased estimate of the full softmax's. Acts on random classes "
                         "only: use it with --random-share > 0 or --sampler random")
-    g.add_argument("--logq-per-sample", action=argparse.BooleanOptionalAction, default=False,
-                   help="the log-Q correction per sample (implies --logq-correction): only a "
-                        "sample's label and its own nearest classes count as chosen for it; "
-                        "every other selected class (the batch's other labels, the other "
-                        "samples' neighbours, random ones) stands for log(#classes not chosen "
-                        "for it / #other selected) classes. Needs no --random-share")
+    g.add_argument("--logq-per-sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="the log-Q correction per sample: only a sample's label and its own "
+                        "nearest classes count as chosen for it; every other selected class "
+                        "(the batch's other labels, the other samples' neighbours, random "
+                        "ones) stands for log(#classes not chosen for it / #other selected) "
+                        "classes. Needs no --random-share. Default: on for cosface/arcface "
+                        "with an index sampler unless --logq-correction is given; off for "
+                        "linear and --sampler random")
     g.add_argument("--background-rebuild", action=argparse.BooleanOptionalAction,
                    default=True,
                    help="rebuild the index on a background thread (training queries the old "
@@ -339,7 +341,7 @@ def _stored_args(resume: str, dests: dict[str, argparse.Action]) -> dict[str, An
         # settings a checkpoint may predate, at the values it was trained with: the rows took
         # the backbone's momentum and LR; renormed and fresh rows were off
         stored = {"row_momentum": stored.get("momentum", 0.9), "row_lr_mult": 1.0,
-                  "renorm_rows": 0.0, "fresh_rows": 0, **stored}
+                  "renorm_rows": 0.0, "fresh_rows": 0, "logq_per_sample": False, **stored}
     return {k: v for k, v in stored.items() if k in dests and k not in ("config", "resume")}
 
 

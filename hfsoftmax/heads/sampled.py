@@ -34,11 +34,12 @@ With the correction the random top-up's logits (never a label's or a neighbour's
 classes stand for all those left out and the normaliser is unbiased (``selection.
 topup_log_weights``). The logits the head returns (accuracy, logs) stay uncorrected. It acts
 only where the selection has random classes: ``--random-share`` > 0, the ``random`` sampler,
-or steps before the first index. ``logq="sample"`` (trainer ``--logq-per-sample``) corrects
-per sample instead: only a sample's label and its own nearest classes count as chosen for
-it, every other selected class gets ``log(#classes not chosen for it / #other selected)``
-(``selection.sample_log_weights``); it needs no random share, as the batch's other labels
-and the other samples' neighbours are (nearly) uniform draws from a sample's point of view.
+or steps before the first index. ``logq="sample"`` (trainer ``--logq-per-sample``, its
+default for a margin head selecting by index) corrects per sample instead: only a sample's
+label and its own nearest classes count as chosen for it, every other selected class gets
+``log(#classes not chosen for it / #other selected)`` (``selection.sample_log_weights``); it
+needs no random share, as the batch's other labels and the other samples' neighbours are
+(nearly) uniform draws from a sample's point of view.
 
 **Distributed (torch.distributed, world size W > 1).** Every rank all-gathers the features
 (detached) and labels of all ranks; rank 0 runs the selection over the *global* batch and
