@@ -385,16 +385,12 @@ def heldout_subset(args) -> np.ndarray:
     return np.sort(rng.choice(n, size=args.top1_images, replace=False))
 
 
-def closed_set_top1(backbone, rows: np.ndarray, head: str, args, families: np.ndarray,
-                    indices: np.ndarray) -> dict:
-    """Top-1 over all rows of held-out images of the training identities (accuracy-flip
-    embeddings; the head's logits without margin, so linear = inner product, margin heads =
-    cosine)."""
-    from hfsoftmax.data.insightface import InsightFaceRecDataset
+def embed_images(backbone, ds, indices: np.ndarray, flip: bool) -> tuple[np.ndarray,
+                                                                          np.ndarray]:
+    """``(features, labels)`` of the images ``indices`` of the dataset ``ds`` (an
+    ``InsightFaceRecDataset``), embedded on the CPU (``flip``: InsightFace's accuracy-flip)."""
     from hfsoftmax.extract import embed_batches
-    from hfsoftmax.heads.logits import LogitSpec
 
-    ds = InsightFaceRecDataset(args.data, split="heldout")
     labels = np.empty(len(indices), dtype=np.int64)
 
     def batches(bs=128):
@@ -403,7 +399,21 @@ def closed_set_top1(backbone, rows: np.ndarray, head: str, args, families: np.nd
             labels[s:s + len(items)] = [int(lab) for _, lab in items]
             yield torch.stack([img for img, _ in items])
 
-    feats = torch.from_numpy(embed_batches(backbone, batches(), flip=True, device="cpu"))
+    feats = embed_batches(backbone, batches(), flip=flip, device="cpu")
+    return feats, labels
+
+
+def closed_set_top1(backbone, rows: np.ndarray, head: str, args, families: np.ndarray,
+                    indices: np.ndarray) -> dict:
+    """Top-1 over all rows of held-out images of the training identities (accuracy-flip
+    embeddings; the head's logits without margin, so linear = inner product, margin heads =
+    cosine)."""
+    from hfsoftmax.data.insightface import InsightFaceRecDataset
+    from hfsoftmax.heads.logits import LogitSpec
+
+    ds = InsightFaceRecDataset(args.data, split="heldout")
+    feats, labels = embed_images(backbone, ds, indices, flip=True)
+    feats = torch.from_numpy(feats)
     w = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
     spec = LogitSpec(head, s=1.0, m=0.0)
     k = min(NEIGHBOURS + 1, rows.shape[0])

@@ -108,8 +108,10 @@ def training_features(checkpoint: str, data: str, images: int, seed: int):
     """Features (no flip: as the head sees them in training, without augmentation) and labels
     of ``images`` training images drawn at random, the checkpoint's settings and the set's
     class count."""
+    from accuracy import embed_images  # benchmarks/: the images' embeddings and labels
+
     from hfsoftmax.data.insightface import InsightFaceRecDataset
-    from hfsoftmax.extract import embed_batches, load_backbone, load_checkpoint_args
+    from hfsoftmax.extract import load_backbone, load_checkpoint_args
 
     _, args = load_checkpoint_args(checkpoint)
     ds = InsightFaceRecDataset(data or args["train_rec"], split="train")
@@ -117,16 +119,7 @@ def training_features(checkpoint: str, data: str, images: int, seed: int):
         raise ValueError(f"--images {images} exceeds the {len(ds)} training images of "
                          f"{data or args['train_rec']}; lower --images")
     idx = np.random.default_rng(seed).choice(len(ds), size=images, replace=False)
-    labels = np.empty(images, dtype=np.int64)
-
-    def batches(bs=128):
-        for s in range(0, images, bs):
-            items = [ds[int(i)] for i in idx[s:s + bs]]
-            labels[s:s + len(items)] = [int(lab) for _, lab in items]
-            yield torch.stack([img for img, _ in items])
-
-    model = load_backbone(checkpoint, "cpu")
-    feats = embed_batches(model, batches(), flip=False, device="cpu")
+    feats, labels = embed_images(load_backbone(checkpoint, "cpu"), ds, idx, flip=False)
     return feats, labels, args, ds.num_classes
 
 
