@@ -208,8 +208,8 @@ class SampledHead(nn.Module):
 
     # -- the step ------------------------------------------------------------------------
     def _sampler_select(self, features: torch.Tensor, labels: torch.Tensor):
-        # the log-Q offsets are asked for only when used: a sampler of one's own needs
-        # ``log_weights`` only for logq=True
+        # the log-Q offsets (or own slots) are asked for only when used: a sampler of one's
+        # own needs ``log_weights`` only for logq=True or "sample"
         if self.logq:
             return self.sampler.select(features, labels, self.sample_num, log_weights=self.logq)
         return self.sampler.select(features, labels, self.sample_num)
