@@ -86,7 +86,7 @@ def fidelity(features: np.ndarray, labels: np.ndarray, rows: np.ndarray, spec,
         ids2, _, own = sampler.select(x, y, sample_num, log_weights="sample")
         assert torch.equal(ids, ids2)
         offsets = {"plain": None, "random": off[None, :],
-                   "sample": torch.from_numpy(sample_log_weights(own.numpy(), sample_num, n))}
+                   "sample": sample_log_weights(own, sample_num, n)}
         for c in modes:
             loss, grad = per_sample_loss_and_grad(spec, x, w[ids], target, offsets[c])
             fg = full_grad.norm(dim=1)

@@ -252,6 +252,10 @@ def test_own_slots_and_per_sample_log_weights():
         mine[own[i][own[i] >= 0]] = True
         assert mine.sum() == a and not off[i, mine].any()
         np.testing.assert_allclose(off[i, ~mine], np.log((1000 - a) / (8 - a)), rtol=1e-6)
+    # a tensor in: a tensor back on its device, the same values (what the head passes)
+    t = sample_log_weights(torch.from_numpy(own), 8, 1000)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float32
+    np.testing.assert_array_equal(t.numpy(), off)
     # every class selected (or every slot a sample's own): nothing to stand for
     assert not sample_log_weights(own, 8, 8).any()
     assert not sample_log_weights(np.array([[0, 1, 2]]), 3, 100).any()

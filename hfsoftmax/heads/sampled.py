@@ -220,9 +220,10 @@ class SampledHead(nn.Module):
         rank's samples with ``logq="sample"``, None when off."""
         if not hd.is_dist():
             ids, target, *offsets = self._sampler_select(features.detach(), labels)
-            offsets = torch.as_tensor(offsets[0]).cpu() if offsets else None
             if self.logq == "sample":
-                offsets = self._sample_offsets(offsets)
+                offsets = self._sample_offsets(torch.as_tensor(offsets[0]), features.device)
+            else:
+                offsets = torch.as_tensor(offsets[0]).cpu() if offsets else None
             return (torch.as_tensor(ids, dtype=torch.int64).cpu(),
                     torch.as_tensor(target, dtype=torch.int64), features.detach(),
                     torch.as_tensor(ids, dtype=torch.int64), offsets)
@@ -244,17 +245,18 @@ class SampledHead(nn.Module):
                                 device=torch.device("cpu"))
         if self.logq == "sample":  # each sample's own slots, (G, 1 + k): k known on rank 0
             own = hd.broadcast(offsets, 0, device=torch.device("cpu"))
-            offsets = self._sample_offsets(own[offset:offset + labels.shape[0]])
+            offsets = self._sample_offsets(own[offset:offset + labels.shape[0]],
+                                           features.device)
         elif self.logq:
             offsets = hd.broadcast(offsets, 0, shape=(self.sample_num,), dtype=torch.float32,
                                    device=torch.device("cpu"))
         target = g_target[offset:offset + labels.shape[0]]
         return ids.cpu(), target, g_feat, ids, offsets
 
-    def _sample_offsets(self, own: torch.Tensor) -> torch.Tensor:
-        """The per-sample correction's (B, S) offsets from the samples' own slots."""
-        return torch.from_numpy(sample_log_weights(own.cpu().numpy(), self.sample_num,
-                                                   self.num_classes))
+    def _sample_offsets(self, own: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The per-sample correction's (B, S) offsets from the samples' own slots, built on
+        ``device`` (the features'): only the (B, 1 + k) slots travel, not the (B, S) block."""
+        return sample_log_weights(own.to(device), self.sample_num, self.num_classes)
 
     def _recall(self, g_feat: torch.Tensor, ids: torch.Tensor) -> float:
         top = exact_topk(g_feat, self.rowstore, self.recall_k, self.spec.normalized,
