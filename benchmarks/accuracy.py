@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rebuild indexes on a background thread (the trainer's default); off "
                         "here so that runs are reproducible and rebuild time is counted")
     g.add_argument("--seed", type=int, default=0, help="seed of the set and of training")
+    g.add_argument("--train-seed", type=int, default=None,
+                   help="seed of the training runs only (initialisation, batch order, "
+                        "sampling; default: --seed): another value repeats a method on the "
+                        "same set and pairs, which measures the training-run noise")
     g.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     g.add_argument("--workers", type=int, default=0,
                    help="data-loading processes (0: in this process, so that the CPU time "
@@ -223,6 +227,8 @@ def resolve_args(argv=None) -> argparse.Namespace:
         parser.error(f"--fresh-rows must be >= 0, got {args.fresh_rows}")
     if not 0.0 <= args.random_share <= 1.0:
         parser.error(f"--random-share must be from 0 to 1, got {args.random_share}")
+    if args.train_seed is None:
+        args.train_seed = args.seed
     if args.logq_per_sample is None:  # the trainer's default for a margin head with an index
         args.logq_per_sample = not args.logq_correction
     if args.pairs < 20 or args.pairs % 4:
@@ -276,7 +282,7 @@ def trainer_argv(args, method: str, head: str, save_path: str) -> list[str]:
     argv = ["--train-rec", args.data, "--arch", args.arch,
             "--embedding-size", str(args.embedding_size), "--head", head,
             "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
-            "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads),
+            "--lr", str(args.lr), "--seed", str(args.train_seed), "--threads", str(args.threads),
             "--workers", str(args.workers), "--save-path", save_path,
             "--print-freq", str(max(1, min(50, args.steps // 10))),
             "--save-every", "0", "--device", "cpu"]
@@ -566,7 +572,7 @@ def config_of(args) -> dict:
             "renorm_rows", "row_momentum", "row_lr_mult", "logq_correction", "logq_per_sample",
             "ntrees", "nprobe",
             "background_rebuild", "scale",
-            "margin", "seed", "threads", "workers", "top1_images", "data")
+            "margin", "seed", "train_seed", "threads", "workers", "top1_images", "data")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -677,8 +683,9 @@ EVAL_KEYS = ("pairs", "top1_images")
 
 def stored_config(out: dict) -> dict:
     """The configuration of an output, with :data:`LATER_KEYS` filled in where it predates
-    them."""
-    return {**LATER_KEYS, **out.get("config", {})}
+    them (and ``train_seed``, which was ``seed`` before it existed)."""
+    cfg = out.get("config", {})
+    return {**LATER_KEYS, "train_seed": cfg.get("seed"), **cfg}
 
 
 def settings_unused_by(out: dict) -> tuple:

@@ -252,3 +252,21 @@ def test_log_q_flags_reach_the_sampled_runs_they_are_for():
         assert flags(args, "annoy") == flags(args, "faiss") == hf
         assert flags(args, "random") == random and flags(args, "full") == []
     assert acc.stored_config({"config": {}})["logq_per_sample"] is False  # older outputs
+
+
+def test_train_seed_repeats_training_on_the_same_set():
+    """--train-seed reaches the trainer (default: --seed) without changing the set, is
+    recorded, and outputs that predate it read as trained with their --seed."""
+    acc = import_benchmark("accuracy")
+
+    def trainer_seed(args):
+        argv = acc.trainer_argv(args, "annoy", "cosface", "x")
+        return argv[argv.index("--seed") + 1]
+
+    same = acc.resolve_args(["--preset", "issue", "--seed", "1"])
+    other = acc.resolve_args(["--preset", "issue", "--seed", "1", "--train-seed", "3"])
+    assert trainer_seed(same) == "1" and trainer_seed(other) == "3"
+    assert same.data == other.data and same.data.endswith("_s1")
+    assert acc.config_of(other)["train_seed"] == 3 and acc.config_of(other)["seed"] == 1
+    assert acc.stored_config({"config": {"seed": 2}})["train_seed"] == 2
+    assert acc.config_diff(acc.config_of(same), acc.config_of(other)) == ["train_seed"]
