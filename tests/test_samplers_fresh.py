@@ -156,3 +156,13 @@ def test_sampled_head_keeps_its_selection_fresh_between_rebuilds():
     # measured: {0: 0.15, 400: 1.0}
     assert out[n] > out[0] + 0.2, out
     assert out[n] > 0.8, out
+
+
+def test_fresh_rows_benchmark_compares_the_same_search():
+    """benchmarks/fresh_rows.py times FreshRows.topk against the numpy form it replaced; both
+    must return the same ids for the timing to compare like with like."""
+    from tests.bench_utils import import_benchmark
+
+    bench = import_benchmark("fresh_rows")
+    out = bench.bench(16, 24, 500, 7, repeats=1, seed=3)
+    assert out["same_ids"] is True and out["torch_ms"] > 0 and out["numpy_ms"] > 0

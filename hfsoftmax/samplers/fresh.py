@@ -13,7 +13,7 @@ one-step lag of the kept values (they are the values pulled for a step, before i
 Rows kept before the current index's snapshot step are dropped (the index holds them).
 
 Measured on the synthetic accuracy benchmark (``benchmarks/accuracy.py``): see the README
-there. The cost is one ``(B, D) x (D, n_fresh)`` product per step; when ``capacity`` rows
+there. The cost is one ``(B, D) x (D, n_fresh)`` product and its top-k per step; when ``capacity`` rows
 are kept the sampler rebuilds its index early (``ClassSampler.maybe_rebuild``).
 """
 from __future__ import annotations
@@ -124,21 +124,27 @@ class FreshRows:
 
     def topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` kept rows of each (prepared) query: ``(ids, scores)``, (B, k);
-        padded with id -1 and score -inf when fewer than k rows are kept."""
+        padded with id -1 and score -inf when fewer than k rows are kept.
+
+        torch's matmul and ``topk`` (:func:`~hfsoftmax.samplers.exact.chunked_topk`, on
+        torch's CPU threads): numpy's ``argpartition`` over the (B, n) scores cost more than
+        the matmul itself (27 ms against ``torch.topk``'s 1.5 ms at B=64, n=10,000, k=6);
+        the whole search against numpy's: ``benchmarks/fresh_rows.py``."""
         b = queries.shape[0]
         ids = np.full((b, k), -1, dtype=np.int64)
         scores = np.full((b, k), -np.inf, dtype=np.float32)
         n = self.size
         if n == 0 or k <= 0:
             return ids, scores
-        sc = queries @ self._rows[:n].T  # (B, n)
-        kk = min(k, n)
-        part = np.argpartition(-sc, kk - 1, axis=1)[:, :kk] if kk < n else \
-            np.broadcast_to(np.arange(n), (b, n))
-        top = np.take_along_axis(sc, part, axis=1)
-        order = np.argsort(-top, axis=1, kind="stable")
-        ids[:, :kk] = self._ids[np.take_along_axis(part, order, axis=1)]
-        scores[:, :kk] = np.take_along_axis(top, order, axis=1)
+        import torch
+
+        from .exact import chunked_topk
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        with torch.no_grad():
+            top_s, top_i = chunked_topk(q, torch.from_numpy(self._rows[:n]), k)
+        kk = top_s.shape[1]
+        ids[:, :kk] = self._ids[top_i.numpy()]
+        scores[:, :kk] = top_s.numpy()
         return ids, scores
 
 
