@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logq-per-sample", action=argparse.BooleanOptionalAction, default=None,
                    help="HF methods: the trainer's --logq-per-sample (the correction per "
                         "sample: every selected class but a sample's label and own neighbours "
-                        "stands for the classes left out). Default: on, as the trainer's for "
-                        "margin heads, unless --logq-correction is given; "
+                        "stands for the classes left out). Default: the trainer's (on for margin "
+                        "heads unless --logq-correction is given, off for the linear head); "
                         "--no-logq-per-sample: the paper's rule")
     g.add_argument("--ntrees", type=int, help="annoy trees")
     g.add_argument("--nprobe", type=int, default=32,
@@ -229,8 +229,6 @@ def resolve_args(argv=None) -> argparse.Namespace:
         parser.error(f"--random-share must be from 0 to 1, got {args.random_share}")
     if args.train_seed is None:
         args.train_seed = args.seed
-    if args.logq_per_sample is None:  # the trainer's default for a margin head with an index
-        args.logq_per_sample = not args.logq_correction
     if args.pairs < 20 or args.pairs % 4:
         parser.error(f"--pairs must be a multiple of 4 and >= 20 (10 folds), got {args.pairs}")
     if args.sample_num is None:
@@ -302,7 +300,8 @@ def trainer_argv(args, method: str, head: str, save_path: str) -> list[str]:
                  *(["--sampler-opt", f"nprobe={args.nprobe}"] if method == "faiss" else []),
                  "--recall-every", str(max(1, min(200, args.steps // 5))),
                  *(["--logq-correction"] if args.logq_correction else []),
-                 *([] if method == "random" else
+                 # unset: the trainer's default decides (hf_logq_per_sample records it)
+                 *([] if method == "random" or args.logq_per_sample is None else
                    ["--logq-per-sample" if args.logq_per_sample else "--no-logq-per-sample"])]
         argv += ["--background-rebuild"] if args.background_rebuild else \
             ["--no-background-rebuild"]
@@ -565,6 +564,18 @@ def evaluate_one(args, res: dict, families: np.ndarray, indices: np.ndarray) -> 
 
 
 # --------------------------------------------------------------------------- report
+def hf_logq_per_sample(args) -> bool | dict:
+    """Whether the HF runs correct per sample, as the trainer resolves it for their flags
+    (``hfsoftmax.train.logq_per_sample``): one bool, or ``{head: bool}`` where the heads
+    differ (on by default for margin heads, off for the linear one)."""
+    from hfsoftmax.engine.config import parse_args
+    from hfsoftmax.train import logq_per_sample
+
+    got = {h: logq_per_sample(parse_args(trainer_argv(args, "annoy", h, "x")))
+           for h in args.heads}
+    return next(iter(got.values())) if len(set(got.values())) == 1 else got
+
+
 def config_of(args) -> dict:
     keys = ("preset", "num_classes", "images_per_class", "heldout_per_class", "pairs",
             "family_size", "arch", "embedding_size", "batch_size", "steps", "lr",
@@ -573,7 +584,8 @@ def config_of(args) -> dict:
             "ntrees", "nprobe",
             "background_rebuild", "scale",
             "margin", "seed", "train_seed", "threads", "workers", "top1_images", "data")
-    return {k: getattr(args, k) for k in keys}
+    return {k: hf_logq_per_sample(args) if k == "logq_per_sample" else getattr(args, k)
+            for k in keys}
 
 
 def fold_diff_se(a: dict, b: dict) -> dict:

@@ -230,19 +230,21 @@ def test_own_row_cosines_takes_the_best_row_that_is_not_the_label():
 
 
 def test_log_q_flags_reach_the_sampled_runs_they_are_for():
-    """--logq-correction goes to the sampled methods (HF and random); the per-sample
-    correction (on by default, as the trainer's for margin heads, unless --logq-correction is
-    given) is passed explicitly, on or off, to the HF methods only; both are recorded."""
+    """--logq-correction goes to the sampled methods (HF and random); --logq-per-sample /
+    --no-logq-per-sample to the HF methods only, and unset the trainer's default decides
+    (on for margin heads unless --logq-correction, off for the linear head); the config
+    records what the trainer resolved for the HF runs."""
     acc = import_benchmark("accuracy")
+    from hfsoftmax.engine.config import parse_args
+    from hfsoftmax.train import logq_per_sample
 
-    def flags(args, method):
-        argv = acc.trainer_argv(args, method, "cosface", "x")
+    def flags(args, method, head="cosface"):
+        argv = acc.trainer_argv(args, method, head, "x")
         return [a for a in argv if "logq" in a]
 
-    cases = (([], True, ["--logq-per-sample"], []),
+    cases = (([], True, [], []),
              (["--no-logq-per-sample"], False, ["--no-logq-per-sample"], []),
-             (["--logq-correction"], False, ["--logq-correction", "--no-logq-per-sample"],
-              ["--logq-correction"]),
+             (["--logq-correction"], False, ["--logq-correction"], ["--logq-correction"]),
              (["--logq-correction", "--logq-per-sample"], True,
               ["--logq-correction", "--logq-per-sample"], ["--logq-correction"]))
     for extra, per_sample, hf, random in cases:
@@ -251,6 +253,16 @@ def test_log_q_flags_reach_the_sampled_runs_they_are_for():
         assert acc.config_of(args)["logq_correction"] is ("--logq-correction" in extra)
         assert flags(args, "annoy") == flags(args, "faiss") == hf
         assert flags(args, "random") == random and flags(args, "full") == []
+        run = parse_args(acc.trainer_argv(args, "annoy", "cosface", "x"))
+        assert logq_per_sample(run) is per_sample
+    # the linear head: off unless asked for; per head where the heads differ
+    args = acc.resolve_args(["--preset", "quick", "--heads", "linear"])
+    assert flags(args, "annoy", "linear") == [] and acc.config_of(args)["logq_per_sample"] is False
+    args = acc.resolve_args(["--preset", "quick", "--heads", "linear", "cosface"])
+    assert acc.config_of(args)["logq_per_sample"] == {"linear": False, "cosface": True}
+    args = acc.resolve_args(["--preset", "quick", "--heads", "linear", "--logq-per-sample"])
+    assert flags(args, "annoy", "linear") == ["--logq-per-sample"]
+    assert acc.config_of(args)["logq_per_sample"] is True
     assert acc.stored_config({"config": {}})["logq_per_sample"] is False  # older outputs
 
 
