@@ -166,3 +166,25 @@ def test_fresh_rows_benchmark_compares_the_same_search():
     bench = import_benchmark("fresh_rows")
     out = bench.bench(16, 24, 500, 7, repeats=1, seed=3)
     assert out["same_ids"] is True and out["torch_ms"] > 0 and out["numpy_ms"] > 0
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_fresh_rows_device_copy_stays_in_step_with_the_host_rows(normalize):
+    """On an accelerator the rows are mirrored on the device and only the noted rows travel
+    each step; the mirror (here attached on the CPU, the code path a GPU takes) must give the
+    same search as the host rows through overwrites, a full store and drops."""
+    rng = np.random.default_rng(5)
+    host = FreshRows(500, 16, capacity=120, normalize=normalize)
+    dev = FreshRows(500, 16, capacity=120, normalize=normalize)
+    dev._attach(torch.device("cpu"))
+    assert FreshRows(10, 2, 4, False).to("cpu")._dev is None  # the CPU searches the host rows
+    x = rng.standard_normal((9, 16)).astype(np.float32)
+    for step in range(12):
+        ids = rng.choice(500, 40, replace=False)
+        vals = rng.standard_normal((40, 16)).astype(np.float32)
+        assert host.note(ids, vals, step) == dev.note(ids, vals, step)
+        if step % 4 == 3:
+            assert host.drop_before(step - 1) == dev.drop_before(step - 1)
+        np.testing.assert_array_equal(dev._dev[:dev.size].numpy(), host._rows[:host.size])
+        for a, b in zip(host.topk(x, 7), dev.topk(x, 7)):
+            np.testing.assert_array_equal(a, b)

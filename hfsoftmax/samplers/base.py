@@ -411,6 +411,8 @@ class ClassSampler:
                                 "until the first build is ready", self.name)
                     self._warned_no_index = True
             elif need > 0:
+                if self.fresh is not None:  # the fresh rows' search runs where the features are
+                    self.fresh.to(device)
                 k = math.ceil(need / x.shape[0] * self.neighbour_oversample) + 1
                 k = min(k, self.num_classes)
                 neighbours = self._neighbours(index, x, k)

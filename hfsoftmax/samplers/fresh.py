@@ -42,7 +42,37 @@ class FreshRows:
         self._ids = np.empty(self.capacity, dtype=np.int64)
         self._rows = np.empty((self.capacity, self.dim), dtype=np.float32)
         self._step = np.empty(self.capacity, dtype=np.int64)
+        self._dev = None  # a copy of _rows on an accelerator (to()), kept in step
         self.size = 0
+
+    def to(self, device) -> "FreshRows":
+        """Search on ``device`` (a torch device; the features'): on an accelerator the rows
+        are mirrored there once and then only the rows noted each step travel, so the
+        per-step ``(B, n)`` scores and their top-k never touch the host. ``None`` or a CPU
+        device: search the host copy (the default)."""
+        import torch
+
+        device = None if device is None else torch.device(device)
+        if device is None or device.type == "cpu":
+            self._dev = None
+        elif self._dev is None or self._dev.device != device:
+            self._attach(device)
+        return self
+
+    def _attach(self, device) -> None:
+        """Mirror the rows on ``device`` (any torch device: the tests mirror on the CPU)."""
+        import torch
+
+        self._dev = torch.from_numpy(self._rows).to(device, copy=True)
+
+    def _mirror(self, slots: np.ndarray) -> None:
+        """Copy the host rows of ``slots`` to the accelerator copy (if any)."""
+        if self._dev is not None and slots.size:
+            import torch
+
+            idx = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64))
+            self._dev[idx.to(self._dev.device)] = \
+                torch.from_numpy(self._rows[slots]).to(self._dev.device)
 
     @property
     def full(self) -> bool:
@@ -99,6 +129,9 @@ class FreshRows:
             self._rows[s] = rows[take]
             self._step[s] = step
             self.size += take.size
+            self._mirror(np.concatenate([slots[old], s]))
+        else:
+            self._mirror(slots[old])
         return int(new.size - take.size)
 
     def drop_before(self, step: int | None) -> int:
@@ -114,6 +147,7 @@ class FreshRows:
         for arr in (self._ids, self._rows, self._step):
             arr[:n_keep] = arr[:self.size][keep]
         self._slot[self._ids[:n_keep]] = np.arange(n_keep)
+        self._mirror(np.arange(n_keep))  # once per index rebuild
         dropped, self.size = self.size - n_keep, n_keep
         return dropped
 
@@ -139,12 +173,13 @@ class FreshRows:
         import torch
 
         from .exact import chunked_topk
-        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+        rows = torch.from_numpy(self._rows[:n]) if self._dev is None else self._dev[:n]
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(rows.device)
         with torch.no_grad():
-            top_s, top_i = chunked_topk(q, torch.from_numpy(self._rows[:n]), k)
+            top_s, top_i = chunked_topk(q, rows, k)
         kk = top_s.shape[1]
-        ids[:, :kk] = self._ids[top_i.numpy()]
-        scores[:, :kk] = top_s.numpy()
+        ids[:, :kk] = self._ids[top_i.cpu().numpy()]
+        scores[:, :kk] = top_s.cpu().numpy()
         return ids, scores
 
 
