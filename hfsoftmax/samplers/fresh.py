@@ -123,16 +123,14 @@ class FreshRows:
         self._step[slots[old]] = step
         new = np.flatnonzero(~old)
         take = new[:max(0, self.capacity - self.size)]
+        s = np.arange(self.size, self.size + take.size)
         if take.size:
-            s = np.arange(self.size, self.size + take.size)
             self._slot[class_ids[take]] = s
             self._ids[s] = class_ids[take]
             self._rows[s] = rows[take]
             self._step[s] = step
             self.size += take.size
-            self._mirror(np.concatenate([slots[old], s]))
-        else:
-            self._mirror(slots[old])
+        self._mirror(np.concatenate([slots[old], s]))
         return int(new.size - take.size)
 
     def drop_before(self, step: int | None) -> int:
@@ -148,7 +146,11 @@ class FreshRows:
         for arr in (self._ids, self._rows, self._step):
             arr[:n_keep] = arr[:self.size][keep]
         self._slot[self._ids[:n_keep]] = np.arange(n_keep)
-        self._mirror(np.arange(n_keep))  # once per index rebuild
+        if self._dev is not None:  # the same compaction on the device: nothing travels
+            import torch
+
+            kept = torch.from_numpy(np.flatnonzero(keep)).to(self._dev.device)
+            self._dev[:n_keep] = self._dev[kept]
         dropped, self.size = self.size - n_keep, n_keep
         return dropped
 
