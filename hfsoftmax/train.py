@@ -120,9 +120,9 @@ def row_momentum(args: argparse.Namespace) -> float:
 
 # The margin heads' logits ignore row norms; for them the sampled rows are kept at norm 1
 # and the rows changed since the last rebuild are searched beside the index by default: the
-# accuracy benchmark needed both (the README's ablation, with the trainer's rows). The
-# linear head keeps both off: its logits scale with the norms, and an inner-product index
-# may not score fresh rows alike.
+# accuracy benchmark needed both (benchmarks/ACCURACY.md's ablation, with the trainer's
+# rows). The linear head keeps both off: its logits scale with the norms, and an
+# inner-product index may not score fresh rows alike.
 MARGIN_HEADS = ("cosface", "arcface")
 
 
@@ -201,9 +201,9 @@ def stored_settings(args: argparse.Namespace) -> dict[str, Any]:
 def logq_per_sample(args: argparse.Namespace) -> bool:
     """Whether the sampled head corrects its softmax per sample: ``--logq-per-sample``, else
     on for a margin head selecting by index unless ``--logq-correction`` asks for the random
-    top-up's correction. Measured at 1% of 20K classes (README): above the paper's rule and
-    the mix at 3 and 12 epochs; the linear head and the ``random`` sampler (Partial FC's
-    rule, the benchmark's baseline) keep it off."""
+    top-up's correction. Measured at 1% of 20K classes (benchmarks/ACCURACY.md): above the
+    paper's rule and the mix at 3 and 12 epochs; the linear head and the ``random`` sampler
+    (Partial FC's rule, the benchmark's baseline) keep it off."""
     if args.logq_per_sample is not None:
         return bool(args.logq_per_sample)
     return _selects_by_index(args) and args.head in MARGIN_HEADS and not args.logq_correction
