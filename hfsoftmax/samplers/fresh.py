@@ -13,9 +13,9 @@ one-step lag of the kept values (they are the values pulled for a step, before i
 Rows kept before the current index's snapshot step are dropped (the index holds them).
 
 Measured on the synthetic accuracy benchmark (``benchmarks/accuracy.py``): see
-``benchmarks/ACCURACY.md``. The cost is one ``(B, D) x (D, n_fresh)`` product and its top-k per step (on the
-features' device: :meth:`FreshRows.to`); when ``capacity`` rows are kept the sampler
-rebuilds its index early (``ClassSampler.maybe_rebuild``).
+``benchmarks/ACCURACY.md``. The cost is one ``(B, D) x (D, n_fresh)`` product and its top-k
+per step (on the features' device: :meth:`FreshRows.to`); when ``capacity`` rows are kept
+the sampler rebuilds its index early (``ClassSampler.maybe_rebuild``).
 """
 from __future__ import annotations
 
