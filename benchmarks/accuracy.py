@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rows' lazy SGD momentum; quick preset: the paper's 0.9 at LR x1)")
     g.add_argument("--row-lr-mult", type=float, default=None,
                    help="sampled methods (HF and random): the trainer's --row-lr-mult")
+    g.add_argument("--catchup-decay", action="store_true",
+                   help="sampled methods (HF and random): the trainer's --row-catchup-decay "
+                        "(every row decayed every step, as under the full softmax)")
     g.add_argument("--fresh-rows", type=int, default=None,
                    help="HF methods: the trainer's --fresh-rows (rows changed since the last "
                         "rebuild searched exactly beside the index; 0: off)")
@@ -221,6 +224,9 @@ def resolve_args(argv=None) -> argparse.Namespace:
         parser.error("--heldout-per-class must be >= 1 (top-1 is measured on held-out images)")
     if not args.row_momentum >= 0:
         parser.error(f"--row-momentum must be >= 0, got {args.row_momentum}")
+    if args.catchup_decay and args.row_momentum != 0:
+        parser.error(f"--catchup-decay needs --row-momentum 0 (got {args.row_momentum}): a "
+                     "lazy momentum buffer's skipped decay is not kept")
     if not args.row_lr_mult > 0:
         parser.error(f"--row-lr-mult must be > 0, got {args.row_lr_mult}")
     if args.fresh_rows < 0:
@@ -297,6 +303,7 @@ def trainer_argv(args, method: str, head: str, save_path: str) -> list[str]:
                  "--fresh-rows", str(args.fresh_rows if method != "random" else 0),
                  "--renorm-rows", str(args.renorm_rows),
                  "--row-momentum", str(args.row_momentum), "--row-lr-mult", str(args.row_lr_mult),
+                 *(["--row-catchup-decay"] if args.catchup_decay else []),
                  *(["--sampler-opt", f"nprobe={args.nprobe}"] if method == "faiss" else []),
                  "--recall-every", str(max(1, min(200, args.steps // 5))),
                  *(["--logq-correction"] if args.logq_correction else []),
@@ -580,8 +587,8 @@ def config_of(args) -> dict:
     keys = ("preset", "num_classes", "images_per_class", "heldout_per_class", "pairs",
             "family_size", "arch", "embedding_size", "batch_size", "steps", "lr",
             "lr_decay_at", "sample_num", "interval", "random_share", "fresh_rows",
-            "renorm_rows", "row_momentum", "row_lr_mult", "logq_correction", "logq_per_sample",
-            "ntrees", "nprobe",
+            "renorm_rows", "row_momentum", "row_lr_mult", "catchup_decay", "logq_correction",
+            "logq_per_sample", "ntrees", "nprobe",
             "background_rebuild", "scale",
             "margin", "seed", "train_seed", "threads", "workers", "top1_images", "data")
     return {k: hf_logq_per_sample(args) if k == "logq_per_sample" else getattr(args, k)
@@ -680,14 +687,14 @@ HF_ONLY = ("interval", "ntrees", "nprobe", "random_share", "fresh_rows", "backgr
            "logq_per_sample")
 #: settings of the sampled head's row store: a full-softmax run is the same whatever they are
 SAMPLED_ONLY = HF_ONLY + ("sample_num", "renorm_rows", "row_momentum", "row_lr_mult",
-                          "logq_correction")
+                          "catchup_decay", "logq_correction")
 
 
 #: settings added after some outputs were written: an output without them was measured at
 #: these values (the rows with the backbone's momentum 0.9 and LR: the paper's rule; no
 #: log-Q correction)
 LATER_KEYS = {"row_momentum": 0.9, "row_lr_mult": 1.0, "logq_correction": False,
-              "logq_per_sample": False}
+              "logq_per_sample": False, "catchup_decay": False}
 #: settings of the evaluation only (the trained runs do not depend on them): --eval-only may
 #: change them, e.g. to score the same checkpoints on more verification pairs
 EVAL_KEYS = ("pairs", "top1_images")

@@ -220,7 +220,8 @@ def build_row_store(args: argparse.Namespace, num_classes: int, rank: int):
     from .rowstore import LocalRowStore, RemoteRowStore, SGDConfig
 
     sgd = SGDConfig(lr=args.lr * row_lr_mult(args), momentum=row_momentum(args),
-                    weight_decay=args.weight_decay, renorm=renorm_rows(args))
+                    weight_decay=args.weight_decay, renorm=renorm_rows(args),
+                    catchup_decay=args.row_catchup_decay)
     if not args.ps:
         return LocalRowStore(num_classes, args.embedding_size, sgd, seed=args.seed)
     from paramserver import ParamClient
@@ -258,7 +259,8 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
     if not args.sampled:
         row_flags = {"--renorm-rows": args.renorm_rows or None,
                      "--row-momentum": args.row_momentum,
-                     "--row-lr-mult": args.row_lr_mult}
+                     "--row-lr-mult": args.row_lr_mult,
+                     "--row-catchup-decay": args.row_catchup_decay or None}
         for flag, value in row_flags.items():
             if value is not None:
                 raise ValueError(f"{flag} {value} applies to the sampled head's row store (the "
@@ -573,9 +575,10 @@ def run(args: argparse.Namespace) -> dict:
     verifier = Verifier(args.val_bins, os.path.join(args.save_path, "val")) \
         if args.val_bins and hd.is_main() else None
     if store is not None:
-        logger.info("class rows: SGD lr x%g, momentum %g, weight decay %g, renorm %s; fresh "
-                    "rows %d; log-Q correction %s", row_lr_mult(args), row_momentum(args),
-                    args.weight_decay, renorm_rows(args) or "off", fresh_rows(args),
+        logger.info("class rows: SGD lr x%g, momentum %g, weight decay %g (%s), renorm %s; "
+                    "fresh rows %d; log-Q correction %s", row_lr_mult(args), row_momentum(args),
+                    args.weight_decay, "every step" if args.row_catchup_decay else "lazy",
+                    renorm_rows(args) or "off", fresh_rows(args),
                     {"sample": "per sample", True: "of the random classes",
                      False: "off"}[logq_mode(args)])
         slots = neighbour_slots_per_sample(args, world)

@@ -18,7 +18,9 @@ naming the row and changes nothing. Both the server and the in-process row store
 check, which lives only here.
 
 Updates are *lazy*: a row that receives no gradient in a step is not touched (no weight
-decay, no momentum decay). For the rows that are touched the result is what
+decay, no momentum decay), unless ``catchup_decay`` (kept by :class:`paramserver.Table`:
+a pushed row first gets the weight decay of the steps it missed, as a dense SGD without
+momentum would have applied). For the rows that are touched the result is what
 ``torch.optim.SGD`` gives on a parameter made of those rows; for a dense push of every row
 it is ``torch.optim.SGD`` on the whole matrix. Equal to float32 round-off, not always bit for
 bit: torch's CPU kernels may fuse ``a + alpha * b`` into one multiply-add (tests allow a
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -69,6 +72,13 @@ class SGDConfig:
     #: margin heads, whose logits ignore a row's norm: sparse, lumpy updates (sampled
     #: heads) inflate norms, and a row's effective step on its direction is lr / |w|^2.
     renorm: float = 0.0
+    #: True: weight decay as a dense SGD applies it, to every row every step, kept lazily:
+    #: :class:`paramserver.Table` counts the decay of the steps a row was not pushed, applies
+    #: it when the row is next pushed and shows it in every read. Exact for momentum 0 (the
+    #: only setting it takes): a row with no gradient then only decays, by ``1 - lr * wd``.
+    #: Lazy weight decay acts on a sampled row 1 step in ~N/S, too seldom to balance the
+    #: norm growth of its gradients; this keeps the full softmax's balance.
+    catchup_decay: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -81,8 +91,19 @@ class SGDConfig:
                 raise ValueError(f"SGD {name} must be a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"SGD {name} must be finite and >= 0, got {value!r}")
-        if not isinstance(self.nesterov, bool):
-            raise ValueError(f"SGD nesterov must be true or false, got {self.nesterov!r}")
+        for name in ("nesterov", "catchup_decay"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SGD {name} must be true or false, got "
+                                 f"{getattr(self, name)!r}")
+        if self.catchup_decay and self.momentum != 0:
+            raise ValueError("SGD catchup_decay=True needs momentum 0 (the skipped steps' "
+                             "decay of a lazy momentum buffer is not kept); got "
+                             f"momentum={self.momentum!r}: set momentum 0 (the trainer's "
+                             "--row-momentum 0) or catchup_decay off")
+        if self.catchup_decay and self.lr * self.weight_decay >= 1:
+            raise ValueError(f"SGD catchup_decay=True needs lr * weight_decay < 1 (each "
+                             f"step scales a row by 1 - lr * weight_decay); got lr={self.lr!r}, "
+                             f"weight_decay={self.weight_decay!r}: lower either")
         if self.nesterov and self.momentum <= 0:
             raise ValueError("SGD nesterov=True needs momentum > 0 (as torch.optim.SGD); "
                              f"got momentum={self.momentum!r}")
@@ -92,10 +113,11 @@ class SGDConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SGDConfig":
-        unknown = set(d) - {"lr", "momentum", "weight_decay", "nesterov", "renorm"}
+        unknown = set(d) - {"lr", "momentum", "weight_decay", "nesterov", "renorm",
+                            "catchup_decay"}
         if unknown:
             raise ValueError(f"unknown SGD settings {sorted(unknown)}; valid: lr, momentum, "
-                             "weight_decay, nesterov, renorm")
+                             "weight_decay, nesterov, renorm, catchup_decay")
         return cls(**d)
 
 
@@ -177,11 +199,15 @@ def check_summed_grads(rows: np.ndarray, grads: np.ndarray, *, row_offset: int =
 
 
 def sgd_rows(weight: np.ndarray, momentum_buf: np.ndarray | None, rows: np.ndarray,
-             grads: np.ndarray, cfg: SGDConfig, *, row_offset: int = 0) -> None:
+             grads: np.ndarray, cfg: SGDConfig, *, row_offset: int = 0,
+             row_scale: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
     """Apply one SGD step in place to ``weight[rows]`` (and ``momentum_buf[rows]``).
 
     ``rows`` may repeat (their gradients are summed first); ``grads`` is ``(len(rows), D)``.
-    ``momentum_buf`` may be None only when ``cfg.momentum == 0``.
+    ``momentum_buf`` may be None only when ``cfg.momentum == 0``. ``row_scale``, given the
+    sorted unique rows, returns a float32 factor per row that multiplies each stored row
+    before the step (the table's caught-up weight decay); it changes nothing if the step
+    is refused.
 
     Raises :class:`NonFiniteUpdateError`, changing nothing, when a summed gradient or an
     updated weight or momentum row is not finite; ``row_offset`` is added to the row ids in
@@ -190,10 +216,11 @@ def sgd_rows(weight: np.ndarray, momentum_buf: np.ndarray | None, rows: np.ndarr
     # Overflows (float32 sums or updates past ~3.4e38) are detected and reported below,
     # before anything is written: numpy's warnings about them would only be noise.
     with np.errstate(over="ignore", invalid="ignore"):
-        _sgd_rows_checked(weight, momentum_buf, rows, grads, cfg, row_offset)
+        _sgd_rows_checked(weight, momentum_buf, rows, grads, cfg, row_offset, row_scale)
 
 
-def _sgd_rows_checked(weight, momentum_buf, in_rows, grads, cfg, row_offset) -> None:
+def _sgd_rows_checked(weight, momentum_buf, in_rows, grads, cfg, row_offset,
+                      row_scale=None) -> None:
     """:func:`sgd_rows`'s body: reduce, update copies, check them, write back."""
     in_rows = np.asarray(in_rows, dtype=np.int64).reshape(-1)
     grads_in = np.asarray(grads, dtype=weight.dtype)  # never written (the sums are copies)
@@ -207,6 +234,8 @@ def _sgd_rows_checked(weight, momentum_buf, in_rows, grads, cfg, row_offset) -> 
     # without a temporary per operation (this loop is the server's hot path). Nothing is
     # written back before both results are known to be finite.
     w = weight[rows]
+    if row_scale is not None:
+        w *= np.asarray(row_scale(rows), dtype=w.dtype)[:, None]
     buf = None
     d = grads if grads.base is None and grads.flags.writeable else grads.copy()
     tmp = np.empty_like(d)

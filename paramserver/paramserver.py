@@ -433,13 +433,15 @@ class ParamServer:
         return {"created": True, "info": self._info(t)}, ()
 
     def op_set_optimizer(self, header, arrays, ctx):
-        h = _Header(header, {"table", "lr", "momentum", "weight_decay", "nesterov", "renorm"})
+        h = _Header(header, {"table", "lr", "momentum", "weight_decay", "nesterov", "renorm",
+                             "catchup_decay"})
         self._expect(arrays, [], "set_optimizer")
         t = self._table(h)
         cfg = SGDConfig(lr=h.get("lr", "float"), momentum=h.get("momentum", "float", 0.0),
                         weight_decay=h.get("weight_decay", "float", 0.0),
                         nesterov=h.get("nesterov", "bool", False),
-                        renorm=h.get("renorm", "float", 0.0))
+                        renorm=h.get("renorm", "float", 0.0),
+                        catchup_decay=h.get("catchup_decay", "bool", False))
         t.optim = cfg
         log.info("table %r optimizer: %s", t.name, cfg.to_dict())
         return {"optimizer": cfg.to_dict()}, ()
@@ -462,7 +464,7 @@ class ParamServer:
         if rows.shape[0] * t.dim * 4 > self.max_message_bytes:
             raise RequestError(f"pull of {rows.shape[0]} rows of {t.dim} exceeds the reply "
                                f"limit of {self.max_message_bytes} bytes; pull fewer rows")
-        return {"step": t.updates}, (t.weight[self._local_rows(t, rows)],)
+        return {"step": t.updates}, (t.pull(self._local_rows(t, rows)),)
 
     def op_set_rows(self, header, arrays, ctx):
         h = _Header(header, {"table"})
@@ -485,9 +487,10 @@ class ParamServer:
         if (stop - start) * t.dim * 4 > self.max_message_bytes:
             raise RequestError(f"read of rows [{start}, {stop}) exceeds the reply limit of "
                                f"{self.max_message_bytes} bytes; read in smaller chunks")
-        src = t.weight if fld == "weight" else t.momentum
-        return {"start": start, "stop": stop, "step": t.updates}, \
-            (src[start - t.row_start:stop - t.row_start].copy(),)  # a copy: zmq sends later
+        lo, hi = start - t.row_start, stop - t.row_start
+        # copies (zmq sends later); the weights as Table.read gives them (owed decay applied)
+        values = t.read(lo, hi) if fld == "weight" else t.momentum[lo:hi].copy()
+        return {"start": start, "stop": stop, "step": t.updates}, (values,)
 
     def op_table_info(self, header, arrays, ctx):
         h = _Header(header, {"table", "checksum"})

@@ -151,6 +151,8 @@ def write_snapshot(path: str | os.PathLike, tables: dict[str, Table],
         raise SnapshotError(f"snapshot folder {str(folder)!r} does not exist; create it first")
     remove_stale_temp_files(folder)
     names = sorted(tables)
+    for n in names:  # the file holds values: write any weight decay still owed into them
+        tables[n].settle()
     meta = {"format": FORMAT, "version": FORMAT_VERSION,
             "tables": json.dumps({n: _table_meta(tables[n]) for n in names}, sort_keys=True)}
     for k, v in (extra_meta or {}).items():

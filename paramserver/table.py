@@ -9,6 +9,8 @@ client's job.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .optim import NonFiniteUpdateError, SGDConfig, check_summed_grads, sgd_rows
@@ -65,7 +67,13 @@ class Table:
             raise ValueError(f"table {name!r}: rows [{row_start}, {row_start + num_rows}) do "
                              f"not fit a global table of {self.global_rows} rows")
         self.init, self.std, self.seed = init, float(std), int(seed)
-        self.optim = optim if optim is not None else SGDConfig()
+        # optim.catchup_decay: the stored rows lag their values by the weight decay of the
+        # steps they were not pushed. _clock sums log(1 - lr * wd) over the steps applied
+        # since the catch-up started; _mark[r] is the clock when row r was last brought up
+        # to date; a row's value is weight[r] * exp(_clock - _mark[r]). None: no lag.
+        self._clock = 0.0
+        self._mark: np.ndarray | None = None
+        self._optim = optim if optim is not None else SGDConfig()
         if weight is None:
             weight = init_rows(init, row_start, row_start + num_rows, dim, std, seed)
         if weight.shape != (num_rows, dim) or weight.dtype != np.float32:
@@ -77,6 +85,35 @@ class Table:
             raise ValueError(f"table {name!r}: momentum must be float32 {(num_rows, dim)}, "
                              f"got {self.momentum.dtype} {self.momentum.shape}")
         self.updates = 0  # number of SGD steps applied to this table
+
+    @property
+    def optim(self) -> SGDConfig:
+        """The SGD settings; setting them applies any decay still owed when the catch-up
+        stops (so values never jump)."""
+        return self._optim
+
+    @optim.setter
+    def optim(self, cfg: SGDConfig) -> None:
+        if not cfg.catchup_decay:
+            self.settle()
+        self._optim = cfg
+
+    def _lag(self, rows: np.ndarray | slice) -> np.ndarray | None:
+        """The float32 factor per row between stored and current values, or None."""
+        if self._mark is None:
+            return None
+        return np.exp(self._clock - self._mark[rows]).astype(np.float32)
+
+    def settle(self) -> None:
+        """Write the owed weight decay into the stored rows (values unchanged: reads
+        apply the same float32 product); the clock restarts. Before a snapshot, which
+        stores values only."""
+        if self._mark is None:
+            return
+        for start in range(0, self.num_rows, 65536):
+            part = slice(start, min(start + 65536, self.num_rows))
+            self.weight[part] *= self._lag(part)[:, None]
+        self._mark, self._clock = None, 0.0
 
     def check_rows(self, rows: np.ndarray) -> None:
         """Raise ``IndexError`` naming the first local row id outside ``[0, num_rows)``."""
@@ -111,7 +148,11 @@ class Table:
         """A float32 copy of the given (local) rows; duplicates allowed."""
         rows = np.asarray(rows, dtype=np.int64)
         self.check_rows(rows)
-        return self.weight[rows]
+        values = self.weight[rows]
+        lag = self._lag(rows)
+        if lag is not None:
+            values *= lag[:, None]
+        return values
 
     def apply_grad(self, rows: np.ndarray, grads: np.ndarray, *, check: bool = True) -> None:
         """One SGD step with this table's settings; repeated rows accumulate.
@@ -127,11 +168,17 @@ class Table:
         if check:
             self.check_rows(rows)
             self.check_values(rows, grads, "grads")
+        cfg = self._optim
+        if cfg.catchup_decay and self._mark is None:
+            self._mark = np.full(self.num_rows, self._clock)
         try:
-            sgd_rows(self.weight, self.momentum, rows, grads, self.optim,
-                     row_offset=self.row_start)
+            sgd_rows(self.weight, self.momentum, rows, grads, cfg, row_offset=self.row_start,
+                     row_scale=self._lag if cfg.catchup_decay else None)
         except NonFiniteUpdateError as exc:
             raise NonFiniteUpdateError(f"table {self.name!r}: {exc}", exc.row) from None
+        if cfg.catchup_decay:  # this step's decay is in the pushed rows (sgd_rows' wd term)
+            self._clock += math.log1p(-cfg.lr * cfg.weight_decay)
+            self._mark[rows] = self._clock
         self.updates += 1
 
     def set_rows(self, rows: np.ndarray, values: np.ndarray) -> None:
@@ -142,13 +189,22 @@ class Table:
         self.check_rows(rows)
         self.check_values(rows, values, "values")
         self.weight[rows] = values
+        if self._mark is not None:
+            self._mark[rows] = self._clock  # set values owe no decay
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Local rows ``[start, stop)`` as a float32 copy."""
         if not 0 <= start <= stop <= self.num_rows:
             raise IndexError(f"table {self.name!r}: read range [{start}, {stop}) outside "
                              f"[0, {self.num_rows}]")
-        return self.weight[start:stop].copy()
+        values = self.weight[start:stop].copy()
+        # A reader on another thread (the trainer's index rebuild over a local store) may
+        # take a row and its lag from different steps, one step's decay off: a cosine
+        # index does not see it, as it may see a row mid-update anyway.
+        lag = self._lag(slice(start, stop))
+        if lag is not None:
+            values *= lag[:, None]
+        return values
 
     def checksum(self) -> str:
         """A hash of weights, momentum and settings, to tell whether anything changed."""
@@ -157,5 +213,8 @@ class Table:
         h = hashlib.sha256()
         h.update(self.weight.tobytes())
         h.update(self.momentum.tobytes())
+        if self._mark is not None:
+            h.update(self._mark.tobytes())
+            h.update(repr(self._clock).encode())
         h.update(repr(sorted(self.optim.to_dict().items())).encode())
         return h.hexdigest()

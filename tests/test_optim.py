@@ -179,3 +179,91 @@ def test_renorm_rescales_updated_rows_only_and_keeps_the_sgd_direction():
     assert SGDConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="SGD renorm must be finite and >= 0"):
         SGDConfig(renorm=-1.0)
+
+
+def _dense_reference(w0, pushes, lrs, wd):
+    """torch.optim.SGD (momentum 0) on the whole matrix, a zero gradient for rows not
+    pushed: every row decays every step."""
+    p = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    opt = torch.optim.SGD([p], lr=lrs[0], weight_decay=wd)
+    for (rows, g), lr in zip(pushes, lrs):
+        opt.param_groups[0]["lr"] = lr
+        dense = np.zeros_like(w0)
+        np.add.at(dense, rows, g)
+        p.grad = torch.from_numpy(dense)
+        opt.step()
+    return p.detach().numpy()
+
+
+def test_catchup_decay_equals_dense_sgd_and_survives_a_snapshot(tmp_path):
+    """catchup_decay: sparse pushes (duplicates, an LR change, a snapshot and restore in the
+    middle) read back as a dense torch SGD's rows, where the lazy table differs; the stored
+    rows are not touched until pushed."""
+    from paramserver.snapshot import read_snapshot, write_snapshot
+
+    rng = np.random.default_rng(7)
+    n, d, wd = 40, 6, 0.05
+    w0 = rng.standard_normal((n, d)).astype(np.float32)
+    pushes = [(rng.integers(0, n, size=6), rng.standard_normal((6, d)).astype(np.float32))
+              for _ in range(30)]
+    lrs = [0.5] * 15 + [0.1] * 15
+    table = Table("t", n, d, weight=w0.copy(),
+                  optim=SGDConfig(lr=0.5, weight_decay=wd, catchup_decay=True))
+    lazy = Table("t", n, d, weight=w0.copy(), optim=SGDConfig(lr=0.5, weight_decay=wd))
+    for step, ((rows, g), lr) in enumerate(zip(pushes, lrs)):
+        if step == 15:
+            table.optim = SGDConfig(lr=lr, weight_decay=wd, catchup_decay=True)
+            lazy.optim = SGDConfig(lr=lr, weight_decay=wd)
+        if step == 20:  # the file holds values: restored, the run goes on alike
+            before = table.read(0, n)
+            write_snapshot(tmp_path / "s.safetensors", {"t": table})
+            table = read_snapshot(tmp_path / "s.safetensors")[0]["t"]
+            np.testing.assert_array_equal(table.read(0, n), before)
+            assert table.optim.catchup_decay
+        table.apply_grad(rows, g)
+        lazy.apply_grad(rows, g)
+    ref = _dense_reference(w0, pushes, lrs, wd)
+    assert rel_err(table.read(0, n), ref) <= 1e-5
+    np.testing.assert_array_equal(table.pull(np.arange(n)), table.read(0, n))
+    assert rel_err(lazy.read(0, n), ref) > 1e-2  # what the catch-up changes
+    never = np.setdiff1d(np.arange(n), np.concatenate([r for r, _ in pushes[20:]]))
+    assert never.size  # rows not pushed since the restore: stored as restored, read decayed
+    np.testing.assert_array_equal(table.weight[never], before[never])
+    assert np.all(np.abs(table.read(0, n)[never]) < np.abs(before[never]))
+
+
+def test_catchup_decay_refused_step_and_switching_off_change_no_value():
+    """A refused step leaves values, marks and clock as they were (same checksum); turning
+    the catch-up off writes the owed decay in, so no value jumps; set rows owe nothing."""
+    n, d = 8, 3
+    table = Table("t", n, d, weight=np.ones((n, d), np.float32),
+                  optim=SGDConfig(lr=0.5, weight_decay=0.1, catchup_decay=True))
+    for _ in range(3):
+        table.apply_grad(np.array([0]), np.zeros((1, d), np.float32))
+    values, digest = table.read(0, n), table.checksum()
+    np.testing.assert_allclose(values[1], 0.95 ** 3, rtol=1e-6)  # decayed, never pushed
+    with pytest.raises(ValueError, match="row 2"):
+        table.apply_grad(np.array([2]), np.full((1, d), np.inf, np.float32))
+    with pytest.raises(ValueError, match="row 3 sum past the float32 range"):
+        table.apply_grad(np.array([3, 3]), np.full((2, d), 3e38, np.float32), check=False)
+    assert table.checksum() == digest
+    np.testing.assert_array_equal(table.read(0, n), values)
+    table.set_rows(np.array([4]), np.full((1, d), 2.0, np.float32))
+    table.apply_grad(np.array([0]), np.zeros((1, d), np.float32))
+    np.testing.assert_allclose(table.read(4, 5), 2.0 * 0.95, rtol=1e-6)  # one step's decay
+    values = table.read(0, n)
+    table.optim = SGDConfig(lr=0.5, weight_decay=0.1)  # off: the stored rows take the decay
+    np.testing.assert_array_equal(table.weight, values)
+    table.apply_grad(np.array([0]), np.zeros((1, d), np.float32))
+    np.testing.assert_array_equal(table.read(1, n), values[1:])  # lazy again: rows wait
+
+
+def test_catchup_decay_settings_are_checked():
+    for bad, match in [(dict(momentum=0.9), "catchup_decay=True needs momentum 0"),
+                       (dict(lr=10.0, weight_decay=0.1), "lr \\* weight_decay < 1"),
+                       (dict(catchup_decay=1), "catchup_decay must be true or false")]:
+        with pytest.raises(ValueError, match=match):
+            SGDConfig(**{"catchup_decay": True, **bad})
+    cfg = SGDConfig(lr=0.1, weight_decay=5e-4, catchup_decay=True)
+    assert SGDConfig.from_dict(cfg.to_dict()) == cfg
+    assert not SGDConfig.from_dict({"lr": 0.1}).catchup_decay  # older settings: off

@@ -399,3 +399,28 @@ def test_renorm_setting_reaches_the_server():
         np.testing.assert_allclose(np.linalg.norm(after[[2, 5]], axis=1), 1.5, rtol=1e-6)
         np.testing.assert_array_equal(np.delete(after, [2, 5], 0), np.delete(before, [2, 5], 0))
         assert ps.table_info("w")["optimizer"]["renorm"] == 1.5
+
+
+def test_catchup_decay_setting_reaches_the_server():
+    """set_optimizer(catchup_decay=True) over the wire: pull and read give what an
+    in-process table gives for the same pushes (every row decayed every step), and the
+    setting is reported; a momentum with it is refused, changing nothing."""
+    from paramserver import SGDConfig, Table
+
+    rng = np.random.default_rng(3)
+    local = Table("w", 30, 4, init="normal", std=0.5, seed=2,
+                  optim=SGDConfig(lr=0.5, weight_decay=0.1, catchup_decay=True))
+    with running_server() as (_, addr), ParamClient(addr, timeout_s=10) as ps:
+        ps.create_table("w", 30, 4, init="normal", std=0.5, seed=2)
+        ps.set_optimizer("w", lr=0.5, weight_decay=0.1, catchup_decay=True)
+        for _ in range(6):
+            rows = rng.integers(0, 30, size=5)
+            g = rng.standard_normal((5, 4)).astype(np.float32)
+            ps.push("w", rows, g)
+            local.apply_grad(rows, g)
+        np.testing.assert_array_equal(ps.read_all("w"), local.read(0, 30))
+        np.testing.assert_array_equal(ps.pull("w", [0, 7, 7]), local.pull(np.array([0, 7, 7])))
+        assert ps.table_info("w")["optimizer"]["catchup_decay"] is True
+        with pytest.raises(ParamServerError, match="needs momentum 0"):
+            ps.set_optimizer("w", lr=0.5, momentum=0.9, weight_decay=0.1, catchup_decay=True)
+        np.testing.assert_array_equal(ps.read_all("w"), local.read(0, 30))

@@ -145,3 +145,25 @@ def test_curve_authentication(tmp_path):
                         "--curve-public-keys-dir", str(tmp_path / "allowed"),
                         bind="tcp://0.0.0.0:*") as (proc, addr):
         assert "NO authentication" not in server_log(proc)
+
+
+def test_catchup_decay_counts_the_steps_a_shard_gets_no_rows():
+    """catchup_decay over 2 shards: steps whose rows all lie in shard 0 still decay shard
+    1's rows (each shard gets every step, an empty push included): equal to one table."""
+    from paramserver import SGDConfig, Table
+
+    n, d = 10, 3
+    local = Table("w", n, d, init="normal", std=0.5, seed=4,
+                  optim=SGDConfig(lr=0.5, weight_decay=0.1, catchup_decay=True))
+    with contextlib.ExitStack() as stack:
+        addrs = [stack.enter_context(running_server())[1] for _ in range(2)]
+        with ParamClient(addrs, timeout_s=30) as ps:
+            ps.create_table("w", n, d, init="normal", std=0.5, seed=4)
+            ps.set_optimizer("w", lr=0.5, weight_decay=0.1, catchup_decay=True)
+            for rows in ([0, 1], [2], [1, 7], [3, 3]):  # shard 1 holds rows 5..9
+                g = np.ones((len(rows), d), np.float32)
+                ps.push("w", rows, g)
+                local.apply_grad(np.array(rows), g)
+            np.testing.assert_array_equal(ps.read_all("w"), local.read(0, n))
+            np.testing.assert_allclose(ps.pull("w", [9])[0], local.weight[9] * 0.95 ** 4,
+                                       rtol=1e-6)

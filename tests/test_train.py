@@ -515,6 +515,39 @@ def test_renorm_rows_reaches_the_row_store_and_is_refused_where_it_has_no_meanin
         build_head(args, 40, 0)
 
 
+def test_row_catchup_decay_reaches_the_rows_and_needs_momentum_0(tiny_rec, tmp_path):
+    """--row-catchup-decay: the row store decays every row every step (a run's snapshot
+    holds the setting, and rows never selected shrank by the steps' decay); refused with
+    lazy momentum (naming --row-momentum 0) and on the full head."""
+    from hfsoftmax.train import build_head, main
+    from paramserver.snapshot import read_snapshot
+
+    hf = ["--sampled", "--sampler", "random", "--sample-num", "24", "--head", "cosface",
+          "--renorm-rows", "0"]
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf])
+    _, store = build_head(args, 40, 0)
+    assert not store.optim.catchup_decay
+    save = tmp_path / "run"
+    main(["--train-rec", str(tiny_rec), *TINY, *hf, "--row-catchup-decay", "--max-steps", "3",
+          "--weight-decay", "0.01", "--save-path", str(save), "--device", "cpu"])
+    table = next(iter(read_snapshot(next(save.glob("rows_step*.safetensors")))[0].values()))
+    assert table.optim.catchup_decay and table.updates == 3
+    lr = table.optim.lr
+    from paramserver.table import init_rows
+    init = init_rows("normal", 0, 40, table.dim, 0.01, 0)
+    decayed = init * np.float32(1 - lr * 0.01) ** 3  # a row no step selected
+    never = np.flatnonzero(np.isclose(table.weight, decayed, rtol=1e-6, atol=0).all(axis=1))
+    assert 0 < never.size < 40, never  # 24 of 40 classes a step: some rows were never picked
+    assert not (table.weight == init).all(axis=1).any()  # and none kept its initial value
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--row-catchup-decay",
+                       "--row-momentum", "0.9"])
+    with pytest.raises(ValueError, match="needs momentum 0.*--row-momentum 0"):
+        build_head(args, 40, 0)
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, "--row-catchup-decay"])
+    with pytest.raises(ValueError, match="--row-catchup-decay True applies to the sampled"):
+        build_head(args, 40, 0)
+
+
 def test_margin_heads_default_to_renormed_and_fresh_rows_linear_to_neither(tiny_rec, tmp_path):
     """Unset, --renorm-rows is 1 and --fresh-rows is --interval x --sample-num (up to 32768)
     for a sampled margin head with an index; the linear head, the random sampler and

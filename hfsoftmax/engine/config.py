@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "default --row-lr-mult each row gradient gets its whole momentum-SGD "
                         "displacement at once. --row-momentum 0.9 (--momentum): the paper's "
                         "lazy momentum (see hfsoftmax/heads/README.md)")
+    g.add_argument("--row-catchup-decay", action="store_true",
+                   help="decay every row every step by 1 - lr * --weight-decay, as a dense "
+                        "SGD (the full softmax) does, kept lazily: a pushed row first gets "
+                        "the decay of the steps it missed (needs --row-momentum 0). Off: "
+                        "weight decay acts on a row only in the steps it is pushed, too "
+                        "seldom to hold its norm (see hfsoftmax/heads/README.md)")
     g.add_argument("--row-lr-mult", type=_positive_float, default=None,
                    help="the sampled head's rows take --lr (and its schedule) times this "
                         "(default (1 - row momentum) / (1 - --momentum): a row gradient moves "
