@@ -104,6 +104,13 @@ class Table:
             return None
         return np.exp(self._clock - self._mark[rows]).astype(np.float32)
 
+    def _current(self, values: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
+        """``values`` (a copy of the stored ``rows``) with the decay they owe, in place."""
+        lag = self._lag(rows)
+        if lag is not None:
+            values *= lag[:, None]
+        return values
+
     def settle(self) -> None:
         """Write the owed weight decay into the stored rows (values unchanged: reads
         apply the same float32 product); the clock restarts. Before a snapshot, which
@@ -148,11 +155,7 @@ class Table:
         """A float32 copy of the given (local) rows; duplicates allowed."""
         rows = np.asarray(rows, dtype=np.int64)
         self.check_rows(rows)
-        values = self.weight[rows]
-        lag = self._lag(rows)
-        if lag is not None:
-            values *= lag[:, None]
-        return values
+        return self._current(self.weight[rows], rows)
 
     def apply_grad(self, rows: np.ndarray, grads: np.ndarray, *, check: bool = True) -> None:
         """One SGD step with this table's settings; repeated rows accumulate.
@@ -197,14 +200,10 @@ class Table:
         if not 0 <= start <= stop <= self.num_rows:
             raise IndexError(f"table {self.name!r}: read range [{start}, {stop}) outside "
                              f"[0, {self.num_rows}]")
-        values = self.weight[start:stop].copy()
         # A reader on another thread (the trainer's index rebuild over a local store) may
         # take a row and its lag from different steps, one step's decay off: a cosine
         # index does not see it, as it may see a row mid-update anyway.
-        lag = self._lag(slice(start, stop))
-        if lag is not None:
-            values *= lag[:, None]
-        return values
+        return self._current(self.weight[start:stop].copy(), slice(start, stop))
 
     def checksum(self) -> str:
         """A hash of weights, momentum and settings, to tell whether anything changed."""
