@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--renorm-rows", type=float, default=None,
                    help="sampled methods (HF and random): the trainer's --renorm-rows (rows "
                         "rescaled to this norm after each step; 0: off)")
+    g.add_argument("--max-norm-rows", type=float, default=0.0,
+                   help="sampled methods (HF and random): the trainer's --max-norm-rows (rows "
+                        "above this norm scaled down to it after each step; 0: off; needs "
+                        "--renorm-rows 0)")
     g.add_argument("--row-momentum", type=float, default=None,
                    help="sampled methods (HF and random): the trainer's --row-momentum (the "
                         "rows' lazy SGD momentum; quick preset: the paper's 0.9 at LR x1)")
@@ -224,6 +228,11 @@ def resolve_args(argv=None) -> argparse.Namespace:
         parser.error("--heldout-per-class must be >= 1 (top-1 is measured on held-out images)")
     if not args.row_momentum >= 0:
         parser.error(f"--row-momentum must be >= 0, got {args.row_momentum}")
+    if not args.max_norm_rows >= 0:
+        parser.error(f"--max-norm-rows must be >= 0, got {args.max_norm_rows}")
+    if args.max_norm_rows and args.renorm_rows:
+        parser.error(f"--max-norm-rows {args.max_norm_rows} caps the rows where --renorm-rows "
+                     f"{args.renorm_rows} sets their norm: add --renorm-rows 0")
     if args.catchup_decay and args.row_momentum != 0:
         parser.error(f"--catchup-decay needs --row-momentum 0 (got {args.row_momentum}): a "
                      "lazy momentum buffer's skipped decay is not kept")
@@ -302,6 +311,7 @@ def trainer_argv(args, method: str, head: str, save_path: str) -> list[str]:
                  "--random-share", str(args.random_share if method != "random" else 0.0),
                  "--fresh-rows", str(args.fresh_rows if method != "random" else 0),
                  "--renorm-rows", str(args.renorm_rows),
+                 *(["--max-norm-rows", str(args.max_norm_rows)] if args.max_norm_rows else []),
                  "--row-momentum", str(args.row_momentum), "--row-lr-mult", str(args.row_lr_mult),
                  *(["--row-catchup-decay"] if args.catchup_decay else []),
                  *(["--sampler-opt", f"nprobe={args.nprobe}"] if method == "faiss" else []),
@@ -587,7 +597,8 @@ def config_of(args) -> dict:
     keys = ("preset", "num_classes", "images_per_class", "heldout_per_class", "pairs",
             "family_size", "arch", "embedding_size", "batch_size", "steps", "lr",
             "lr_decay_at", "sample_num", "interval", "random_share", "fresh_rows",
-            "renorm_rows", "row_momentum", "row_lr_mult", "catchup_decay", "logq_correction",
+            "renorm_rows", "max_norm_rows", "row_momentum", "row_lr_mult", "catchup_decay",
+            "logq_correction",
             "logq_per_sample", "ntrees", "nprobe",
             "background_rebuild", "scale",
             "margin", "seed", "train_seed", "threads", "workers", "top1_images", "data")
@@ -686,15 +697,15 @@ def emit(path: str | None, obj: dict) -> None:
 HF_ONLY = ("interval", "ntrees", "nprobe", "random_share", "fresh_rows", "background_rebuild",
            "logq_per_sample")
 #: settings of the sampled head's row store: a full-softmax run is the same whatever they are
-SAMPLED_ONLY = HF_ONLY + ("sample_num", "renorm_rows", "row_momentum", "row_lr_mult",
-                          "catchup_decay", "logq_correction")
+SAMPLED_ONLY = HF_ONLY + ("sample_num", "renorm_rows", "max_norm_rows", "row_momentum",
+                          "row_lr_mult", "catchup_decay", "logq_correction")
 
 
 #: settings added after some outputs were written: an output without them was measured at
 #: these values (the rows with the backbone's momentum 0.9 and LR: the paper's rule; no
 #: log-Q correction)
 LATER_KEYS = {"row_momentum": 0.9, "row_lr_mult": 1.0, "logq_correction": False,
-              "logq_per_sample": False, "catchup_decay": False}
+              "logq_per_sample": False, "catchup_decay": False, "max_norm_rows": 0.0}
 #: settings of the evaluation only (the trained runs do not depend on them): --eval-only may
 #: change them, e.g. to score the same checkpoints on more verification pairs
 EVAL_KEYS = ("pairs", "top1_images")

@@ -128,9 +128,12 @@ MARGIN_HEADS = ("cosface", "arcface")
 
 def renorm_rows(args: argparse.Namespace) -> float:
     """The norm the sampled head's updated rows are rescaled to (0: off): ``--renorm-rows``,
-    else 1 for a margin head and off for the linear head."""
+    else off under ``--max-norm-rows``, else 1 for a margin head and off for the linear
+    head."""
     if args.renorm_rows is not None:
         return args.renorm_rows
+    if args.max_norm_rows:  # a cap instead of the setpoint
+        return 0.0
     return 1.0 if args.sampled and args.head in MARGIN_HEADS else 0.0
 
 
@@ -221,7 +224,7 @@ def build_row_store(args: argparse.Namespace, num_classes: int, rank: int):
 
     sgd = SGDConfig(lr=args.lr * row_lr_mult(args), momentum=row_momentum(args),
                     weight_decay=args.weight_decay, renorm=renorm_rows(args),
-                    catchup_decay=args.row_catchup_decay)
+                    max_norm=args.max_norm_rows or 0.0, catchup_decay=args.row_catchup_decay)
     if not args.ps:
         return LocalRowStore(num_classes, args.embedding_size, sgd, seed=args.seed)
     from paramserver import ParamClient
@@ -258,6 +261,7 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
         kw["m"] = args.margin
     if not args.sampled:
         row_flags = {"--renorm-rows": args.renorm_rows or None,
+                     "--max-norm-rows": args.max_norm_rows or None,
                      "--row-momentum": args.row_momentum,
                      "--row-lr-mult": args.row_lr_mult,
                      "--row-catchup-decay": args.row_catchup_decay or None}
@@ -281,10 +285,16 @@ def build_head(args: argparse.Namespace, num_classes: int, rank: int):
                          f"({args.batch_size} x {hd.world_size()} processes = {global_batch}): "
                          "a batch's own labels alone may not fit; raise --sample-num or lower "
                          "--batch-size")
-    if args.renorm_rows and args.head == "linear":
-        raise ValueError(f"--renorm-rows {args.renorm_rows} would change the linear head's "
-                         "logits (they scale with the row norms); use it with --head cosface "
-                         "or arcface, or drop it")
+    for flag, value in (("--renorm-rows", args.renorm_rows),
+                        ("--max-norm-rows", args.max_norm_rows)):
+        if value and args.head == "linear":
+            raise ValueError(f"{flag} {value} would change the linear head's logits (they "
+                             "scale with the row norms); use it with --head cosface or "
+                             "arcface, or drop it")
+    if args.renorm_rows and args.max_norm_rows:
+        raise ValueError(f"--renorm-rows {args.renorm_rows} sets every updated row to that "
+                         f"norm, --max-norm-rows {args.max_norm_rows} only caps them: give "
+                         "one of them")
     from .samplers import build_sampler
 
     opts: dict[str, Any] = {"interval": args.interval, "background": args.background_rebuild,
@@ -575,10 +585,11 @@ def run(args: argparse.Namespace) -> dict:
     verifier = Verifier(args.val_bins, os.path.join(args.save_path, "val")) \
         if args.val_bins and hd.is_main() else None
     if store is not None:
-        logger.info("class rows: SGD lr x%g, momentum %g, weight decay %g (%s), renorm %s; "
-                    "fresh rows %d; log-Q correction %s", row_lr_mult(args), row_momentum(args),
-                    args.weight_decay, "every step" if args.row_catchup_decay else "lazy",
-                    renorm_rows(args) or "off", fresh_rows(args),
+        logger.info("class rows: SGD lr x%g, momentum %g, weight decay %g (%s), renorm %s, "
+                    "max norm %s; fresh rows %d; log-Q correction %s", row_lr_mult(args),
+                    row_momentum(args), args.weight_decay,
+                    "every step" if args.row_catchup_decay else "lazy",
+                    renorm_rows(args) or "off", args.max_norm_rows or "off", fresh_rows(args),
                     {"sample": "per sample", True: "of the random classes",
                      False: "off"}[logq_mode(args)])
         slots = neighbour_slots_per_sample(args, world)

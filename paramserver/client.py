@@ -257,14 +257,16 @@ class ParamClient:
 
     def set_optimizer(self, name: str, lr: float, momentum: float = 0.0,
                       weight_decay: float = 0.0, nesterov: bool = False,
-                      renorm: float = 0.0, catchup_decay: bool = False) -> None:
+                      renorm: float = 0.0, catchup_decay: bool = False,
+                      max_norm: float = 0.0) -> None:
         """SGD settings of a table (torch.optim.SGD's meaning; dampening is 0). ``renorm``
-        > 0 rescales each updated row to that L2 norm after the step; ``catchup_decay``
+        > 0 rescales each updated row to that L2 norm after the step, ``max_norm`` > 0 only
+        the rows above that norm, down to it; ``catchup_decay``
         decays every row every step as a dense SGD would (:class:`SGDConfig`)."""
         self._all({"op": "set_optimizer", "table": name, "lr": float(lr),
                    "momentum": float(momentum), "weight_decay": float(weight_decay),
                    "nesterov": bool(nesterov), "renorm": float(renorm),
-                   "catchup_decay": bool(catchup_decay)})
+                   "max_norm": float(max_norm), "catchup_decay": bool(catchup_decay)})
 
     def set_lr(self, name: str, lr: float) -> None:
         """Change the learning rate; the next applied step uses it."""

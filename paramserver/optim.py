@@ -10,6 +10,7 @@ Semantics, per row, float32 throughout (as torch computes on float32 parameters)
     d = d + momentum * buf  if nesterov else buf
     w = w - lr * d
     w = renorm * w / |w|    if renorm > 0   # not torch's: an option for the margin heads
+    w = max_norm * w / |w|  if 0 < max_norm < |w|  # a cap, as nn.Embedding's max_norm
 
 A step never writes NaN or inf: when the summed gradient of a row, or the updated weight or
 momentum of a row, is not finite in float32 (finite gradients of a repeated row id can add up
@@ -72,6 +73,11 @@ class SGDConfig:
     #: margin heads, whose logits ignore a row's norm: sparse, lumpy updates (sampled
     #: heads) inflate norms, and a row's effective step on its direction is lr / |w|^2.
     renorm: float = 0.0
+    #: > 0: after the step, scale each updated row whose L2 norm exceeds this down to it
+    #: (0: off); rows below it keep their norm, as ``nn.Embedding(max_norm=...)``. A cap
+    #: where ``renorm`` is a setpoint: with ``catchup_decay`` rows may settle below it.
+    #: Exclusive with ``renorm``.
+    max_norm: float = 0.0
     #: True: weight decay as a dense SGD applies it, to every row every step, kept lazily:
     #: :class:`paramserver.Table` counts the decay of the steps a row was not pushed, applies
     #: it when the row is next pushed and shows it in every read. Exact for momentum 0 (the
@@ -85,7 +91,7 @@ class SGDConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad setting, with torch.optim.SGD's rules."""
-        for name in ("lr", "momentum", "weight_decay", "renorm"):
+        for name in ("lr", "momentum", "weight_decay", "renorm", "max_norm"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"SGD {name} must be a number, got {value!r}")
@@ -95,6 +101,10 @@ class SGDConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SGD {name} must be true or false, got "
                                  f"{getattr(self, name)!r}")
+        if self.renorm > 0 and self.max_norm > 0:
+            raise ValueError(f"SGD renorm={self.renorm!r} (every updated row set to that norm) "
+                             f"and max_norm={self.max_norm!r} (rows capped at that norm) "
+                             "exclude each other: set one of them to 0")
         if self.catchup_decay and self.momentum != 0:
             raise ValueError("SGD catchup_decay=True needs momentum 0 (the skipped steps' "
                              "decay of a lazy momentum buffer is not kept); got "
@@ -114,10 +124,10 @@ class SGDConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SGDConfig":
         unknown = set(d) - {"lr", "momentum", "weight_decay", "nesterov", "renorm",
-                            "catchup_decay"}
+                            "max_norm", "catchup_decay"}
         if unknown:
             raise ValueError(f"unknown SGD settings {sorted(unknown)}; valid: lr, momentum, "
-                             "weight_decay, nesterov, renorm, catchup_decay")
+                             "weight_decay, nesterov, renorm, max_norm, catchup_decay")
         return cls(**d)
 
 
@@ -254,10 +264,12 @@ def _sgd_rows_checked(weight, momentum_buf, in_rows, grads, cfg, row_offset,
             d = buf
     np.multiply(d, np.float32(cfg.lr), out=tmp)
     w -= tmp                                       # w = w - lr * d
-    if cfg.renorm > 0:                             # w = renorm * w / |w| (zero rows stay)
+    if cfg.renorm > 0 or cfg.max_norm > 0:         # w = target * w / |w| (zero rows stay)
         norms = np.sqrt(np.einsum("ij,ij->i", w, w))[:, None]
-        np.divide(np.float32(cfg.renorm), norms, out=norms, where=norms > 0)
-        w *= norms
+        target = np.float32(cfg.renorm or cfg.max_norm)
+        scale = norms > (target if cfg.max_norm > 0 else 0)  # a cap scales only rows above
+        np.divide(target, norms, out=norms, where=scale)
+        w *= np.where(scale, norms, np.float32(1))
     # One check covers everything: a non-finite summed gradient or momentum row makes the
     # new w non-finite too (inf + x, lr * inf, and 0 * inf = NaN for lr = 0), so w finite
     # means d and buf were. Which one it was is told apart only on the error path, which

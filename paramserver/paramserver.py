@@ -434,13 +434,14 @@ class ParamServer:
 
     def op_set_optimizer(self, header, arrays, ctx):
         h = _Header(header, {"table", "lr", "momentum", "weight_decay", "nesterov", "renorm",
-                             "catchup_decay"})
+                             "max_norm", "catchup_decay"})
         self._expect(arrays, [], "set_optimizer")
         t = self._table(h)
         cfg = SGDConfig(lr=h.get("lr", "float"), momentum=h.get("momentum", "float", 0.0),
                         weight_decay=h.get("weight_decay", "float", 0.0),
                         nesterov=h.get("nesterov", "bool", False),
                         renorm=h.get("renorm", "float", 0.0),
+                        max_norm=h.get("max_norm", "float", 0.0),
                         catchup_decay=h.get("catchup_decay", "bool", False))
         t.optim = cfg
         log.info("table %r optimizer: %s", t.name, cfg.to_dict())

@@ -266,6 +266,30 @@ def test_log_q_flags_reach_the_sampled_runs_they_are_for():
     assert acc.stored_config({"config": {}})["logq_per_sample"] is False  # older outputs
 
 
+def test_row_store_flags_reach_the_sampled_runs_and_bad_pairs_are_named():
+    """--max-norm-rows and --catchup-decay go to HF and random (resolved by the trainer as
+    a cap with the renorm off, every-step decay), never to the full softmax; the config
+    records them, older outputs read as off; a cap beside a renorm, or the catch-up beside
+    a momentum, is refused naming the fix."""
+    acc = import_benchmark("accuracy")
+    from hfsoftmax.engine.config import parse_args
+    from hfsoftmax.train import renorm_rows
+
+    args = acc.resolve_args(["--preset", "quick", "--renorm-rows", "0", "--max-norm-rows",
+                             "1.5", "--row-momentum", "0", "--catchup-decay"])
+    for method in ("annoy", "random"):
+        run = parse_args(acc.trainer_argv(args, method, "cosface", "x"))
+        assert (run.max_norm_rows, renorm_rows(run), run.row_catchup_decay) == (1.5, 0, True)
+    full = parse_args(acc.trainer_argv(args, "full", "cosface", "x"))
+    assert (full.max_norm_rows, full.row_catchup_decay) == (None, False)
+    assert acc.config_of(args)["max_norm_rows"] == 1.5 and acc.config_of(args)["catchup_decay"]
+    assert acc.stored_config({"config": {}})["max_norm_rows"] == 0.0
+    proc = _run("--preset", "quick", "--max-norm-rows", "1")
+    assert proc.returncode == 2 and "add --renorm-rows 0" in proc.stderr
+    proc = _run("--preset", "quick", "--catchup-decay")
+    assert proc.returncode == 2 and "needs --row-momentum 0 (got 0.9)" in proc.stderr
+
+
 def test_train_seed_repeats_training_on_the_same_set():
     """--train-seed reaches the trainer (default: --seed) without changing the set, is
     recorded, and outputs that predate it read as trained with their --seed."""

@@ -181,6 +181,36 @@ def test_renorm_rescales_updated_rows_only_and_keeps_the_sgd_direction():
         SGDConfig(renorm=-1.0)
 
 
+def test_max_norm_caps_updated_rows_like_torch_renorm():
+    """max_norm > 0: updated rows above the cap are scaled down to it exactly as
+    ``torch.renorm(w, 2, 0, max_norm)`` scales them; updated rows below it are torch's SGD
+    result unchanged; rows not pushed keep their values even above the cap."""
+    rng = np.random.default_rng(6)
+    w0 = rng.standard_normal((10, 8)).astype(np.float32)
+    w0 *= np.float32([0.05, 3.0, 0.05, 3.0, 0.05, 3.0, 0.05, 3.0, 0.0, 3.0])[:, None]
+    plain = SGDConfig(lr=0.1, weight_decay=5e-4, catchup_decay=True)
+    cfg = SGDConfig(lr=0.1, weight_decay=5e-4, catchup_decay=True, max_norm=1.0)
+    rows = np.array([0, 1, 2, 3, 8])
+    g = (0.1 * rng.standard_normal((5, 8))).astype(np.float32)
+    w_ref, w = w0.copy(), w0.copy()
+    sgd_rows(w_ref, None, rows, g, plain)
+    sgd_rows(w, None, rows, g, cfg)
+    capped = torch.renorm(torch.from_numpy(w_ref[rows]), 2, 0, 1.0).numpy()
+    np.testing.assert_allclose(w[rows], capped, rtol=1e-6, atol=1e-7)
+    norms = np.linalg.norm(w_ref[rows], axis=1)
+    assert (norms[[0, 2]] < 1).all() and (norms[[1, 3]] > 1).all()  # both cases are hit
+    np.testing.assert_array_equal(w[[0, 2]], w_ref[[0, 2]])          # below the cap: as is
+    assert np.linalg.norm(w[[1, 3]], axis=1) == pytest.approx(1.0, rel=1e-6)
+    untouched = [4, 5, 6, 7, 9]
+    np.testing.assert_array_equal(w[untouched], w0[untouched])
+    assert np.linalg.norm(w[5]) > 1                                   # not pushed: not capped
+    assert SGDConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"renorm=1.0 .* max_norm=2.0 .* exclude each other"):
+        SGDConfig(renorm=1.0, max_norm=2.0)
+    with pytest.raises(ValueError, match="SGD max_norm must be finite and >= 0"):
+        SGDConfig(max_norm=float("inf"))
+
+
 def _dense_reference(w0, pushes, lrs, wd):
     """torch.optim.SGD (momentum 0) on the whole matrix, a zero gradient for rows not
     pushed: every row decays every step."""

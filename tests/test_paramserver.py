@@ -399,6 +399,16 @@ def test_renorm_setting_reaches_the_server():
         np.testing.assert_allclose(np.linalg.norm(after[[2, 5]], axis=1), 1.5, rtol=1e-6)
         np.testing.assert_array_equal(np.delete(after, [2, 5], 0), np.delete(before, [2, 5], 0))
         assert ps.table_info("w")["optimizer"]["renorm"] == 1.5
+        ps.set_optimizer("w", lr=0.25, max_norm=1.0)  # a cap: only rows above it shrink
+        ps.push("w", np.array([2, 7]), np.ones((2, 4), np.float32))
+        capped = ps.read_all("w")
+        np.testing.assert_allclose(np.linalg.norm(capped[2]), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(capped[7], after[7] - 0.25, rtol=1e-6)  # norm ~0.5: kept
+        assert np.linalg.norm(after[2] - 0.25) > 1.5  # row 2 was above the cap
+        assert ps.table_info("w")["optimizer"]["max_norm"] == 1.0
+        with pytest.raises(ParamServerError, match="exclude each other"):
+            ps.set_optimizer("w", lr=0.5, renorm=1.0, max_norm=1.0)
+        np.testing.assert_array_equal(ps.read_all("w"), capped)
 
 
 def test_catchup_decay_setting_reaches_the_server():

@@ -515,6 +515,31 @@ def test_renorm_rows_reaches_the_row_store_and_is_refused_where_it_has_no_meanin
         build_head(args, 40, 0)
 
 
+def test_max_norm_rows_caps_the_rows_instead_of_the_renorm(tiny_rec):
+    """--max-norm-rows: the row store caps rows at that norm and the margin heads' default
+    renorm to 1 is off; refused beside an explicit --renorm-rows, on the linear head and on
+    the full head, each naming the flag."""
+    from hfsoftmax.train import build_head
+
+    hf = ["--sampled", "--sampler", "random", "--sample-num", "24", "--head", "cosface"]
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--max-norm-rows", "1",
+                       "--row-catchup-decay"])
+    _, store = build_head(args, 40, 0)
+    assert (store.optim.max_norm, store.optim.renorm, store.optim.catchup_decay) == (1, 0, True)
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--max-norm-rows", "1",
+                       "--renorm-rows", "1"])
+    with pytest.raises(ValueError, match="--renorm-rows 1.0 .* --max-norm-rows 1.0 .* one of"):
+        build_head(args, 40, 0)
+    linear = TINY[:TINY.index("--head")] + TINY[TINY.index("--lr"):]
+    args = parse_args(["--train-rec", str(tiny_rec), *linear, *hf, "--max-norm-rows", "1",
+                       "--head", "linear"])
+    with pytest.raises(ValueError, match="--max-norm-rows 1.0 would change the linear head"):
+        build_head(args, 40, 0)
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, "--max-norm-rows", "1"])
+    with pytest.raises(ValueError, match="--max-norm-rows 1.0 applies to the sampled head"):
+        build_head(args, 40, 0)
+
+
 def test_row_catchup_decay_reaches_the_rows_and_needs_momentum_0(tiny_rec, tmp_path):
     """--row-catchup-decay: the row store decays every row every step (a run's snapshot
     holds the setting, and rows never selected shrank by the steps' decay); refused with

@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "linear). Their logits ignore row norms, but a row's effective step "
                         "on its direction is lr/|w|^2, and the sparse, lumpy updates of a "
                         "sampled head inflate norms (see benchmarks/accuracy.py)")
+    g.add_argument("--max-norm-rows", type=_nonneg_float, default=None,
+                   help="margin heads: after each SGD step scale the updated class rows whose "
+                        "L2 norm exceeds this down to it, the others keep theirs (a cap, as "
+                        "nn.Embedding's max_norm; 0/unset: off). Given, --renorm-rows "
+                        "defaults to off; for use with --row-catchup-decay, which lets rows "
+                        "settle below the cap")
     g.add_argument("--row-momentum", type=_nonneg_float, default=None,
                    help="momentum of the sampled head's rows (default 0). Their SGD is lazy: "
                         "a row's momentum moves only when the row is pushed, so a gradient's "
