@@ -209,7 +209,7 @@ def test_completed_snapshot_restores_to_identical_bytes(tmp_path):
         info = ps.table_info("w")
         assert info["step"] == 3 and info["optimizer"] == {
             "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True, "renorm": 0.0,
-            "catchup_decay": False}
+            "max_norm": 0.0, "catchup_decay": False}
         # ... and the next step continues exactly where the original would have.
     # ... and via the restore op into another fresh process.
     with running_server() as (_, addr), ParamClient(addr) as ps:
