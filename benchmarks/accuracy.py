@@ -81,22 +81,25 @@ PRESETS = {
     # 12% held-out top-1 after 1,200 steps) and HF was measured below random there.
     # CPU s/step measured: full 0.32, annoy with fresh rows 0.31, faiss 0.18-0.25, random
     # 0.16-0.17, i.e. ~65 CPU-minutes in all (two methods side by side and --merge: ~40 min
-    # on 2 cores). HF and random use --renorm-rows 1 (the sampled head's rows kept at norm 1)
-    # and --row-momentum 0 --row-lr-mult 10 (each row gradient gets its whole momentum-SGD
-    # displacement at once instead of a lazy momentum tail hundreds of steps late): see
-    # hfsoftmax/heads/README.md; HF also fresh rows. 20,000 verification pairs: with 2,000
+    # on 2 cores). HF and random use the trainer's row rule for the margin heads: every row
+    # decayed every step (--row-catchup-decay, as under the full softmax) and capped at norm
+    # 1 (--max-norm-rows 1), --row-momentum 0 --row-lr-mult 10 (each row gradient gets its
+    # whole momentum-SGD displacement at once instead of a lazy momentum tail hundreds of
+    # steps late): see hfsoftmax/heads/README.md; HF also fresh rows. 20,000 verification pairs: with 2,000
     # the standard error of an accuracy near 88% is 0.7 points, too coarse for a 0.5-point
     # target; 20,000 give 0.23 (adding them to a prepared set renders only the pairs).
     "issue": dict(num_classes=20000, images_per_class=4, heldout_per_class=1, pairs=20000,
                   family_size=10, arch="convnet-s", embedding_size=256, batch_size=64,
                   steps=3750, sample_frac=0.01, lr=0.1, interval=50, ntrees=50,
-                  fresh_rows=10000, renorm_rows=1.0, row_momentum=0.0, row_lr_mult=10.0,
-                  top1_images=0, methods="full,annoy,random,faiss", heads="cosface"),
+                  fresh_rows=10000, renorm_rows=0.0, max_norm_rows=1.0, catchup_decay=True,
+                  row_momentum=0.0, row_lr_mult=10.0, top1_images=0,
+                  methods="full,annoy,random,faiss", heads="cosface"),
     "quick": dict(num_classes=60, images_per_class=2, heldout_per_class=1, pairs=40,
                   family_size=5, arch="convnet-s", embedding_size=32, batch_size=16,
                   steps=6, sample_frac=0.5, lr=0.05, interval=2, ntrees=5,
-                  fresh_rows=20, renorm_rows=1.0, row_momentum=0.9, row_lr_mult=1.0,
-                  top1_images=0, methods="full,annoy,faiss,random", heads="cosface"),
+                  fresh_rows=20, renorm_rows=1.0, max_norm_rows=0.0, catchup_decay=False,
+                  row_momentum=0.9, row_lr_mult=1.0, top1_images=0,
+                  methods="full,annoy,faiss,random", heads="cosface"),
 }
 
 
@@ -143,18 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--renorm-rows", type=float, default=None,
                    help="sampled methods (HF and random): the trainer's --renorm-rows (rows "
                         "rescaled to this norm after each step; 0: off)")
-    g.add_argument("--max-norm-rows", type=float, default=0.0,
+    g.add_argument("--max-norm-rows", type=float, default=None,
                    help="sampled methods (HF and random): the trainer's --max-norm-rows (rows "
-                        "above this norm scaled down to it after each step; 0: off; needs "
-                        "--renorm-rows 0)")
+                        "above this norm scaled down to it after each step; 0: off; given, "
+                        "the preset's renorm is off)")
     g.add_argument("--row-momentum", type=float, default=None,
                    help="sampled methods (HF and random): the trainer's --row-momentum (the "
                         "rows' lazy SGD momentum; quick preset: the paper's 0.9 at LR x1)")
     g.add_argument("--row-lr-mult", type=float, default=None,
                    help="sampled methods (HF and random): the trainer's --row-lr-mult")
-    g.add_argument("--catchup-decay", action="store_true",
-                   help="sampled methods (HF and random): the trainer's --row-catchup-decay "
-                        "(every row decayed every step, as under the full softmax)")
+    g.add_argument("--catchup-decay", action=argparse.BooleanOptionalAction, default=None,
+                   help="sampled methods (HF and random): the trainer's --[no-]row-catchup-"
+                        "decay (every row decayed every step, as under the full softmax; "
+                        "preset issue: on, quick: off; off by default where --row-momentum "
+                        "is given)")
     g.add_argument("--fresh-rows", type=int, default=None,
                    help="HF methods: the trainer's --fresh-rows (rows changed since the last "
                         "rebuild searched exactly beside the index; 0: off)")
@@ -211,9 +216,18 @@ def resolve_args(argv=None) -> argparse.Namespace:
     """Parse flags, fill the unset ones from the preset, validate; errors name the fix."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = {k for k in PRESETS[args.preset] if getattr(args, k, None) is not None}
     for k, v in PRESETS[args.preset].items():
-        if getattr(args, k, None) is None:
+        if k not in given:
             setattr(args, k, v)
+    # the rows' rule as the trainer resolves its defaults: a renorm given turns the preset's
+    # cap off, a cap given its renorm; a row momentum given, the every-step decay
+    if args.renorm_rows and "renorm_rows" in given and "max_norm_rows" not in given:
+        args.max_norm_rows = 0.0
+    if args.max_norm_rows and "max_norm_rows" in given and "renorm_rows" not in given:
+        args.renorm_rows = 0.0
+    if args.row_momentum and "row_momentum" in given and "catchup_decay" not in given:
+        args.catchup_decay = False
     if isinstance(args.heads, str):
         args.heads = args.heads.split(",")
     args.methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
@@ -311,9 +325,9 @@ def trainer_argv(args, method: str, head: str, save_path: str) -> list[str]:
                  "--random-share", str(args.random_share if method != "random" else 0.0),
                  "--fresh-rows", str(args.fresh_rows if method != "random" else 0),
                  "--renorm-rows", str(args.renorm_rows),
-                 *(["--max-norm-rows", str(args.max_norm_rows)] if args.max_norm_rows else []),
+                 "--max-norm-rows", str(args.max_norm_rows),
                  "--row-momentum", str(args.row_momentum), "--row-lr-mult", str(args.row_lr_mult),
-                 *(["--row-catchup-decay"] if args.catchup_decay else []),
+                 "--row-catchup-decay" if args.catchup_decay else "--no-row-catchup-decay",
                  *(["--sampler-opt", f"nprobe={args.nprobe}"] if method == "faiss" else []),
                  "--recall-every", str(max(1, min(200, args.steps // 5))),
                  *(["--logq-correction"] if args.logq_correction else []),

@@ -281,12 +281,23 @@ def test_row_store_flags_reach_the_sampled_runs_and_bad_pairs_are_named():
         run = parse_args(acc.trainer_argv(args, method, "cosface", "x"))
         assert (run.max_norm_rows, renorm_rows(run), run.row_catchup_decay) == (1.5, 0, True)
     full = parse_args(acc.trainer_argv(args, "full", "cosface", "x"))
-    assert (full.max_norm_rows, full.row_catchup_decay) == (None, False)
+    assert (full.max_norm_rows, full.row_catchup_decay) == (None, None)
     assert acc.config_of(args)["max_norm_rows"] == 1.5 and acc.config_of(args)["catchup_decay"]
     assert acc.stored_config({"config": {}})["max_norm_rows"] == 0.0
-    proc = _run("--preset", "quick", "--max-norm-rows", "1")
+    # the issue preset's rule (cap + every-step decay); a renorm or a row momentum given
+    # turns the cap or the decay off, as the trainer's defaults do
+    issue = acc.resolve_args([])
+    assert (issue.renorm_rows, issue.max_norm_rows, issue.catchup_decay) == (0.0, 1.0, True)
+    old = acc.resolve_args(["--renorm-rows", "1", "--row-momentum", "0.9"])
+    assert (old.renorm_rows, old.max_norm_rows, old.catchup_decay) == (1.0, 0.0, False)
+    run = parse_args(acc.trainer_argv(old, "annoy", "cosface", "x"))
+    assert (renorm_rows(run), run.max_norm_rows, run.row_catchup_decay) == (1.0, 0.0, False)
+    assert acc.resolve_args(["--preset", "quick", "--max-norm-rows", "1"]).renorm_rows == 0
+    proc = _run("--preset", "quick", "--max-norm-rows", "1", "--renorm-rows", "1")
     assert proc.returncode == 2 and "add --renorm-rows 0" in proc.stderr
     proc = _run("--preset", "quick", "--catchup-decay")
+    assert proc.returncode == 2 and "needs --row-momentum 0 (got 0.9)" in proc.stderr
+    proc = _run("--row-momentum", "0.9", "--catchup-decay")
     assert proc.returncode == 2 and "needs --row-momentum 0 (got 0.9)" in proc.stderr
 
 

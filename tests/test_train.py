@@ -549,7 +549,7 @@ def test_row_catchup_decay_reaches_the_rows_and_needs_momentum_0(tiny_rec, tmp_p
 
     hf = ["--sampled", "--sampler", "random", "--sample-num", "24", "--head", "cosface",
           "--renorm-rows", "0"]
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf])
+    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--no-row-catchup-decay"])
     _, store = build_head(args, 40, 0)
     assert not store.optim.catchup_decay
     save = tmp_path / "run"
@@ -573,57 +573,70 @@ def test_row_catchup_decay_reaches_the_rows_and_needs_momentum_0(tiny_rec, tmp_p
         build_head(args, 40, 0)
 
 
-def test_margin_heads_default_to_renormed_and_fresh_rows_linear_to_neither(tiny_rec, tmp_path):
-    """Unset, --renorm-rows is 1 and --fresh-rows is --interval x --sample-num (up to 32768)
-    for a sampled margin head with an index; the linear head, the random sampler and
-    explicit 0 turn them off; a checkpoint keeps the row rule as it ran; one written before
-    these defaults resumes with both off."""
+def test_margin_heads_default_to_capped_decayed_and_fresh_rows_linear_to_none(tiny_rec,
+                                                                            tmp_path):
+    """Unset, a sampled margin head's rows are decayed every step and capped at norm 1 (no
+    renorm), and --fresh-rows is --interval x --sample-num (up to 32768) with an index; where
+    the decay is lazy (--no-row-catchup-decay, a row momentum) the rows are renormed to 1 as
+    before; an explicit --renorm-rows turns the cap off; the linear head has none; a
+    checkpoint keeps the row rule as it ran; one written before these defaults resumes with
+    all off."""
     import torch as _torch
 
     from hfsoftmax.train import build_head, main
 
     linear = TINY[:TINY.index("--head")] + TINY[TINY.index("--lr"):]
     hf = ["--sampled", "--sample-num", "16", "--interval", "2"]
-    for base, extra, renorm, fresh in ((TINY, ["--sampler", "exact"], 1.0, 32),
-                                       (TINY, ["--sampler", "exact", "--head", "arcface"], 1.0,
-                                        32),
-                                       (TINY, ["--sampler", "random"], 1.0, None),
-                                       (TINY, ["--sampler", "exact", "--renorm-rows", "0",
-                                               "--fresh-rows", "0"], 0.0, None),
-                                       (TINY, ["--sampler", "exact", "--fresh-rows", "5"], 1.0,
-                                        5),
-                                       (TINY, ["--sampler", "exact", "--interval", "2049"], 1.0,
-                                        None),  # 2049 x 16 rows: above the automatic cap
-                                       (linear, ["--sampler", "exact", "--head", "linear"],
-                                        0.0, None)):
+    exact = ["--sampler", "exact"]
+    #        base,  extra,                                       renorm, cap, decay, fresh
+    cases = ((TINY, exact, 0.0, 1.0, True, 32),
+             (TINY, [*exact, "--head", "arcface"], 0.0, 1.0, True, 32),
+             (TINY, ["--sampler", "random"], 0.0, 1.0, True, None),
+             (TINY, [*exact, "--renorm-rows", "0", "--fresh-rows", "0"], 0.0, 1.0, True, None),
+             (TINY, [*exact, "--renorm-rows", "1"], 1.0, 0.0, True, 32),
+             (TINY, [*exact, "--max-norm-rows", "0"], 0.0, 0.0, True, 32),
+             (TINY, [*exact, "--no-row-catchup-decay"], 1.0, 0.0, False, 32),
+             (TINY, [*exact, "--row-momentum", "0.9"], 1.0, 0.0, False, 32),
+             (TINY, [*exact, "--fresh-rows", "5"], 0.0, 1.0, True, 5),
+             (TINY, [*exact, "--interval", "2049"], 0.0, 1.0, True, None),  # above the cap
+             (linear, [*exact, "--head", "linear"], 0.0, 0.0, False, None))
+    for base, extra, renorm, cap, decay, fresh in cases:
         args = parse_args(["--train-rec", str(tiny_rec), *base, *hf, *extra])
         head, store = build_head(args, 40, 0)
         try:
-            assert store.table.optim.renorm == renorm, extra
+            optim = store.table.optim
+            assert (optim.renorm, optim.max_norm, optim.catchup_decay) == (renorm, cap, decay), \
+                extra
             assert (head.sampler.fresh and head.sampler.fresh.capacity) == fresh, extra
         finally:
             head.sampler.close()
     save = tmp_path / "run"
-    main(["--train-rec", str(tiny_rec), *TINY, *hf, "--sampler", "exact", "--max-steps", "2",
+    main(["--train-rec", str(tiny_rec), *TINY, *hf, *exact, "--max-steps", "2",
           "--save-path", str(save), "--device", "cpu"])
     ckpt = _torch.load(save / "last.pth", weights_only=True)
     # the row rule is kept as it ran (a later default change leaves a resumed run alone);
     # fresh rows stay a rule over the stored --interval and --sample-num
-    stored = {k: ckpt["args"][k] for k in ("row_momentum", "row_lr_mult", "renorm_rows",
-                                            "fresh_rows", "logq_per_sample")}
-    assert stored == {"row_momentum": 0.0, "row_lr_mult": pytest.approx(10.0),
-                      "renorm_rows": 1.0, "fresh_rows": None, "logq_per_sample": True}
-    assert json.loads((save / "args.json").read_text())["renorm_rows"] == 1.0
+    rule = ("row_momentum", "row_lr_mult", "renorm_rows", "max_norm_rows", "row_catchup_decay",
+            "fresh_rows", "logq_per_sample")
+    assert {k: ckpt["args"][k] for k in rule} == {
+        "row_momentum": 0.0, "row_lr_mult": pytest.approx(10.0), "renorm_rows": 0.0,
+        "max_norm_rows": 1.0, "row_catchup_decay": True, "fresh_rows": None,
+        "logq_per_sample": True}
+    assert json.loads((save / "args.json").read_text())["max_norm_rows"] == 1.0
     args = parse_args(["--resume", str(save / "last.pth")])
-    assert (args.row_momentum, args.renorm_rows, args.fresh_rows) == (0.0, 1.0, None)
+    assert (args.row_momentum, args.renorm_rows, args.max_norm_rows, args.row_catchup_decay,
+            args.fresh_rows) == (0.0, 0.0, 1.0, True, None)
     ckpt["args"].update(renorm_rows=None, row_momentum=None, row_lr_mult=None)
     _torch.save(ckpt, save / "unresolved.pth")  # written before the values were resolved
     args = parse_args(["--resume", str(save / "unresolved.pth")])
     assert (args.renorm_rows, args.row_momentum, args.row_lr_mult) == (None, None, None)
-    del ckpt["args"]["renorm_rows"], ckpt["args"]["fresh_rows"], ckpt["args"]["logq_per_sample"]
+    for key in ("renorm_rows", "max_norm_rows", "row_catchup_decay", "fresh_rows",
+                "logq_per_sample"):
+        del ckpt["args"][key]
     _torch.save(ckpt, save / "old.pth")
     args = parse_args(["--resume", str(save / "old.pth")])
-    assert (args.renorm_rows, args.fresh_rows, args.logq_per_sample) == (0.0, 0, False)
+    assert (args.renorm_rows, args.max_norm_rows, args.row_catchup_decay, args.fresh_rows,
+            args.logq_per_sample) == (0.0, 0.0, False, 0, False)
 
 
 def test_neighbour_slots_per_sample_is_what_the_selection_leaves_each_sample():

@@ -163,16 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "search_k=5000 (annoy), ef=128 (hnsw); see hfsoftmax/samplers/README.md")
     g.add_argument("--renorm-rows", type=_nonneg_float, default=None,
                    help="margin heads: after each SGD step rescale the updated class rows to "
-                        "this L2 norm (0: off; default 1 for cosface/arcface, off for "
-                        "linear). Their logits ignore row norms, but a row's effective step "
-                        "on its direction is lr/|w|^2, and the sparse, lumpy updates of a "
-                        "sampled head inflate norms (see benchmarks/accuracy.py)")
+                        "this L2 norm (0: off; default 1 for cosface/arcface where the rows' "
+                        "weight decay is lazy (--no-row-catchup-decay or a --row-momentum), "
+                        "else off: they are capped, --max-norm-rows). Their logits ignore "
+                        "row norms, but a row's effective step on its direction is lr/|w|^2, "
+                        "and the sparse, lumpy updates of a sampled head inflate norms (see "
+                        "benchmarks/ACCURACY.md)")
     g.add_argument("--max-norm-rows", type=_nonneg_float, default=None,
                    help="margin heads: after each SGD step scale the updated class rows whose "
                         "L2 norm exceeds this down to it, the others keep theirs (a cap, as "
-                        "nn.Embedding's max_norm; 0/unset: off). Given, --renorm-rows "
-                        "defaults to off; for use with --row-catchup-decay, which lets rows "
-                        "settle below the cap")
+                        "nn.Embedding's max_norm; 0: off). Default 1 for cosface/arcface "
+                        "with --row-catchup-decay (which lets rows settle below the cap) "
+                        "unless --renorm-rows is given, else off; given, --renorm-rows "
+                        "defaults to off")
     g.add_argument("--row-momentum", type=_nonneg_float, default=None,
                    help="momentum of the sampled head's rows (default 0). Their SGD is lazy: "
                         "a row's momentum moves only when the row is pushed, so a gradient's "
@@ -180,12 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "default --row-lr-mult each row gradient gets its whole momentum-SGD "
                         "displacement at once. --row-momentum 0.9 (--momentum): the paper's "
                         "lazy momentum (see hfsoftmax/heads/README.md)")
-    g.add_argument("--row-catchup-decay", action="store_true",
+    g.add_argument("--row-catchup-decay", action=argparse.BooleanOptionalAction,
+                   default=None,
                    help="decay every row every step by 1 - lr * --weight-decay, as a dense "
                         "SGD (the full softmax) does, kept lazily: a pushed row first gets "
-                        "the decay of the steps it missed (needs --row-momentum 0). Off: "
-                        "weight decay acts on a row only in the steps it is pushed, too "
-                        "seldom to hold its norm (see hfsoftmax/heads/README.md)")
+                        "the decay of the steps it missed (needs --row-momentum 0; default "
+                        "on for cosface/arcface where it can be, else off). Off: weight "
+                        "decay acts on a row only in the steps it is pushed, too seldom to "
+                        "hold its norm (see hfsoftmax/heads/README.md)")
     g.add_argument("--row-lr-mult", type=_positive_float, default=None,
                    help="the sampled head's rows take --lr (and its schedule) times this "
                         "(default (1 - row momentum) / (1 - --momentum): a row gradient moves "
@@ -354,7 +359,8 @@ def _stored_args(resume: str, dests: dict[str, argparse.Action]) -> dict[str, An
         # the backbone's momentum and LR; renormed and fresh rows and the per-sample log-Q
         # correction were off
         stored = {"row_momentum": stored.get("momentum", 0.9), "row_lr_mult": 1.0,
-                  "renorm_rows": 0.0, "fresh_rows": 0, "logq_per_sample": False, **stored}
+                  "renorm_rows": 0.0, "max_norm_rows": 0.0, "row_catchup_decay": False,
+                  "fresh_rows": 0, "logq_per_sample": False, **stored}
     return {k: v for k, v in stored.items() if k in dests and k not in ("config", "resume")}
 
 
