@@ -85,9 +85,10 @@ PRESETS = {
     # decayed every step (--row-catchup-decay, as under the full softmax) and capped at norm
     # 1 (--max-norm-rows 1), --row-momentum 0 --row-lr-mult 10 (each row gradient gets its
     # whole momentum-SGD displacement at once instead of a lazy momentum tail hundreds of
-    # steps late): see hfsoftmax/heads/README.md; HF also fresh rows. 20,000 verification pairs: with 2,000
-    # the standard error of an accuracy near 88% is 0.7 points, too coarse for a 0.5-point
-    # target; 20,000 give 0.23 (adding them to a prepared set renders only the pairs).
+    # steps late): see hfsoftmax/heads/README.md; HF also fresh rows. 20,000 verification
+    # pairs: with 2,000 the standard error of an accuracy near 88% is 0.7 points, too coarse
+    # for a 0.5-point target; 20,000 give 0.23 (adding them to a prepared set renders only
+    # the pairs).
     "issue": dict(num_classes=20000, images_per_class=4, heldout_per_class=1, pairs=20000,
                   family_size=10, arch="convnet-s", embedding_size=256, batch_size=64,
                   steps=3750, sample_frac=0.01, lr=0.1, interval=50, ntrees=50,
