@@ -219,8 +219,8 @@ def row_lr_mult(args: argparse.Namespace) -> float:
 def stored_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings a checkpoint keeps: the flags as given, with the sampled head's row rule
     (momentum, LR multiplier, renorm, cap, decay) and its per-sample log-Q correction
-    resolved to the
-    values it ran with, so that a later change of a default does not change a resumed run.
+    resolved to the values it ran with, so that a later change of a default does not change
+    a resumed run.
     (Checkpoints written before this store ``None`` for defaults; ``config._stored_args``
     reads those as today's defaults.)"""
     out = args_to_dict(args)

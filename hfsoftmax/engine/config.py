@@ -356,8 +356,8 @@ def _stored_args(resume: str, dests: dict[str, argparse.Action]) -> dict[str, An
     stored = ckpt.get("args") or {}
     if stored.get("sampled"):
         # settings a checkpoint may predate, at the values it was trained with: the rows took
-        # the backbone's momentum and LR; renormed and fresh rows and the per-sample log-Q
-        # correction were off
+        # the backbone's momentum and LR; renormed, capped, every-step-decayed and fresh rows
+        # and the per-sample log-Q correction were off
         stored = {"row_momentum": stored.get("momentum", 0.9), "row_lr_mult": 1.0,
                   "renorm_rows": 0.0, "max_norm_rows": 0.0, "row_catchup_decay": False,
                   "fresh_rows": 0, "logq_per_sample": False, **stored}
