@@ -33,7 +33,8 @@ import numpy as np
 from paramserver.optim import SGDConfig
 from paramserver.table import Table
 
-__all__ = ["RowStore", "LocalRowStore", "RemoteRowStore", "SGDConfig", "ParamRowSource"]
+__all__ = ["RowStore", "LocalRowStore", "RemoteRowStore", "SGDConfig", "ParamRowSource",
+           "build_row_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -368,3 +369,33 @@ class RemoteRowStore(RowStore):
     def close(self) -> None:
         if self.own_client:
             self.client.close()
+
+
+def build_row_store(num_rows: int, dim: int, sgd: SGDConfig, *, ps: list[str] | None = None,
+                    table: str = "classifier", timeout_s: float = 120.0, seed: int = 0,
+                    rank: int = 0, world: int = 1) -> RowStore:
+    """The sampled head's rows: in this process (``ps`` None), or in table ``table`` of the
+    parameter server(s) at ``ps`` (created if missing, its optimizer set to ``sgd``, this
+    process registered as worker ``rank`` of ``world``). Errors name the server command
+    that would fix them."""
+    if not ps:
+        return LocalRowStore(num_rows, dim, sgd, seed=seed)
+    from paramserver import ParamClient
+
+    client = ParamClient(ps, worker_id=rank, timeout_s=timeout_s)
+    try:
+        status = client.ping()
+    except Exception as e:
+        client.close()
+        raise RuntimeError(f"no parameter server answers at {','.join(ps)}: {e}. Start "
+                           "one with `python paramserver/paramserver.py --bind "
+                           f"{ps[0]} --workers {world}`") from None
+    expected = set(status[0].get("workers", []) or [])
+    if expected and max(expected) >= world:
+        client.close()
+        raise RuntimeError(f"the parameter server waits for workers {sorted(expected)} but "
+                           f"this run has {world} process(es); restart it with --workers "
+                           f"{world}")
+    store = RemoteRowStore(client, table, num_rows, dim, sgd, seed=seed, own_client=True)
+    client.register()  # every step now waits for this rank's push
+    return store

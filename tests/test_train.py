@@ -14,7 +14,9 @@ import torch
 from hfsoftmax.engine.config import parse_args
 from hfsoftmax.engine.data import ShardedBatchSampler
 from hfsoftmax.engine.schedule import StepSchedule
-from hfsoftmax.train import main, run
+from hfsoftmax.heads.factory import build_head_from_args, neighbour_slots_per_sample
+from hfsoftmax.heads.sampled_config import rule_from_args
+from hfsoftmax.train import main, run, stored_settings
 from paramserver.snapshot import read_snapshot
 from tests.ps_utils import running_server
 from tests.train_data import make_tiny_rec
@@ -59,7 +61,7 @@ def test_bad_flags_are_rejected_with_the_fix(argv, match):
 
 
 def test_missing_val_bins_are_named():
-    with pytest.raises(FileNotFoundError, match="nope.bin"):
+    with pytest.raises(ValueError, match="nope.bin"):
         parse_args(["--train-rec", "x", "--val-bins", "nope.bin"])
 
 
@@ -159,9 +161,9 @@ def test_nan_loss_stops_with_the_step(tiny_rec, tmp_path):
               "--save-path", str(tmp_path / "nan")])
 
 
-def _state(path):
+def _state(path, rows_dir=None):
     ckpt = torch.load(os.path.join(path, "last.pth"), weights_only=True)
-    tables, _ = read_snapshot(ckpt["ps_snapshot"])
+    tables, _ = read_snapshot(os.path.join(rows_dir or path, ckpt["ps_snapshot"]))
     return ckpt, tables["classifier"]
 
 
@@ -229,7 +231,7 @@ def test_resume_refuses_to_change_the_model(tiny_rec, tmp_path):
                  "--save-path", out]) == 0
     with pytest.raises(ValueError, match="--arch='convnet-s'.*'ir18'"):
         parse_args(["--resume", out, "--arch", "ir18"])
-    with pytest.raises(FileNotFoundError, match="no last.pth"):
+    with pytest.raises(ValueError, match="no last.pth"):
         parse_args(["--resume", str(tmp_path)])
 
 
@@ -258,9 +260,10 @@ def test_sampled_run_with_annoy_learns(tiny_rec, tmp_path):
     assert recalls and all(0.0 <= x <= 1.0 for x in recalls)
     assert any(r["rebuild_s"] for r in rows)
     ckpt = torch.load(out / "last.pth", weights_only=True)
-    assert os.path.isfile(ckpt["ps_snapshot"])
+    # named relative to the run folder (a copied folder resumes from its own rows)
+    assert not os.path.isabs(ckpt["ps_snapshot"]) and (out / ckpt["ps_snapshot"]).is_file()
     # Only the snapshot the checkpoint names is kept.
-    assert [p.name for p in out.glob("rows_step*")] == [os.path.basename(ckpt["ps_snapshot"])]
+    assert [p.name for p in out.glob("rows_step*")] == [ckpt["ps_snapshot"]]
 
 
 def test_verification_keeps_the_best_checkpoint(tiny_rec, tmp_path, shared_fixtures):
@@ -281,8 +284,8 @@ def test_verification_keeps_the_best_checkpoint(tiny_rec, tmp_path, shared_fixtu
     assert (out / "val" / "verification-py2_roc.png").is_file()
     # Resuming keeps the row snapshot best.pth names, and the best accuracy so far.
     assert main(["--resume", str(out), "--max-steps", "14", "--val-every", "0"]) == 0
-    assert os.path.isfile(torch.load(out / "best.pth", weights_only=True)["ps_snapshot"])
-    assert os.path.isfile(torch.load(out / "last.pth", weights_only=True)["ps_snapshot"])
+    assert (out / torch.load(out / "best.pth", weights_only=True)["ps_snapshot"]).is_file()
+    assert (out / torch.load(out / "last.pth", weights_only=True)["ps_snapshot"]).is_file()
     assert torch.load(out / "last.pth", weights_only=True)["best"] >= max(accs)
 
 
@@ -331,18 +334,22 @@ def test_learns_the_synthetic_set(tmp_path):
     assert float(last["acc"]) > float(first["acc"]) + 0.3, (first, last)
 
 
+def build(argv):
+    """``(head, store)`` of the trainer's flags ``argv``, as ``run`` builds them."""
+    args = parse_args(argv)
+    return build_head_from_args(args, 40, rule_from_args(args) if args.sampled else None)
+
+
 def test_index_runs_in_its_own_process_with_a_parameter_server(tiny_rec):
     """With --ps the sampler's index lives in a child process that reads the rows from the
     server (the trainer never holds W); --no-sampler-process keeps it in the trainer."""
     from hfsoftmax.samplers.process import ProcessSampler
-    from hfsoftmax.train import build_head
 
     hf = ["--sampled", "--sampler", "exact", "--sample-num", "24"]
     with running_server() as (_, address):
         for extra, expect_process in (([], True), (["--no-sampler-process"], False)):
-            args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--ps", address,
-                               "--ps-table", f"t{int(expect_process)}", *extra])
-            head, _ = build_head(args, 40, 0)
+            head, _ = build(["--train-rec", str(tiny_rec), *TINY, *hf, "--ps", address,
+                             "--ps-table", f"t{int(expect_process)}", *extra])
             try:
                 assert isinstance(head.sampler, ProcessSampler) is expect_process
                 feats, labels = torch.randn(8, 32), torch.arange(8)
@@ -352,8 +359,7 @@ def test_index_runs_in_its_own_process_with_a_parameter_server(tiny_rec):
             finally:
                 head.sampler.close()
     # Without a server the rows are in the trainer anyway: no index process by default.
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf])
-    head, _ = build_head(args, 40, 0)
+    head, _ = build(["--train-rec", str(tiny_rec), *TINY, *hf])
     assert not isinstance(head.sampler, ProcessSampler)
     head.sampler.close()
 
@@ -361,33 +367,26 @@ def test_index_runs_in_its_own_process_with_a_parameter_server(tiny_rec):
 def test_index_threads_reach_the_index_process(tiny_rec, monkeypatch):
     """--index-threads N sets the index process's OpenMP threads (what keeps a rebuild from
     competing with the trainer); without an index process it is an error naming the fix."""
-    from hfsoftmax.train import build_head
-
     monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the trainer's own setting must not leak
     hf = ["--sampled", "--sampler", "faiss", "--sample-num", "24", "--index-threads", "1"]
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--sampler-process"])
-    head, _ = build_head(args, 40, 0)
+    head, _ = build(["--train-rec", str(tiny_rec), *TINY, *hf, "--sampler-process"])
     try:
         with open(f"/proc/{head.sampler._proc.pid}/environ", "rb") as f:
             env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
         assert env.get(b"OMP_NUM_THREADS") == b"1", env.get(b"OMP_NUM_THREADS")
     finally:
         head.sampler.close()
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--no-sampler-process"])
     with pytest.raises(ValueError, match="--index-threads 1 applies to the index process"):
-        build_head(args, 40, 0)
+        build(["--train-rec", str(tiny_rec), *TINY, *hf, "--no-sampler-process"])
 
 
 def test_fresh_rows_and_random_share_reach_the_sampler(tiny_rec):
     """--fresh-rows and --random-share configure the sampler the head selects with (in the
     trainer and in an index process); out-of-range values are refused by the parser."""
-    from hfsoftmax.train import build_head
-
     hf = ["--sampled", "--sampler", "exact", "--sample-num", "24", "--fresh-rows", "30",
           "--random-share", "0.25"]
     for extra in ([], ["--sampler-process"]):
-        args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, *extra])
-        head, _ = build_head(args, 40, 0)
+        head, _ = build(["--train-rec", str(tiny_rec), *TINY, *hf, *extra])
         try:
             assert head.sampler.fresh.capacity == 30 and head.sampler.random_share == 0.25
         finally:
@@ -397,60 +396,52 @@ def test_fresh_rows_and_random_share_reach_the_sampler(tiny_rec):
             parse_args(["--train-rec", str(tiny_rec), *TINY, "--sampled", *bad])
 
 
-def test_logq_correction_reaches_the_head_and_needs_the_sampled_head(tiny_rec):
-    """--logq-correction turns on the sampled head's log-Q correction of the random classes,
-    --logq-per-sample its per-sample form, the default for a margin head with an index unless
-    --logq-correction is given (off for random sampling and the linear head); both are kept in
-    the stored settings, resolved; the full head refuses either."""
-    from hfsoftmax.train import build_head, stored_settings
-
+def test_logq_reaches_the_head_and_needs_the_sampled_head(tiny_rec):
+    """--logq random turns on the sampled head's log-Q correction of the random classes,
+    --logq sample its per-sample form, the default for a margin head with an index (off for
+    random sampling and the linear head); the stored settings keep it resolved; the full
+    head refuses it."""
     hf = ["--sampled", "--sampler", "random", "--sample-num", "24"]
     index = ["--sampled", "--sampler", "exact", "--sample-num", "24"]
     linear = ["--head", "linear", "--margin", "0"]
-    for base, extra, want in (
-            (hf, [], False),                   # random sampling: Partial FC's rule, no correction
-            (hf, ["--logq-correction"], True),
-            (hf, ["--logq-per-sample"], "sample"),
-            (index, [], "sample"),             # the default for a margin head with an index
-            (index, ["--logq-correction"], True),           # asked for the random top-up's
-            (index, ["--logq-correction", "--logq-per-sample"], "sample"),
-            (index, ["--no-logq-per-sample"], False),       # the paper's rule
-            (index + linear, [], False)):                   # the linear head: off
-        args = parse_args(["--train-rec", str(tiny_rec), *TINY, *base, *extra])
-        head, _ = build_head(args, 40, 0)
+    for base, extra, want, stored in (
+            (hf, [], False, "off"),            # random sampling: Partial FC's rule
+            (hf, ["--logq", "random"], True, "random"),
+            (hf, ["--logq", "sample"], "sample", "sample"),
+            (index, [], "sample", "sample"),   # the default for a margin head with an index
+            (index, ["--logq", "random"], True, "random"),  # asked for the random top-up's
+            (index, ["--logq", "off"], False, "off"),       # the paper's rule
+            (index, ["--sampled-rule", "paper"], False, "off"),
+            (index + linear, [], False, "off")):            # the linear head: off
+        argv = ["--train-rec", str(tiny_rec), *TINY, *base, *extra]
+        head, _ = build(argv)
         try:
             assert head.logq == want and type(head.logq) is type(want), (base, extra)
-            stored = stored_settings(args)
-            assert (stored["logq_correction"], stored["logq_per_sample"]) == \
-                ("--logq-correction" in extra, want == "sample")
+            args = parse_args(argv)
+            assert stored_settings(args, rule_from_args(args))["logq"] == stored
         finally:
             head.sampler.close()
-    for flag in ("--logq-correction", "--logq-per-sample"):
-        args = parse_args(["--train-rec", str(tiny_rec), *TINY, flag])
-        with pytest.raises(ValueError, match=f"{flag} corrects the sampled head"):
-            build_head(args, 40, 0)
+    with pytest.raises(ValueError, match="--logq sample applies to the sampled head"):
+        parse_args(["--train-rec", str(tiny_rec), *TINY, "--logq", "sample"])
 
 
 def test_sampler_opt_reaches_the_backend_and_bad_keys_are_named(tiny_rec):
     """--sampler-opt KEY=VALUE sets a backend option (typed), in the trainer and in an index
     process; an unknown key or one the trainer's own flags own is a clear error."""
     from hfsoftmax.engine.config import parse_key_values
-    from hfsoftmax.train import build_head
 
     assert parse_key_values(["nprobe=32", "x=0.5", "t=true", "index_type=ivf"]) == \
         {"nprobe": 32, "x": 0.5, "t": True, "index_type": "ivf"}
     hf = ["--sampled", "--sampler", "faiss", "--sample-num", "24"]
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--sampler-opt", "nprobe=3"])
-    head, _ = build_head(args, 40, 0)
+    head, _ = build(["--train-rec", str(tiny_rec), *TINY, *hf, "--sampler-opt", "nprobe=3"])
     assert head.sampler.nprobe == 3
     head.sampler.close()
-    for extra, match in ((["--sampler-opt", "bogus=1"], "bogus: not an option of the faiss"),
+    for extra, match in ((["--sampler-opt", "bogus=1"], "bogus=1: not an option of the faiss"),
                          (["--sampler-opt", "bogus=1", "--sampler-process"],
-                          "bogus: not an option of the faiss"),
+                          "bogus=1: not an option of the faiss"),
                          (["--sampler-opt", "interval=3"], "set by the trainer's own flags")):
-        args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, *extra])
         with pytest.raises(ValueError, match=match):
-            build_head(args, 40, 0)
+            build(["--train-rec", str(tiny_rec), *TINY, *hf, *extra])
     with pytest.raises(SystemExit):
         parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--sampler-opt", "nprobe"])
 
@@ -461,18 +452,14 @@ def test_row_momentum_and_lr_mult_reach_the_rows_through_the_schedule(tiny_rec, 
     multiplier (the snapshot written at the end holds the decayed LR); a checkpoint written
     before these settings resumes with the rows it had (the backbone's momentum, LR x1); the
     full head refuses them (its rows are torch parameters)."""
-    import torch as _torch
-
-    from hfsoftmax.train import build_head, main
-    from paramserver.snapshot import read_snapshot
-
-    hf = ["--sampled", "--sampler", "random", "--sample-num", "24", "--renorm-rows", "1"]
+    hf = ["--sampled", "--sampler", "random", "--sample-num", "24", "--renorm-rows", "1",
+          "--no-row-catchup-decay"]
     for extra, momentum, lr in (([], 0.0, 1.0),                       # 0.1 x 10
                                 (["--momentum", "0.5"], 0.0, 0.2),     # 0.1 x 2
-                                (["--row-momentum", "0.9"], 0.9, 0.1),  # the paper's rule
+                                (["--row-momentum", "0.9"], 0.9, 0.1),  # lazy momentum, x1
+                                (["--sampled-rule", "paper"], 0.9, 0.1),  # the paper's rule
                                 (["--row-momentum", "0.5", "--row-lr-mult", "3"], 0.5, 0.3)):
-        args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, *extra])
-        _, store = build_head(args, 40, 0)
+        _, store = build(["--train-rec", str(tiny_rec), *TINY, *hf, *extra])
         assert store.optim.momentum == momentum and store.optim.lr == pytest.approx(lr), extra
     save = tmp_path / "run"
     main(["--train-rec", str(tiny_rec), *TINY, *hf, "--row-momentum", "0.5", "--row-lr-mult",
@@ -481,76 +468,50 @@ def test_row_momentum_and_lr_mult_reach_the_rows_through_the_schedule(tiny_rec, 
     tables, _ = read_snapshot(next(save.glob("rows_step*.safetensors")))
     optim = next(iter(tables.values())).optim
     assert optim.momentum == 0.5 and optim.lr == pytest.approx(0.1 * 0.1 * 4)
-    ckpt = _torch.load(save / "last.pth", weights_only=True)
+    ckpt = torch.load(save / "last.pth", weights_only=True)
     del ckpt["args"]["row_momentum"], ckpt["args"]["row_lr_mult"]
-    _torch.save(ckpt, save / "old.pth")
+    torch.save(ckpt, save / "old.pth")
     args = parse_args(["--resume", str(save / "old.pth")])
     assert args.row_momentum == args.momentum == 0.9 and args.row_lr_mult == 1.0
     for flag in (["--row-momentum", "0"], ["--row-lr-mult", "2"]):
-        args = parse_args(["--train-rec", str(tiny_rec), *TINY, *flag])
         with pytest.raises(ValueError, match=f"{flag[0]} .* applies to the sampled head"):
-            build_head(args, 40, 0)
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--momentum", "1"])
+            parse_args(["--train-rec", str(tiny_rec), *TINY, *flag])
     with pytest.raises(ValueError, match="give --row-lr-mult"):
-        build_head(args, 40, 0)
+        parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--momentum", "1"])
     for bad in (["--row-lr-mult", "0"], ["--row-momentum", "-1"], ["--row-lr-mult", "nan"]):
         with pytest.raises(SystemExit):
             parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, *bad])
 
 
-def test_renorm_rows_reaches_the_row_store_and_is_refused_where_it_has_no_meaning(tiny_rec):
-    from hfsoftmax.train import build_head
-
+def test_renorm_and_cap_reach_the_row_store_and_are_refused_where_they_mean_nothing(tiny_rec):
+    """--renorm-rows and --max-norm-rows reach the row store; given non-zero, one replaces
+    the preset's other; both at once, on the linear head or on the full head: an error
+    naming the flag."""
     hf = ["--sampled", "--sampler", "random", "--sample-num", "24", "--head", "cosface"]
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--renorm-rows", "1"])
-    _, store = build_head(args, 40, 0)
-    assert store.table.optim.renorm == 1.0
+    _, store = build(["--train-rec", str(tiny_rec), *TINY, *hf, "--renorm-rows", "1"])
+    assert (store.optim.renorm, store.optim.max_norm) == (1.0, 0.0)
+    _, store = build(["--train-rec", str(tiny_rec), *TINY, *hf, "--max-norm-rows", "2",
+                      "--row-catchup-decay"])
+    assert (store.optim.max_norm, store.optim.renorm, store.optim.catchup_decay) == (2, 0, True)
     linear = TINY[:TINY.index("--head")] + TINY[TINY.index("--lr"):]  # no scale/margin
-    args = parse_args(["--train-rec", str(tiny_rec), *linear, *hf, "--renorm-rows", "1",
-                       "--head", "linear"])
-    with pytest.raises(ValueError, match="would change the linear head's logits"):
-        build_head(args, 40, 0)
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, "--renorm-rows", "1"])
-    with pytest.raises(ValueError, match="applies to the sampled head's row store"):
-        build_head(args, 40, 0)
-
-
-def test_max_norm_rows_caps_the_rows_instead_of_the_renorm(tiny_rec):
-    """--max-norm-rows: the row store caps rows at that norm and the margin heads' default
-    renorm to 1 is off; refused beside an explicit --renorm-rows, on the linear head and on
-    the full head, each naming the flag."""
-    from hfsoftmax.train import build_head
-
-    hf = ["--sampled", "--sampler", "random", "--sample-num", "24", "--head", "cosface"]
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--max-norm-rows", "1",
-                       "--row-catchup-decay"])
-    _, store = build_head(args, 40, 0)
-    assert (store.optim.max_norm, store.optim.renorm, store.optim.catchup_decay) == (1, 0, True)
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--max-norm-rows", "1",
-                       "--renorm-rows", "1"])
+    for flag in ("--renorm-rows", "--max-norm-rows"):
+        with pytest.raises(ValueError, match=f"{flag} 1.0 would change the linear head"):
+            parse_args(["--train-rec", str(tiny_rec), *linear, *hf, flag, "1", "--head",
+                        "linear"])
+        with pytest.raises(ValueError, match=f"{flag} 1.0 applies to the sampled head"):
+            parse_args(["--train-rec", str(tiny_rec), *TINY, flag, "1"])
     with pytest.raises(ValueError, match="--renorm-rows 1.0 .* --max-norm-rows 1.0 .* one of"):
-        build_head(args, 40, 0)
-    linear = TINY[:TINY.index("--head")] + TINY[TINY.index("--lr"):]
-    args = parse_args(["--train-rec", str(tiny_rec), *linear, *hf, "--max-norm-rows", "1",
-                       "--head", "linear"])
-    with pytest.raises(ValueError, match="--max-norm-rows 1.0 would change the linear head"):
-        build_head(args, 40, 0)
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, "--max-norm-rows", "1"])
-    with pytest.raises(ValueError, match="--max-norm-rows 1.0 applies to the sampled head"):
-        build_head(args, 40, 0)
+        parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--max-norm-rows", "1",
+                    "--renorm-rows", "1"])
 
 
 def test_row_catchup_decay_reaches_the_rows_and_needs_momentum_0(tiny_rec, tmp_path):
     """--row-catchup-decay: the row store decays every row every step (a run's snapshot
     holds the setting, and rows never selected shrank by the steps' decay); refused with
-    lazy momentum (naming --row-momentum 0) and on the full head."""
-    from hfsoftmax.train import build_head, main
-    from paramserver.snapshot import read_snapshot
-
+    lazy momentum (naming the fix) and on the full head."""
     hf = ["--sampled", "--sampler", "random", "--sample-num", "24", "--head", "cosface",
-          "--renorm-rows", "0"]
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--no-row-catchup-decay"])
-    _, store = build_head(args, 40, 0)
+          "--max-norm-rows", "0"]
+    _, store = build(["--train-rec", str(tiny_rec), *TINY, *hf, "--no-row-catchup-decay"])
     assert not store.optim.catchup_decay
     save = tmp_path / "run"
     main(["--train-rec", str(tiny_rec), *TINY, *hf, "--row-catchup-decay", "--max-steps", "3",
@@ -564,45 +525,37 @@ def test_row_catchup_decay_reaches_the_rows_and_needs_momentum_0(tiny_rec, tmp_p
     never = np.flatnonzero(np.isclose(table.weight, decayed, rtol=1e-6, atol=0).all(axis=1))
     assert 0 < never.size < 40, never  # 24 of 40 classes a step: some rows were never picked
     assert not (table.weight == init).all(axis=1).any()  # and none kept its initial value
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--row-catchup-decay",
-                       "--row-momentum", "0.9"])
-    with pytest.raises(ValueError, match="needs momentum 0.*--row-momentum 0"):
-        build_head(args, 40, 0)
-    args = parse_args(["--train-rec", str(tiny_rec), *TINY, "--row-catchup-decay"])
+    with pytest.raises(ValueError, match="--row-momentum 0.9 with --row-catchup-decay.*"
+                                         "--no-row-catchup-decay"):
+        parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--row-catchup-decay",
+                    "--row-momentum", "0.9"])
     with pytest.raises(ValueError, match="--row-catchup-decay True applies to the sampled"):
-        build_head(args, 40, 0)
+        parse_args(["--train-rec", str(tiny_rec), *TINY, "--row-catchup-decay"])
 
 
-def test_margin_heads_default_to_capped_decayed_and_fresh_rows_linear_to_none(tiny_rec,
-                                                                            tmp_path):
-    """Unset, a sampled margin head's rows are decayed every step and capped at norm 1 (no
-    renorm), and --fresh-rows is --interval x --sample-num (up to 32768) with an index; where
-    the decay is lazy (--no-row-catchup-decay, a row momentum) the rows are renormed to 1 as
-    before; an explicit --renorm-rows turns the cap off; the linear head has none; a
-    checkpoint keeps the row rule as it ran; one written before these defaults resumes with
-    all off."""
-    import torch as _torch
-
-    from hfsoftmax.train import build_head, main
-
+def test_the_rule_reaches_store_and_sampler_and_checkpoints_keep_it_resolved(tiny_rec,
+                                                                           tmp_path):
+    """What the resolved rule (tests/test_sampled_config.py: the table) builds: the row
+    store's SGD and the sampler's fresh rows, per head, sampler and preset, flags
+    overriding one setting each; a checkpoint keeps the rule as it ran, so a resumed run
+    keeps it whatever the presets say later."""
     linear = TINY[:TINY.index("--head")] + TINY[TINY.index("--lr"):]
     hf = ["--sampled", "--sample-num", "16", "--interval", "2"]
     exact = ["--sampler", "exact"]
     #        base,  extra,                                       renorm, cap, decay, fresh
-    cases = ((TINY, exact, 0.0, 1.0, True, 32),
-             (TINY, [*exact, "--head", "arcface"], 0.0, 1.0, True, 32),
+    cases = ((TINY, exact, 0.0, 1.0, True, 40),   # 32768 rows, at most the 40 classes
+             (TINY, [*exact, "--head", "arcface"], 0.0, 1.0, True, 40),
              (TINY, ["--sampler", "random"], 0.0, 1.0, True, None),
-             (TINY, [*exact, "--renorm-rows", "0", "--fresh-rows", "0"], 0.0, 1.0, True, None),
-             (TINY, [*exact, "--renorm-rows", "1"], 1.0, 0.0, True, 32),
-             (TINY, [*exact, "--max-norm-rows", "0"], 0.0, 0.0, True, 32),
-             (TINY, [*exact, "--no-row-catchup-decay"], 1.0, 0.0, False, 32),
-             (TINY, [*exact, "--row-momentum", "0.9"], 1.0, 0.0, False, 32),
+             (TINY, [*exact, "--fresh-rows", "0"], 0.0, 1.0, True, None),
+             (TINY, [*exact, "--renorm-rows", "1"], 1.0, 0.0, True, 40),
+             (TINY, [*exact, "--max-norm-rows", "0"], 0.0, 0.0, True, 40),
+             (TINY, [*exact, "--no-row-catchup-decay"], 0.0, 1.0, False, 40),
              (TINY, [*exact, "--fresh-rows", "5"], 0.0, 1.0, True, 5),
-             (TINY, [*exact, "--interval", "2049"], 0.0, 1.0, True, None),  # above the cap
+             (TINY, [*exact, "--interval", "2049"], 0.0, 1.0, True, 40),  # no cliff
+             (TINY, [*exact, "--sampled-rule", "paper"], 0.0, 0.0, False, None),
              (linear, [*exact, "--head", "linear"], 0.0, 0.0, False, None))
     for base, extra, renorm, cap, decay, fresh in cases:
-        args = parse_args(["--train-rec", str(tiny_rec), *base, *hf, *extra])
-        head, store = build_head(args, 40, 0)
+        head, store = build(["--train-rec", str(tiny_rec), *base, *hf, *extra])
         try:
             optim = store.table.optim
             assert (optim.renorm, optim.max_norm, optim.catchup_decay) == (renorm, cap, decay), \
@@ -613,45 +566,62 @@ def test_margin_heads_default_to_capped_decayed_and_fresh_rows_linear_to_none(ti
     save = tmp_path / "run"
     main(["--train-rec", str(tiny_rec), *TINY, *hf, *exact, "--max-steps", "2",
           "--save-path", str(save), "--device", "cpu"])
-    ckpt = _torch.load(save / "last.pth", weights_only=True)
-    # the row rule is kept as it ran (a later default change leaves a resumed run alone);
-    # fresh rows stay a rule over the stored --interval and --sample-num
-    rule = ("row_momentum", "row_lr_mult", "renorm_rows", "max_norm_rows", "row_catchup_decay",
-            "fresh_rows", "logq_per_sample")
-    assert {k: ckpt["args"][k] for k in rule} == {
-        "row_momentum": 0.0, "row_lr_mult": pytest.approx(10.0), "renorm_rows": 0.0,
-        "max_norm_rows": 1.0, "row_catchup_decay": True, "fresh_rows": None,
-        "logq_per_sample": True}
+    ckpt = torch.load(save / "last.pth", weights_only=True)
+    want = {"row_momentum": 0.0, "row_lr_mult": pytest.approx(10.0), "renorm_rows": 0.0,
+            "max_norm_rows": 1.0, "row_catchup_decay": True, "fresh_rows": 32768,
+            "logq": "sample", "random_share": 0.0}
+    assert {k: ckpt["args"][k] for k in want} == want
     assert json.loads((save / "args.json").read_text())["max_norm_rows"] == 1.0
     args = parse_args(["--resume", str(save / "last.pth")])
-    assert (args.row_momentum, args.renorm_rows, args.max_norm_rows, args.row_catchup_decay,
-            args.fresh_rows) == (0.0, 0.0, 1.0, True, None)
-    ckpt["args"].update(renorm_rows=None, row_momentum=None, row_lr_mult=None)
-    _torch.save(ckpt, save / "unresolved.pth")  # written before the values were resolved
-    args = parse_args(["--resume", str(save / "unresolved.pth")])
-    assert (args.renorm_rows, args.row_momentum, args.row_lr_mult) == (None, None, None)
-    for key in ("renorm_rows", "max_norm_rows", "row_catchup_decay", "fresh_rows",
-                "logq_per_sample"):
+    assert {k: getattr(args, k) for k in want} == want
+    # a flag given on resume overrides the stored rule, one setting only
+    args = parse_args(["--resume", str(save / "last.pth"), "--fresh-rows", "7"])
+    assert rule_from_args(args).fresh_rows == 7 and rule_from_args(args).max_norm_rows == 1.0
+
+
+def test_checkpoints_before_the_rule_resume_with_what_they_ran(tiny_rec, tmp_path):
+    """The legacy table: a checkpoint whose args predate a rule setting resumes with the
+    value it ran with (renorm, cap, every-step decay, fresh rows, log-Q off; the rows took
+    the backbone's momentum at LR x1); the trainer of 308503f..05ca052 stored fresh rows
+    unresolved (None: --interval x --sample-num up to 32768 then), and the two log-Q flags."""
+    hf = ["--sampled", "--sample-num", "16", "--interval", "2", "--sampler", "exact"]
+    save = tmp_path / "run"
+    main(["--train-rec", str(tiny_rec), *TINY, *hf, "--max-steps", "2",
+          "--save-path", str(save), "--device", "cpu"])
+    ckpt = torch.load(save / "last.pth", weights_only=True)
+    for key in ("logq", "random_share"):
         del ckpt["args"][key]
-    _torch.save(ckpt, save / "old.pth")
-    args = parse_args(["--resume", str(save / "old.pth")])
-    assert (args.renorm_rows, args.max_norm_rows, args.row_catchup_decay, args.fresh_rows,
-            args.logq_per_sample) == (0.0, 0.0, False, 0, False)
+    ckpt["args"].update(fresh_rows=None, logq_per_sample=True, logq_correction=False)
+    torch.save(ckpt, save / "05ca052.pth")
+    args = parse_args(["--resume", str(save / "05ca052.pth")])
+    rule = rule_from_args(args)
+    assert (rule.fresh_rows, rule.logq, rule.max_norm_rows, rule.row_catchup_decay) == \
+        (32, "sample", 1.0, True)
+    for key in ("renorm_rows", "max_norm_rows", "row_catchup_decay", "fresh_rows",
+                "logq_per_sample", "logq_correction", "row_momentum", "row_lr_mult"):
+        del ckpt["args"][key]
+    torch.save(ckpt, save / "old.pth")
+    rule = rule_from_args(parse_args(["--resume", str(save / "old.pth")]))
+    assert (rule.renorm_rows, rule.max_norm_rows, rule.row_catchup_decay, rule.fresh_rows,
+            rule.logq, rule.row_momentum, rule.row_lr_mult) == \
+        (0.0, 0.0, False, 0, "off", 0.9, 1.0)
 
 
 def test_neighbour_slots_per_sample_is_what_the_selection_leaves_each_sample():
     """(sample_num - labels of the global batch - random share) / global batch; None where
     no index selects classes."""
-    from hfsoftmax.train import neighbour_slots_per_sample
+    def slots(argv, world=1):
+        args = parse_args(argv)
+        return neighbour_slots_per_sample(args, rule_from_args(args) if args.sampled else None,
+                                          world)
 
     base = ["--train-rec", "x", "--batch-size", "64", "--sampled", "--sample-num", "200"]
     # the benchmark's 1%: 136 slots for 64 samples; 5%: 936
-    assert neighbour_slots_per_sample(parse_args(base)) == pytest.approx(136 / 64)
+    assert slots(base) == pytest.approx(136 / 64)
     five = base[:-1] + ["1000"]
-    assert neighbour_slots_per_sample(parse_args(five)) == pytest.approx(936 / 64)
+    assert slots(five) == pytest.approx(936 / 64)
     # two processes: the sampled head selects over the all-gathered batch of 128
-    assert neighbour_slots_per_sample(parse_args(base), world=2) == pytest.approx(72 / 128)
-    half = parse_args(base + ["--random-share", "0.5"])
-    assert neighbour_slots_per_sample(half) == pytest.approx(68 / 64)
-    assert neighbour_slots_per_sample(parse_args(base + ["--sampler", "random"])) is None
-    assert neighbour_slots_per_sample(parse_args(["--train-rec", "x"])) is None
+    assert slots(base, world=2) == pytest.approx(72 / 128)
+    assert slots(base + ["--random-share", "0.5"]) == pytest.approx(68 / 64)
+    assert slots(base + ["--sampler", "random"]) is None
+    assert slots(["--train-rec", "x"]) is None

@@ -13,9 +13,10 @@ import math
 import os
 from collections import deque
 
-__all__ = ["SmoothedValue", "format_eta", "CsvWriter", "ScalarWriter"]
+__all__ = ["SmoothedValue", "format_eta", "CsvWriter", "ScalarWriter", "ProgressLog",
+           "TRAIN_FIELDS", "VAL_FIELDS"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("hfsoftmax.train")  # the progress line is the trainer's
 
 
 class SmoothedValue:
@@ -91,3 +92,56 @@ class ScalarWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+TRAIN_FIELDS = ["step", "epoch", "loss", "acc", "lr", "img_s", "data_s", "step_s", "recall",
+                "rebuild_s", "select_s", "pull_s", "push_s"]
+VAL_FIELDS = ["step", "epoch", "name", "acc", "acc_std", "threshold", "val_far", "mean_acc"]
+_SAMPLER_KEYS = ("recall", "rebuild_s", "select_s", "pull_s", "push_s")
+
+
+class ProgressLog:
+    """Where the loop's figures go: the progress line (every rank logs, rank 0's handlers
+    print), and on rank 0 ``metrics.csv``, ``val.csv`` and TensorBoard under ``folder``."""
+
+    def __init__(self, folder: str | None):
+        self.csv = self.val_csv = self.tb = None
+        if folder is not None:
+            self.csv = CsvWriter(os.path.join(folder, "metrics.csv"), TRAIN_FIELDS)
+            self.val_csv = CsvWriter(os.path.join(folder, "val.csv"), VAL_FIELDS)
+            self.tb = ScalarWriter(os.path.join(folder, "tb"))
+
+    def train(self, row: dict, where: str, eta: str, tel: dict) -> None:
+        """One progress line from ``row`` (``TRAIN_FIELDS`` without the telemetry) and the
+        head's telemetry ``tel``; ``where`` is ``epoch E [i/n] step s/total``."""
+        extra = ""
+        if tel.get("recall") is not None:
+            extra += f"  recall {tel['recall']:.3f}"
+        if tel.get("rebuild_s") is not None:
+            extra += f"  rebuild {tel['rebuild_s']:.2f}s"
+        logger.info("%s  eta %s  lr %.5g  loss %.4f  acc %.3f  %.1f img/s  data %.3fs%s",
+                    where, eta, row["lr"], row["loss"], row["acc"], row["img_s"],
+                    row["data_s"], extra)
+        if self.csv is None:
+            return
+        full = {**row, **{k: tel.get(k) for k in _SAMPLER_KEYS}}
+        self.csv.write(full)
+        self.tb.add({"train/loss": row["loss"], "train/acc": row["acc"], "train/lr": row["lr"],
+                     "train/img_per_s": row["img_s"], "train/data_s": row["data_s"],
+                     **{f"sampler/{k}": tel.get(k) for k in _SAMPLER_KEYS}}, row["step"])
+
+    def val(self, step: int, epoch: int, results: dict) -> float:
+        """Write one verification round (``{name: result}``); returns the mean accuracy."""
+        for name, r in results.items():
+            self.val_csv.write({"step": step, "epoch": epoch, "name": name, "acc": r.accuracy,
+                                "acc_std": r.accuracy_std, "threshold": r.best_threshold,
+                                "val_far": r.val})
+            self.tb.add({f"val/{name}_acc": r.accuracy, f"val/{name}_val_far": r.val}, step)
+        mean = sum(r.accuracy for r in results.values()) / max(len(results), 1)
+        self.val_csv.write({"step": step, "epoch": epoch, "name": "mean", "mean_acc": mean})
+        return mean
+
+    def close(self) -> None:
+        for w in (self.csv, self.val_csv, self.tb):
+            if w is not None:
+                w.close()

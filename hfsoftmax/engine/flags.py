@@ -1,0 +1,234 @@
+"""The trainer's flags: every flag, its default and its help text, in this one place
+(:func:`build_parser`); how they are layered with a checkpoint and a YAML file, and checked,
+is :mod:`hfsoftmax.engine.config`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from ..heads import sampled_config
+
+__all__ = ["build_parser", "parse_key_values", "HEADS", "SAMPLERS", "DEFAULT_SAVE_PATH"]
+
+HEADS = ("linear", "cosface", "arcface")
+SAMPLERS = ("annoy", "hnsw", "faiss", "exact", "random")
+DEFAULT_SAVE_PATH = "runs/train"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default where it has one; a flag whose default is None (decided at
+    run time: its help says how) or empty shows none."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
+    return v
+
+
+def _unit_float(s: str) -> float:
+    v = float(s)
+    if not 0.0 <= v <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {s}")
+    return v
+
+
+def _key_value(s: str) -> str:
+    key, sep, value = s.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE (e.g. nprobe=32), got {s!r}")
+    return f"{key.strip()}={value.strip()}"
+
+
+def parse_key_values(items: list[str]) -> dict[str, Any]:
+    """``["nprobe=32", "index_type=ivf"]`` -> ``{"nprobe": 32, "index_type": "ivf"}``
+    (numbers and true/false converted, anything else kept as a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, value = _key_value(item).partition("=")
+        low = value.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+            continue
+        for conv in (int, float):
+            try:
+                out[key] = conv(value)
+                break
+            except ValueError:
+                pass
+        else:
+            out[key] = value
+    return out
+
+
+def _ps_addresses(s: str) -> list[str]:
+    return [a for a in s.replace(",", " ").split() if a]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``hfsoftmax-train`` (``python -m hfsoftmax.train``)."""
+    p = argparse.ArgumentParser(
+        prog="hfsoftmax-train",
+        description="Train a face-embedding backbone with a full softmax or with HF-Softmax "
+                    "(--sampled: the softmax of each batch runs over its labels plus the "
+                    "nearest classes found by an index over the classifier rows, which live in "
+                    "a parameter server (--ps) or in this process). Single process: "
+                    "`python -m hfsoftmax.train ...`; several: `torchrun --nproc_per_node N "
+                    "-m hfsoftmax.train ...`.",
+        formatter_class=_HelpFormatter)
+    p.add_argument("--config", metavar="YAML", default=None,
+                   help="YAML file of settings (keys: flag names); command-line flags override "
+                        "it")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--train-rec", metavar="DIR", default=None,
+                   help="InsightFace training folder (train.rec, train.idx, property)")
+    g.add_argument("--train-filelist", metavar="FILE", default=None,
+                   help="image list ('relative/path.jpg label' lines), with --train-prefix")
+    g.add_argument("--train-prefix", metavar="DIR", default=None,
+                   help="folder the --train-filelist paths are relative to (default: the "
+                        "list file's folder)")
+    g.add_argument("--val-bins", metavar="BIN", nargs="*", default=[],
+                   help="verification pair files (lfw.bin, cfp_fp.bin, ...) evaluated "
+                        "every --val-every steps; the best mean accuracy is kept as best.pth")
+    g.add_argument("--num-classes", type=_positive_int, default=None,
+                   help="number of classes (default: from the data)")
+    g.add_argument("--workers", type=_nonneg_int, default=2,
+                   help="data-loading worker processes per rank (0: load in the main process)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random horizontal flips, seeded by (seed, epoch, sample) so a resumed "
+                        "or distributed run sees the same flips")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="ir50",
+                   help="backbone: resnet18/34/50/101, ir18/34/50/100, mobilefacenet, "
+                        "convnet-s, convnet-s-gn (small CPU demo nets)")
+    g.add_argument("--embedding-size", type=_positive_int, default=256,
+                   help="embedding (feature) dimension")
+    g.add_argument("--head", choices=HEADS, default="cosface",
+                   help="logits: linear (plain softmax), cosface or arcface (margin heads)")
+    g.add_argument("--scale", type=float, default=None,
+                   help="margin heads' scale s (default: the head's, 64)")
+    g.add_argument("--margin", type=float, default=None,
+                   help="margin m (default: cosface 0.35, arcface 0.5 radians)")
+
+    g = p.add_argument_group("HF-Softmax (sampled head)")
+    g.add_argument("--sampled", action="store_true",
+                   help="train with the sampled head: softmax over --sample-num selected "
+                        "classes per batch instead of all")
+    g.add_argument("--sampler", choices=SAMPLERS, default=None,
+                   help="class selection: annoy (the paper's hashing forest; the default), "
+                        "hnsw, faiss, exact (brute force), random (Partial FC's uniform "
+                        "negatives); needs --sampled")
+    g.add_argument("--sample-num", type=_positive_int, default=None,
+                   help="classes per batch softmax (the batch's labels + nearest + random; "
+                        "default 1000); needs --sampled")
+    g.add_argument("--interval", type=_positive_int, default=100,
+                   help="rebuild the sampler's index every this many steps")
+    g.add_argument("--ntrees", type=_positive_int, default=50,
+                   help="annoy: trees in the forest")
+    g.add_argument("--sampler-opt", type=_key_value, nargs="*", default=[],
+                   metavar="KEY=VALUE",
+                   help="backend options of the sampler's index, e.g. nprobe=32 (faiss), "
+                        "search_k=5000 (annoy), ef=128 (hnsw); see hfsoftmax/samplers/README.md")
+    sampled_config.add_arguments(g)
+    g.add_argument("--background-rebuild", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="rebuild the index on a background thread (training queries the old "
+                        "one meanwhile); --no-background-rebuild makes runs reproducible")
+    g.add_argument("--sampler-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the ANN index in its own process, which reads the rows from the "
+                        "parameter server itself, so the trainer never holds all rows or the "
+                        "index (default: on with --ps, off without)")
+    g.add_argument("--index-threads", type=_nonneg_int, default=0,
+                   help="OpenMP/torch threads of the index process (--sampler-process); 1 "
+                        "keeps a rebuild from competing with the trainer for cores (0: the "
+                        "libraries' default, all cores)")
+    g.add_argument("--recall-every", type=_nonneg_int, default=200,
+                   help="every this many steps, log the fraction of the true top-10 classes "
+                        "(exact search over all rows) that the selection contains (0: off)")
+    g.add_argument("--ps", type=_ps_addresses, default=None, metavar="ADDRS",
+                   help="parameter-server address(es), comma-separated (several: row shards), "
+                        "e.g. tcp://127.0.0.1:5570; default: the rows live in this process")
+    g.add_argument("--ps-table", default="classifier",
+                   help="table name on the parameter server")
+    g.add_argument("--ps-timeout", type=float, default=120.0,
+                   help="seconds a parameter-server request may take before it fails")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=_positive_int, default=128,
+                   help="images per step per process (the global batch is this x processes)")
+    g.add_argument("--lr", type=float, default=0.1, help="initial learning rate")
+    g.add_argument("--lr-steps", type=float, nargs="*", default=[],
+                   help="epochs (may be fractional) at which the learning rate is multiplied "
+                        "by --gamma")
+    g.add_argument("--gamma", type=float, default=0.1, help="learning-rate decay factor")
+    g.add_argument("--warmup-steps", type=_nonneg_int, default=0,
+                   help="linear learning-rate warm-up over this many steps")
+    g.add_argument("--momentum", type=_nonneg_float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=5e-4, help="SGD weight decay")
+    g.add_argument("--epochs", type=_positive_int, default=20, help="epochs to train")
+    g.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="stop after this many steps (overrides --epochs)")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--save-path", default=None,
+                   help=f"folder for checkpoints, logs, metrics.csv and TensorBoard events "
+                        f"(default {DEFAULT_SAVE_PATH}; with --resume, the folder holding the "
+                        "checkpoint). One trainer at a time: a lock in it refuses a second")
+    g.add_argument("--resume", default=None, metavar="CKPT",
+                   help="checkpoint file, or a --save-path folder (its last.pth), to continue "
+                        "from; the model and training settings come from the checkpoint, the "
+                        "runtime ones (--save-path, --ps, --device, --workers, --amp, ...) "
+                        "from this command line")
+    g.add_argument("--save-every", type=_nonneg_int, default=0,
+                   help="write a checkpoint every this many steps (0: at the end of each "
+                        "epoch); one is always written when training ends")
+    g.add_argument("--val-every", type=_nonneg_int, default=0,
+                   help="verify on --val-bins every this many steps (0: each epoch end)")
+    g.add_argument("--print-freq", type=_positive_int, default=20,
+                   help="log a progress line every this many steps")
+
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto",
+                   help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    g.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast for the backbone (no loss scaling, so the row "
+                        "gradients pushed to the row store stay true gradients)")
+    g.add_argument("--seed", type=int, default=0, help="seed of weights, data order and flips")
+    g.add_argument("--dist-backend", choices=("nccl", "gloo"), default=None,
+                   help="torch.distributed backend under torchrun (default: nccl on CUDA, "
+                        "gloo on CPU)")
+    g.add_argument("--threads", type=_nonneg_int, default=0,
+                   help="torch CPU threads per process (0: torch's default)")
+    return p

@@ -1,0 +1,121 @@
+"""The trainer's head from its settings: the full softmax, or the sampled head with its
+sampler and row store, built by the sampled head's one rule
+(:class:`~hfsoftmax.heads.sampled_config.SampledRule`).
+
+>>> head, store = build_head_from_args(args, num_classes, rule)   # store: None for full
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .. import distributed as hd
+from .sampled_config import MARGIN_HEADS, SampledRule
+
+__all__ = ["build_head_from_args", "sampler_options", "neighbour_slots_per_sample",
+           "HEAD_LOGQ"]
+
+#: the rule's ``logq`` as :class:`~hfsoftmax.heads.SampledHead` takes it
+HEAD_LOGQ = {"sample": "sample", "random": True, "off": False}
+
+
+def _logit_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"logit": args.head}
+    if args.scale is not None:
+        kw["s"] = args.scale
+    if args.margin is not None:
+        kw["m"] = args.margin
+    return kw
+
+
+def sampler_options(args: argparse.Namespace, rule: SampledRule, rank: int = 0) -> dict:
+    """``build_sampler`` keyword options from the trainer's flags and the rule; a
+    ``--sampler-opt`` key the trainer sets itself, or that the backend does not take, is an
+    error naming the flag to use."""
+    from ..engine.config import parse_key_values
+
+    opts: dict[str, Any] = {"interval": args.interval, "background": args.background_rebuild,
+                            "random_share": rule.random_share, "fresh_rows": rule.fresh_rows}
+    if args.sampler == "annoy":
+        opts["ntrees"] = args.ntrees
+    extra = parse_key_values(args.sampler_opt)
+    clash = sorted(set(extra) & set(opts) | set(extra) & {"metric", "seed", "process"})
+    if clash:
+        raise ValueError(f"--sampler-opt {', '.join(clash)}: set by the trainer's own flags "
+                         "(--interval, --ntrees, --fresh-rows, --random-share, "
+                         "--background-rebuild, --head, --seed); use those")
+    opts.update(extra)
+    # Only rank 0 selects (over the global batch), so only rank 0 needs an index process.
+    if args.index_threads:
+        if not _uses_process(args):
+            raise ValueError(f"--index-threads {args.index_threads} applies to the index "
+                             "process only; add --sampler-process (an in-process index uses "
+                             "the trainer's --threads)")
+        if rank == 0:
+            opts["threads"] = args.index_threads
+    return opts
+
+
+def _uses_process(args: argparse.Namespace) -> bool:
+    return args.sampler_process if args.sampler_process is not None else bool(args.ps)
+
+
+def neighbour_slots_per_sample(args: argparse.Namespace, rule: SampledRule,
+                               world: int = 1) -> float | None:
+    """Nearest-class slots per sample of one step of a sampled head with an index: the
+    ``--sample-num`` classes less the (global) batch's labels, less the random share, over
+    the global batch; the least it can be (every label of the batch distinct). None for the
+    full softmax and ``random``. It bounds how many of a sample's hardest negatives a step
+    can hold: the selection gives every sample its 1st neighbour, then its 2nd, ..."""
+    from ..samplers.selection import neighbour_slots
+
+    if not args.sampled or args.sampler == "random":
+        return None
+    batch = args.batch_size * max(1, int(world))
+    return neighbour_slots(args.sample_num, batch, rule.random_share) / batch
+
+
+def build_head_from_args(args: argparse.Namespace, num_classes: int,
+                         rule: SampledRule | None = None):
+    """``(head, row store or None)`` for ``--head`` / ``--sampled``: the full head, or the
+    sampled head over a row store (this process's, or ``--ps``) trained by ``rule``'s SGD,
+    selecting with ``--sampler`` corrected as ``rule`` says."""
+    from . import FullHead, SampledHead
+
+    kw = _logit_kwargs(args)
+    if not args.sampled:
+        return FullHead(num_classes, args.embedding_size, **kw), None
+    if rule is None:
+        raise ValueError("the sampled head needs its rule (SampledRule.resolve)")
+    world, rank = hd.world_size(), hd.rank()
+    if args.sample_num > num_classes:
+        raise ValueError(f"--sample-num {args.sample_num} exceeds the {num_classes} classes of "
+                         "the data; lower --sample-num")
+    global_batch = args.batch_size * world
+    if args.sample_num < min(global_batch, num_classes):
+        raise ValueError(f"--sample-num {args.sample_num} is smaller than the global batch "
+                         f"({args.batch_size} x {world} processes = {global_batch}): "
+                         "a batch's own labels alone may not fit; raise --sample-num or lower "
+                         "--batch-size")
+    from ..rowstore import build_row_store
+    from ..samplers import build_sampler
+
+    opts = sampler_options(args, rule, rank)
+    try:
+        sampler = build_sampler(args.sampler, num_classes, args.embedding_size,
+                                metric="cosine" if args.head in MARGIN_HEADS else "ip",
+                                seed=args.seed, process=_uses_process(args) and rank == 0,
+                                **opts)
+    except TypeError as exc:  # an option the backend does not take
+        if not args.sampler_opt:
+            raise
+        raise ValueError(f"--sampler-opt {' '.join(args.sampler_opt)}: not an option of the "
+                         f"{args.sampler} sampler ({exc}); see hfsoftmax/samplers/README.md "
+                         "for each backend's options") from None
+    sgd = rule.sgd(lr=args.lr, weight_decay=args.weight_decay)
+    store = build_row_store(num_classes, args.embedding_size, sgd, ps=args.ps,
+                            table=args.ps_table, timeout_s=args.ps_timeout, seed=args.seed,
+                            rank=rank, world=world)
+    head = SampledHead(store, sampler, args.sample_num, interval=args.interval,
+                       recall_every=args.recall_every, logq=HEAD_LOGQ[rule.logq], **kw)
+    return head, store
