@@ -108,7 +108,7 @@ def training_features(checkpoint: str, data: str, images: int, seed: int):
     """Features (no flip: as the head sees them in training, without augmentation) and labels
     of ``images`` training images drawn at random, the checkpoint's settings and the set's
     class count."""
-    from accuracy import embed_images  # benchmarks/: the images' embeddings and labels
+    from accuracy_eval import embed_images  # benchmarks/: the images' embeddings and labels
 
     from hfsoftmax.data.insightface import InsightFaceRecDataset
     from hfsoftmax.extract import load_backbone, load_checkpoint_args
@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(a.threads)
-    from accuracy import class_rows  # benchmarks/: the trained rows, full or sampled head
+    from accuracy_eval import class_rows  # benchmarks/: the trained rows, full or sampled head
 
     from hfsoftmax.fileio import write_json
     from hfsoftmax.heads.logits import LogitSpec
