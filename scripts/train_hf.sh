@@ -15,10 +15,12 @@
 #
 # Parameter server: the one at $PS_ADDR (comma-separated shard addresses) when set, else one
 # started on 127.0.0.1 for this run (log in SAVE_PATH/paramserver.log) and stopped when the
-# run ends. Environment: PS_ADDR, PS_PORT (port of the started server; default: any free),
-# PYTHON (default: python), SAVE_PATH (default: runs/train_hf; demo: runs/demo/<time>),
-# SYNTHETIC_DIR, DEMO_CLASSES, DEMO_PAIRS (demo data: default datasets/data/synthetic, 2000
-# classes, 1000 verification pairs).
+# run ends. The started server writes and reads snapshots only inside the run's folder
+# (--snapshot-dir SAVE_PATH): set the folder with SAVE_PATH, not --save-path, and --resume a
+# checkpoint of that same folder. Environment: PS_ADDR, PS_PORT (port of the started server;
+# default: any free), PYTHON (default: python), SAVE_PATH (default: runs/train_hf; demo:
+# runs/demo/<time>), SYNTHETIC_DIR, DEMO_CLASSES, DEMO_PAIRS (demo data: default
+# datasets/data/synthetic, 2000 classes, 1000 verification pairs).
 #
 # Shell: POSIX sh (dash and bash). -h/--help anywhere: this text, before any data is made or
 # server started (the trainer's flags: python -m hfsoftmax.train --help). No arguments: the
@@ -92,7 +94,7 @@ elif [ -n "${PS_ADDR:-}" ] && [ "$demo" -eq 0 ]; then
   exit 1
 else
   "$PYTHON" "$ROOT/paramserver/paramserver.py" --bind "tcp://127.0.0.1:${PS_PORT:-*}" \
-    --workers "${PS_WORKERS:-1}" --ready-file "$tmp/address" \
+    --workers "${PS_WORKERS:-1}" --snapshot-dir "$save" --ready-file "$tmp/address" \
     > "$save/paramserver.log" 2>&1 &
   ps_pid=$!
   tries=0
