@@ -16,18 +16,25 @@
 # Parameter server: the one at $PS_ADDR (comma-separated shard addresses) when set, else one
 # started on 127.0.0.1 for this run (log in SAVE_PATH/paramserver.log) and stopped when the
 # run ends. The started server writes and reads snapshots only inside the run's folder
-# (--snapshot-dir SAVE_PATH): set the folder with SAVE_PATH, not --save-path, and --resume a
-# checkpoint of that same folder. Environment: PS_ADDR, PS_PORT (port of the started server;
-# default: any free), PYTHON (default: python), SAVE_PATH (default: runs/train_hf; demo:
-# runs/demo/<time>), SYNTHETIC_DIR, DEMO_CLASSES, DEMO_PAIRS (demo data: default
-# datasets/data/synthetic, 2000 classes, 1000 verification pairs).
+# (--snapshot-dir SAVE_PATH): name the folder with SAVE_PATH (--save-path is refused, exit 2;
+# nor set save_path in a --config file) and --resume a checkpoint of that same folder.
+# Environment: PS_ADDR, PS_PORT (port of the started server; default: any free), PYTHON
+# (default: python), SAVE_PATH (default: runs/train_hf; demo: runs/demo/<time>),
+# SYNTHETIC_DIR, DEMO_CLASSES, DEMO_PAIRS (demo data: default datasets/data/synthetic, 2000
+# classes, 1000 verification pairs).
 #
 # Shell: POSIX sh (dash and bash). -h/--help anywhere: this text, before any data is made or
 # server started (the trainer's flags: python -m hfsoftmax.train --help). No arguments: the
 # demo.
 set -eu
 for arg in "$@"; do
-  case "$arg" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
+  case "$arg" in
+    -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    --save-path|--save-path=*)
+      echo "error: set the run's folder with SAVE_PATH=DIR, not --save-path (a server started" \
+           "for the run keeps its snapshots only in SAVE_PATH)" >&2
+      exit 2 ;;
+  esac
 done
 ROOT="$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -106,7 +113,8 @@ else
     fi
     tries=$((tries + 1))
     if [ "$tries" -gt 300 ]; then
-      echo "error: the parameter server did not come up in 30 s (log: $save/paramserver.log)" >&2
+      echo "error: the parameter server did not come up in 30 s" \
+           "(log: $save/paramserver.log)" >&2
       exit 1
     fi
     sleep 0.1

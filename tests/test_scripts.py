@@ -130,6 +130,13 @@ def test_scripts_that_need_arguments_print_usage_and_exit_2(name, shell):
     assert ("usage" in proc.stderr) if name != "_torchrun.sh" else "not run" in proc.stderr
 
 
+def test_train_hf_sh_refuses_save_path_flag():
+    """The run's folder is SAVE_PATH: the server it starts is confined to it."""
+    proc = run_script("train_hf.sh", "data", "--save-path", "x", env={"PYTHON": "false"},
+                      check=False, timeout=60)
+    assert proc.returncode == 2 and "SAVE_PATH=DIR" in proc.stderr
+
+
 def test_train_dist_checks_the_torchrun_settings():
     bad = run_script("train_dist.sh", "data", env={"NPROC": "2", "MASTER_ADDR": "a b"},
                      check=False, timeout=60)
