@@ -1,4 +1,4 @@
-#!/usr/bin/env bash
+#!/bin/sh
 # Full-softmax training (one process; scripts/train_dist.sh for several).
 #
 #   scripts/train.sh DATASET [hfsoftmax-train flags...]
@@ -8,24 +8,31 @@
 # Every other flag goes to `python -m hfsoftmax.train` (see its --help), e.g.
 #   scripts/train.sh datasets/data/faces_emore --arch ir50 --head arcface --epochs 20
 # Environment: PYTHON (default: python), SAVE_PATH (default: runs/train).
-set -euo pipefail
-
-if [[ $# -lt 1 || "$1" == -* ]]; then
-  echo "usage: $0 DATASET [hfsoftmax-train flags...]  (DATASET: .rec folder or image list)" >&2
-  exit 2
-fi
+#
+# Shell: POSIX sh (dash and bash). -h/--help first: this text; no DATASET: usage, exit 2.
+set -eu
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
+case "${1:--}" in
+  -*) echo "usage: $0 DATASET [hfsoftmax-train flags...]  (DATASET: .rec folder or" \
+           "image list; -h for help)" >&2
+      exit 2 ;;
+esac
 data="$1"
 shift
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python}"
 
-if [[ -d "$data" ]]; then
-  source_args=(--train-rec "$data")
+if [ -d "$data" ]; then
+  source_flag=--train-rec
 else
-  source_args=(--train-filelist "$data")
+  source_flag=--train-filelist
 fi
-# _HF_LAUNCH is set by scripts/train_dist.sh: torchrun with its process count.
-read -r -a launch <<< "${_HF_LAUNCH:-$PYTHON}"
-exec "${launch[@]}" -m hfsoftmax.train "${source_args[@]}" \
-  --save-path "${SAVE_PATH:-runs/train}" "$@"
+set -- -m hfsoftmax.train "$source_flag" "$data" --save-path "${SAVE_PATH:-runs/train}" "$@"
+# _HF_TORCHRUN_ARGS is set by scripts/train_dist.sh (scripts/_torchrun.sh): plain words,
+# split on purpose.
+if [ -n "${_HF_TORCHRUN_ARGS:-}" ]; then
+  # shellcheck disable=SC2086
+  set -- -m torch.distributed.run $_HF_TORCHRUN_ARGS "$@"
+fi
+exec "$PYTHON" "$@"

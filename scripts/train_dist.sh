@@ -1,4 +1,4 @@
-#!/usr/bin/env bash
+#!/bin/sh
 # Full-softmax training on several processes with torchrun (DDP; NCCL on GPUs, gloo on CPU,
 # chosen by the trainer at run time; --dist-backend overrides).
 #
@@ -7,7 +7,17 @@
 # Environment: NPROC (processes on this machine; default: the GPU count, or 2 on CPU),
 # NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (several machines; defaults 1, 0,
 # 127.0.0.1, 29500), PYTHON, SAVE_PATH (default: runs/train_dist).
-set -euo pipefail
-
-source "$(dirname "${BASH_SOURCE[0]}")/_torchrun.sh"
-SAVE_PATH="${SAVE_PATH:-runs/train_dist}" exec bash "$ROOT/scripts/train.sh" "$@"
+#
+# Shell: POSIX sh (dash and bash). -h/--help first: this text; no DATASET: usage, exit 2.
+set -eu
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
+case "${1:--}" in
+  -*) echo "usage: NPROC=N $0 DATASET [hfsoftmax-train flags...]  (-h for help)" >&2
+      exit 2 ;;
+esac
+ROOT="$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+. "$ROOT/scripts/_torchrun.sh"
+SAVE_PATH="${SAVE_PATH:-runs/train_dist}"
+export SAVE_PATH
+exec sh "$ROOT/scripts/train.sh" "$@"

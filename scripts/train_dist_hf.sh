@@ -1,4 +1,4 @@
-#!/usr/bin/env bash
+#!/bin/sh
 # HF-Softmax training on several processes with torchrun; every process is a worker of the
 # parameter server (at $PS_ADDR, or one started on loopback for the run with
 # --workers NPROC x NNODES and stopped when it ends).
@@ -9,8 +9,24 @@
 # MASTER_PORT (as scripts/train_dist.sh), PS_ADDR (comma-separated shard addresses; a
 # multi-machine run needs a server every machine reaches, started with --workers equal to
 # the total process count), PYTHON, SAVE_PATH (default: runs/train_dist_hf).
-set -euo pipefail
-
-source "$(dirname "${BASH_SOURCE[0]}")/_torchrun.sh"
-export PS_WORKERS=$((NPROC * ${NNODES:-1}))
-SAVE_PATH="${SAVE_PATH:-runs/train_dist_hf}" exec bash "$ROOT/scripts/train_hf.sh" "$@"
+#
+# Shell: POSIX sh (dash and bash). -h/--help first: this text; no DATASET: usage, exit 2
+# (unlike scripts/train_hf.sh, there is no several-process demo).
+set -eu
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
+case "${1:--}" in
+  -*) echo "usage: NPROC=N $0 DATASET [hfsoftmax-train flags...]  (-h for help)" >&2
+      exit 2 ;;
+esac
+ROOT="$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+. "$ROOT/scripts/_torchrun.sh"
+case "$NPROC" in
+  *[!0-9]*) echo "error: NPROC must be a number of processes here (it sizes the server's" \
+                 "--workers), got '$NPROC'" >&2
+            exit 2 ;;
+esac
+PS_WORKERS=$((NPROC * ${NNODES:-1}))
+SAVE_PATH="${SAVE_PATH:-runs/train_dist_hf}"
+export PS_WORKERS SAVE_PATH
+exec sh "$ROOT/scripts/train_hf.sh" "$@"

@@ -1,4 +1,4 @@
-#!/usr/bin/env bash
+#!/bin/sh
 # HF-Softmax training: the classifier rows live in a parameter server; each batch's softmax
 # runs over its labels plus the nearest classes found by an index over the rows.
 #
@@ -15,25 +15,38 @@
 #
 # Parameter server: the one at $PS_ADDR (comma-separated shard addresses) when set, else one
 # started on 127.0.0.1 for this run (log in SAVE_PATH/paramserver.log) and stopped when the
-# run ends. Environment: PS_ADDR, PS_PORT (port of the started server; default: any free),
-# PYTHON (default: python), SAVE_PATH (default: runs/train_hf; demo: runs/demo/<time>),
+# run ends. The started server writes and reads snapshots only inside the run's folder
+# (--snapshot-dir SAVE_PATH): name the folder with SAVE_PATH (--save-path is refused, exit 2;
+# nor set save_path in a --config file) and --resume a checkpoint of that same folder.
+# Environment: PS_ADDR, PS_PORT (port of the started server; default: any free), PYTHON
+# (default: python), SAVE_PATH (default: runs/train_hf; demo: runs/demo/<time>),
 # SYNTHETIC_DIR, DEMO_CLASSES, DEMO_PAIRS (demo data: default datasets/data/synthetic, 2000
 # classes, 1000 verification pairs).
-set -euo pipefail
-
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+#
+# Shell: POSIX sh (dash and bash). -h/--help anywhere: this text, before any data is made or
+# server started (the trainer's flags: python -m hfsoftmax.train --help). No arguments: the
+# demo.
+set -eu
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    --save-path|--save-path=*)
+      echo "error: set the run's folder with SAVE_PATH=DIR, not --save-path (a server started" \
+           "for the run keeps its snapshots only in SAVE_PATH)" >&2
+      exit 2 ;;
+  esac
+done
+ROOT="$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python}"
 
 demo=0
-if [[ $# -eq 0 || "$1" == -* ]]; then
-  demo=1
-else
-  data="$1"
-  shift
-fi
+case "${1:--}" in
+  -*) demo=1 ;;
+  *) data="$1"; shift ;;
+esac
 
-if [[ $demo -eq 1 ]]; then
+if [ "$demo" -eq 1 ]; then
   data="${SYNTHETIC_DIR:-$ROOT/datasets/data/synthetic}"
   save="${SAVE_PATH:-$ROOT/runs/demo/$(date +%Y%m%d-%H%M%S)}"
   echo "== 1/3 synthetic data in $data (made once)"
@@ -48,7 +61,7 @@ mkdir -p "$save"
 ps_pid=""
 tmp="$(mktemp -d)"
 cleanup() {
-  if [[ -n "$ps_pid" ]]; then
+  if [ -n "$ps_pid" ]; then
     kill "$ps_pid" 2>/dev/null || true
     wait "$ps_pid" 2>/dev/null || true
   fi
@@ -63,63 +76,74 @@ c = ParamClient(sys.argv[1].split(","), timeout_s=3); c.ping(); c.close()' "$1" 
     >/dev/null 2>&1
 }
 
-table_args=()
-if [[ -n "${PS_ADDR:-}" ]] && ps_answers "$PS_ADDR"; then
+# The trainer's command line is built back to front with `set --` (POSIX sh has no arrays):
+# [torchrun flags] -m hfsoftmax.train SOURCE --sampled --ps ADDR [--ps-table T]
+# --save-path SAVE [demo flags] [the user's flags].
+if [ "$demo" -eq 1 ]; then
+  # The demo's settings: a small CPU network, 10% of the classes in each batch's softmax,
+  # 500 steps (~0.8 epoch; about 7 minutes at ~75 images/s on 2 busy cores).
+  set -- --arch convnet-s --embedding-size 128 --head linear --sampler hnsw \
+    --sample-num 200 --interval 100 --batch-size 64 --lr 0.1 --warmup-steps 50 \
+    --max-steps 500 --lr-steps 0.6 --val-every 250 --workers 1 --print-freq 50 \
+    --val-bins "$data/synthetic.bin" "$@"
+fi
+set -- --save-path "$save" "$@"
+
+if [ -n "${PS_ADDR:-}" ] && ps_answers "$PS_ADDR"; then
   addr="$PS_ADDR"
   echo "using the parameter server at $addr"
-  if [[ $demo -eq 1 ]]; then  # a shared server may hold an earlier demo's table
-    table_args=(--ps-table "demo-$(date +%Y%m%d-%H%M%S)")
+  if [ "$demo" -eq 1 ]; then  # a shared server may hold an earlier demo's table
+    set -- --ps-table "demo-$(date +%Y%m%d-%H%M%S)" "$@"
   fi
-elif [[ -n "${PS_ADDR:-}" && $demo -eq 0 ]]; then
+elif [ -n "${PS_ADDR:-}" ] && [ "$demo" -eq 0 ]; then
   echo "error: no parameter server answers at PS_ADDR=$PS_ADDR (unset PS_ADDR to start one" \
        "for this run)" >&2
   exit 1
 else
   "$PYTHON" "$ROOT/paramserver/paramserver.py" --bind "tcp://127.0.0.1:${PS_PORT:-*}" \
-    --workers "${PS_WORKERS:-1}" --ready-file "$tmp/address" \
+    --workers "${PS_WORKERS:-1}" --snapshot-dir "$save" --ready-file "$tmp/address" \
     > "$save/paramserver.log" 2>&1 &
   ps_pid=$!
-  for _ in $(seq 300); do
-    [[ -s "$tmp/address" ]] && break
+  tries=0
+  while [ ! -s "$tmp/address" ]; do
     if ! kill -0 "$ps_pid" 2>/dev/null; then
       echo "error: the parameter server did not start:" >&2
       cat "$save/paramserver.log" >&2
       exit 1
     fi
+    tries=$((tries + 1))
+    if [ "$tries" -gt 300 ]; then
+      echo "error: the parameter server did not come up in 30 s" \
+           "(log: $save/paramserver.log)" >&2
+      exit 1
+    fi
     sleep 0.1
   done
-  if [[ ! -s "$tmp/address" ]]; then
-    echo "error: the parameter server did not come up in 30 s (log: $save/paramserver.log)" >&2
-    exit 1
-  fi
   addr="$(cat "$tmp/address")"
   echo "started a parameter server at $addr (log: $save/paramserver.log)"
 fi
 
-if [[ -d "$data" ]]; then
-  source_args=(--train-rec "$data")
+if [ -d "$data" ]; then
+  source_flag=--train-rec
 else
-  source_args=(--train-filelist "$data")
+  source_flag=--train-filelist
 fi
-# The demo's settings: a small CPU network, 10% of the classes in each batch's softmax,
-# 500 steps (~0.8 epoch; about 7 minutes at ~75 images/s on 2 busy cores).
-demo_args=()
-if [[ $demo -eq 1 ]]; then
+set -- -m hfsoftmax.train "$source_flag" "$data" --sampled --ps "$addr" "$@"
+if [ "$demo" -eq 1 ]; then
   echo "== 2/3 training (HF-Softmax, CPU); progress below and in $save/train.log"
-  demo_args=(--arch convnet-s --embedding-size 128 --head linear --sampler hnsw
-             --sample-num 200 --interval 100 --batch-size 64 --lr 0.1 --warmup-steps 50
-             --max-steps 500 --lr-steps 0.6 --val-every 250 --workers 1 --print-freq 50
-             --val-bins "$data/synthetic.bin")
 fi
-# _HF_LAUNCH is set by scripts/train_dist_hf.sh: torchrun with its process count.
-read -r -a launch <<< "${_HF_LAUNCH:-$PYTHON}"
-"${launch[@]}" -m hfsoftmax.train "${source_args[@]}" --sampled --ps "$addr" \
-  "${table_args[@]}" --save-path "$save" "${demo_args[@]}" "$@"
+# _HF_TORCHRUN_ARGS is set by scripts/train_dist_hf.sh (scripts/_torchrun.sh): plain words,
+# split on purpose.
+if [ -n "${_HF_TORCHRUN_ARGS:-}" ]; then
+  # shellcheck disable=SC2086
+  set -- -m torch.distributed.run $_HF_TORCHRUN_ARGS "$@"
+fi
+"$PYTHON" "$@"
 
-if [[ $demo -eq 1 ]]; then
+if [ "$demo" -eq 1 ]; then
   echo "== 3/3 verification of the best checkpoint on held-out identities"
   ckpt="$save/best.pth"
-  [[ -f "$ckpt" ]] || ckpt="$save/last.pth"
+  [ -f "$ckpt" ] || ckpt="$save/last.pth"
   "$PYTHON" -m hfsoftmax.eval --load-path "$ckpt" --bins "$data/synthetic.bin" \
     --out-dir "$save/eval" --no-progress
   cat <<EOF

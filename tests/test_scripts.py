@@ -1,9 +1,14 @@
 """Each training script runs on CPU at tiny size (real processes: torchrun with gloo, real
-parameter servers), including the no-argument demo of scripts/train_hf.sh."""
+parameter servers), including the no-argument demo of scripts/train_hf.sh.
+
+The scripts run under ``sh`` as the docs show it (`sh scripts/train_hf.sh`), which on Debian
+is dash: POSIX sh, no bash features. Every script in scripts/ also answers --help under sh
+and bash, and the ones that need arguments print their usage with exit status 2."""
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +22,7 @@ from tests.train_data import make_tiny_rec
 pytestmark = pytest.mark.timeout(300)
 
 SCRIPTS = ROOT / "scripts"
+ALL_SCRIPTS = sorted(p.name for p in SCRIPTS.glob("*.sh"))
 TINY = ["--arch", "convnet-s", "--embedding-size", "16", "--batch-size", "8", "--workers",
         "0", "--threads", "1", "--print-freq", "1", "--max-steps", "3"]
 HF = ["--sampler", "exact", "--sample-num", "16"]
@@ -28,12 +34,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def posix_sh() -> str:
+    """/bin/sh where it is dash (Debian's); else dash where installed; else /bin/sh."""
+    if os.path.basename(os.path.realpath("/bin/sh")) == "dash":
+        return "/bin/sh"
+    return shutil.which("dash") or "/bin/sh"
+
+
+SH = posix_sh()
+SHELLS = [SH, "bash"]
+
+
 def run_script(name: str, *args: str, env: dict | None = None, check: bool = True,
-               timeout: float = 240) -> subprocess.CompletedProcess:
+               timeout: float = 240, shell: str = SH) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
                 "MASTER_PORT": str(free_port()), **(env or {})}
     full_env.pop("PS_ADDR", None) if "PS_ADDR" not in (env or {}) else None
-    proc = subprocess.run(["bash", str(SCRIPTS / name), *args], env=full_env,
+    proc = subprocess.run([shell, str(SCRIPTS / name), *args], env=full_env,
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}"
@@ -66,30 +83,127 @@ def assert_gone(pid: int) -> None:
         assert "zombie" in f.read().lower(), f"parameter server {pid} still running"
 
 
-def test_scripts_are_strict_and_pass_arguments_through():
-    for name in ("train.sh", "train_hf.sh", "train_dist.sh", "train_dist_hf.sh",
-                 "test_distributed.sh"):
+def test_sh_is_not_bash():
+    """`sh` here is Debian's dash, or dash itself: the scripts are checked as POSIX sh."""
+    out = subprocess.run([SH, "-c", 'echo "${BASH_VERSION:-none}"'], capture_output=True,
+                         text=True, timeout=10).stdout.strip()
+    if out != "none":
+        pytest.skip(f"POSIX sh NOT checked: {SH} is bash {out} and dash is not installed")
+
+
+def test_scripts_are_strict_posix_sh_and_pass_arguments_through():
+    assert {"train.sh", "train_hf.sh", "train_dist.sh", "train_dist_hf.sh", "eval.sh",
+            "extract_feat.sh", "test_distributed.sh", "start_paramserver.sh",
+            "_torchrun.sh"} <= set(ALL_SCRIPTS)
+    for name in ALL_SCRIPTS:
         text = (SCRIPTS / name).read_text()
-        assert "set -euo pipefail" in text and '"$@"' in text, name
-    proc = run_script("train.sh", check=False)
-    assert proc.returncode == 2 and "usage" in proc.stderr
+        assert text.startswith("#!/bin/sh\n") and "Shell: POSIX sh" in text, name
+        if name != "_torchrun.sh":  # sourced by the others, under their `set -eu`
+            assert "\nset -eu\n" in text and '"$@"' in text, name
+        for bashism in ("pipefail", "BASH_SOURCE", "[[", "read -a", "<<<", "source ",
+                        "function "):
+            assert bashism not in text, (name, bashism)
 
 
-def test_train_sh_full_softmax(tiny_rec, tmp_path):
-    save = str(tmp_path / "full")
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
+def test_every_script_answers_help(name, shell):
+    """--help prints the script's header and exits 0, starting no Python (PYTHON=false),
+    except start_paramserver.sh whose every argument, --help too, is the server's."""
+    env = {} if name == "start_paramserver.sh" else {"PYTHON": "false"}
+    proc = run_script(name, "--help", env=env, shell=shell, timeout=60)
+    if name == "start_paramserver.sh":
+        assert "--snapshot-dir" in proc.stdout
+    else:
+        lines = proc.stdout.splitlines()
+        assert "Shell: POSIX sh" in proc.stdout and "set -eu" not in proc.stdout
+        assert lines[0] and not any(line.startswith("#") for line in lines), lines
+    assert proc.stderr == ""
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("name", ["train.sh", "train_dist.sh", "train_dist_hf.sh", "eval.sh",
+                                  "extract_feat.sh", "_torchrun.sh"])
+def test_scripts_that_need_arguments_print_usage_and_exit_2(name, shell):
+    proc = run_script(name, env={"PYTHON": "false"}, shell=shell, check=False, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert ("usage" in proc.stderr) if name != "_torchrun.sh" else "not run" in proc.stderr
+
+
+def test_train_hf_sh_refuses_save_path_flag():
+    """The run's folder is SAVE_PATH: the server it starts is confined to it."""
+    proc = run_script("train_hf.sh", "data", "--save-path", "x", env={"PYTHON": "false"},
+                      check=False, timeout=60)
+    assert proc.returncode == 2 and "SAVE_PATH=DIR" in proc.stderr
+
+
+def test_train_dist_checks_the_torchrun_settings():
+    bad = run_script("train_dist.sh", "data", env={"NPROC": "2", "MASTER_ADDR": "a b"},
+                     check=False, timeout=60)
+    assert bad.returncode == 2 and "'a b'" in bad.stderr
+    bad = run_script("train_dist_hf.sh", "data", env={"NPROC": "auto"}, check=False,
+                     timeout=60)
+    assert bad.returncode == 2 and "NPROC must be a number" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_rec, tmp_path_factory):
+    """scripts/train.sh under sh: 3 steps of full softmax on the tiny set."""
+    save = str(tmp_path_factory.mktemp("runs") / "full")
     run_script("train.sh", tiny_rec, *TINY, env={"SAVE_PATH": save})
-    ckpt = ckpt_of(save)
+    return save
+
+
+def test_train_sh_full_softmax(full_run):
+    ckpt = ckpt_of(full_run)
     assert ckpt["step"] == 3 and not ckpt["args"]["sampled"] and ckpt["ps_snapshot"] is None
+
+
+def test_eval_sh_under_sh(full_run, shared_fixtures, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(shared_fixtures / "verification-py2.bin", data / "lfw.bin")
+    out = tmp_path / "eval"
+    proc = run_script("eval.sh", "convnet-s", os.path.join(full_run, "last.pth"), str(data),
+                      str(out), "--batch-size", "8", "--no-progress")
+    assert re.search(r"^lfw\s+20\s", proc.stdout, re.M), proc.stdout
+    assert (out / "lfw.json").is_file()
+
+
+def test_extract_feat_sh_under_sh(full_run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (112, 112), (40 * i, 80, 120)).save(tmp_path / f"{i}.jpg")
+    (tmp_path / "list.txt").write_text("".join(f"{i}.jpg {i}\n" for i in range(3)))
+    out = tmp_path / "f.npy"
+    run_script("extract_feat.sh", str(tmp_path), str(tmp_path / "list.txt"),
+               os.path.join(full_run, "last.pth"), str(out), "--batch-size", "2")
+    feats = np.load(out)
+    assert feats.shape == (3, 16)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
 
 
 def test_train_hf_sh_starts_and_stops_its_own_server(tiny_rec, tmp_path):
     save = str(tmp_path / "hf")
-    proc = run_script("train_hf.sh", tiny_rec, *TINY, *HF, env={"SAVE_PATH": save})
+    # PYTHON is a wrapper that logs each command line, to see the server's flags
+    calls = tmp_path / "calls.txt"
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{calls}"\n'
+                       f'exec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    proc = run_script("train_hf.sh", tiny_rec, *TINY, *HF,
+                      env={"SAVE_PATH": save, "PYTHON": str(wrapper)})
     assert "started a parameter server at tcp://127.0.0.1:" in proc.stdout
     ckpt = ckpt_of(save)
     assert ckpt["args"]["sampled"] and ckpt["args"]["ps"][0].startswith("tcp://127.0.0.1:")
     assert os.path.isfile(ckpt["ps_snapshot"])
+    assert os.path.dirname(ckpt["ps_snapshot"]) == os.path.abspath(save)
     assert_gone(server_pid(save))
+    # the server it started writes snapshots only inside the run's folder
+    server = [c for c in calls.read_text().splitlines() if "paramserver.py" in c]
+    assert len(server) == 1 and f"--snapshot-dir {save} " in server[0], server
 
 
 def test_train_hf_sh_uses_ps_addr(tiny_rec, tmp_path):
