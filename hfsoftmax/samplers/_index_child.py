@@ -27,11 +27,9 @@ trainer's to handle).
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
 import signal
-import stat
 import sys
 
 import numpy as np
@@ -39,26 +37,7 @@ import numpy as np
 from hfsoftmax.samplers.handle import IndexHandle
 from hfsoftmax.samplers.pipe import error_reply, recv, send
 from hfsoftmax.samplers.registry import build_index
-
-
-def read_rows(source: dict) -> np.ndarray:
-    """All rows of a row-source dict (runs on the rebuild thread): a parameter server's table
-    through a new client of its own, or a ``.npy`` file (or FIFO; ``delete``: then removed)."""
-    if source["kind"] == "paramserver":
-        from hfsoftmax.rowstore import ParamRowSource
-        return ParamRowSource.from_dict(source).read()
-    path = source["path"]
-    try:
-        if stat.S_ISFIFO(os.stat(path).st_mode):  # read to the end before parsing
-            with open(path, "rb") as f:
-                return np.load(io.BytesIO(f.read()), allow_pickle=False)
-        return np.load(path, allow_pickle=False)
-    finally:
-        if source.get("delete"):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+from hfsoftmax.samplers.rowsource import read_rows
 
 
 def _state(handle: IndexHandle) -> dict:

@@ -50,7 +50,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -62,6 +61,7 @@ import numpy as np
 from . import pipe
 from .handle import IndexStatus, rebuild_failed
 from .index import check_table
+from .rowsource import NpyRowSource, source_dict, stage_rows
 from .selector import ClassSampler, check_policy
 
 __all__ = ["ProcessSampler", "ProcessIndexHandle", "NpyRowSource", "IndexProcessError"]
@@ -73,32 +73,6 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 class IndexProcessError(RuntimeError):
     """The index process reported an error (its message and traceback are included) or died."""
-
-
-class NpyRowSource:
-    """Rows in a ``.npy`` file that the index process loads (``delete``: then removes it).
-
-    A FIFO path works too (the child reads it to the end before parsing), which the tests use
-    to hold a rebuild open deterministically.
-    """
-
-    kind = "npy"
-
-    def __init__(self, path: str | os.PathLike, delete: bool = False):
-        self.path, self.delete = os.fspath(path), bool(delete)
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "path": self.path, "delete": self.delete}
-
-
-def _source_dict(spec: Any) -> dict:
-    """A row-source spec (object with ``to_dict`` or a dict) as a validated JSON-able dict."""
-    d = spec.to_dict() if hasattr(spec, "to_dict") else spec
-    if not isinstance(d, dict) or d.get("kind") not in ("paramserver", "npy"):
-        raise ValueError(f"a row source must be a ParamRowSource, an NpyRowSource or their "
-                         f"dict (kind 'paramserver' or 'npy'), got {spec!r}")
-    json.dumps(d)  # must cross the pipe as JSON
-    return d
 
 
 def _shutdown(proc, conn, lock, timeout: float = 10.0) -> None:
@@ -155,7 +129,7 @@ class ProcessIndexHandle:
         check_table(num_classes, dim, metric)
         self.name = f"{backend}-process"
         self.num_classes, self.dim, self.metric = int(num_classes), int(dim), metric
-        self.row_source = None if row_source is None else _source_dict(row_source)
+        self.row_source = None if row_source is None else source_dict(row_source)
         self.timeout_s = float(timeout_s)
         self.tmp_dir = tmp_dir
         self._status = IndexStatus()
@@ -331,24 +305,9 @@ class ProcessIndexHandle:
                                  "row_source; pass rows, a reader or a ParamRowSource")
             return self.row_source
         if isinstance(rows, dict) or hasattr(rows, "to_dict"):
-            return _source_dict(rows)
+            return source_dict(rows)
         spec = getattr(rows, "row_source", None)  # RemoteRowStore.reader()
-        return None if spec is None else _source_dict(spec)
-
-    def _stage(self, rows) -> dict:
-        """Trainer side of an array/callable source: write the rows to a temporary .npy."""
-        raw = np.asarray(rows() if callable(rows) else rows)
-        if raw.shape != (self.num_classes, self.dim):
-            raise ValueError(f"rows must have shape (num_classes, dim) = ({self.num_classes}, "
-                             f"{self.dim}), got {tuple(raw.shape)}")
-        fd, path = tempfile.mkstemp(prefix="hfsoftmax-rows-", suffix=".npy", dir=self.tmp_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, np.ascontiguousarray(raw, dtype=np.float32), allow_pickle=False)
-        except BaseException:
-            os.unlink(path)
-            raise
-        return NpyRowSource(path, delete=True).to_dict()
+        return None if spec is None else source_dict(spec)
 
     def start_rebuild(self, rows, step: int) -> bool:
         """Start a rebuild in the index process; False if one is already running.
@@ -370,7 +329,9 @@ class ProcessIndexHandle:
 
         def stage_and_send():
             try:
-                self._call({"op": "rebuild", "source": self._stage(rows), "step": int(step)})
+                self._call({"op": "rebuild", "step": int(step),
+                            "source": stage_rows(rows, (self.num_classes, self.dim),
+                                                 self.tmp_dir)})
             except BaseException as exc:  # surfaced on the training thread
                 logger.exception("%s: staging the rows for a rebuild failed", self.name)
                 self._error = exc
