@@ -127,11 +127,11 @@ class IndexHandle:
         return t is not None and t.is_alive()
 
     def status(self) -> IndexStatus:
-        """All of the state at once (the index and its step read together)."""
-        with self._lock:
-            has_index, step = self._built is not None, self._step
-        return IndexStatus(has_index, step, self.rebuilding, self.rebuilds,
-                           self.last_rebuild_s, self.last_read_s)
+        """All of the state at once (the index, its step and its timings read together)."""
+        rebuilding = self.rebuilding
+        with self._lock:  # what one swap set, read together
+            return IndexStatus(self._built is not None, self._step, rebuilding, self.rebuilds,
+                               self.last_rebuild_s, self.last_read_s)
 
     def stats(self) -> dict:
         """Figures only this kind of handle has (none in process)."""
