@@ -10,13 +10,28 @@ import torch.nn.functional as F
 
 from hfsoftmax.heads import FullHead, HeadOutput, LogitSpec, SampledHead, build_head
 from hfsoftmax.rowstore import LocalRowStore, SGDConfig
-from hfsoftmax.samplers import ClassSampler, build_sampler
+from hfsoftmax.samplers import ClassSampler, Index, build_sampler
 
 torch.set_num_threads(1)
 
 N, D, B = 50, 16, 12
 LOGITS = [("linear", {}), ("cosface", {"s": 30.0, "m": 0.35}),
           ("arcface", {"s": 64.0, "m": 0.5})]
+
+
+class RecordingIndex(Index):
+    """An index that keeps a copy of the rows of every build and answers no query."""
+
+    name = "permuting"
+    angular = False  # index the raw rows (metric "ip")
+
+    def __init__(self, num_classes: int, dim: int, built_from: list):
+        super().__init__(num_classes, dim)
+        self.built_from = built_from
+
+    def build(self, rows):
+        self.built_from.append(rows.copy())
+        return "index"
 
 
 class PermutingSampler(ClassSampler):
@@ -26,16 +41,12 @@ class PermutingSampler(ClassSampler):
     using the real rebuild policy of :class:`ClassSampler`."""
 
     name = "permuting"
-    angular_index = False  # index the raw rows (metric "ip")
 
     def __init__(self, num_classes: int, dim: int = D, seed: int = 0, **kw):
         kw.setdefault("background", False)
-        super().__init__(num_classes, dim, seed=seed, **kw)
         self.built_from: list[np.ndarray] = []
-
-    def _build_index(self, rows):
-        self.built_from.append(rows.copy())
-        return "index"
+        super().__init__(num_classes, dim, seed=seed,
+                         index=RecordingIndex(num_classes, dim, self.built_from), **kw)
 
     def select(self, features, labels, sample_num):
         labels = labels.cpu().numpy()

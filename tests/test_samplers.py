@@ -174,9 +174,9 @@ def test_select_uses_nearest_classes_then_random():
 def test_random_share_keeps_half_the_free_slots_for_random_classes():
     """random_share=0.5: the nearest classes fill half the non-label slots (the same ones, in
     the same order, as the paper's rule would pick first), random classes the other half."""
-    plain, _ = make_exact()
+    plain, rows = make_exact()
     mixed = build_sampler("exact", plain.num_classes, 16, seed=0, random_share=0.5)
-    mixed.rebuild(plain._index.numpy())
+    mixed.rebuild(rows)
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([3, 3, 10, 11, 12, 13, 14, 15])
     ids_p, _ = plain.select(x, y, 60)
@@ -188,7 +188,7 @@ def test_random_share_keeps_half_the_free_slots_for_random_classes():
     # the rest are random: not simply the next nearest classes
     assert set(ids_m[34:].tolist()) != set(ids_p[34:].tolist())
     only_random = build_sampler("exact", plain.num_classes, 16, random_share=1.0)
-    only_random.rebuild(plain._index.numpy())
+    only_random.rebuild(rows)
     only_random.select(x, y, 60)
     assert only_random.last_num_neighbours == 0
     for bad in (-0.1, 1.5, float("nan"), True, "half"):
@@ -323,7 +323,7 @@ def test_select_errors_name_the_problem():
 def test_select_before_first_index_is_labels_plus_random(caplog):
     s = build_sampler("exact", 1000, 16, seed=3)
     y = torch.tensor([5, 6, 7, 5])
-    with caplog.at_level(logging.INFO, logger="hfsoftmax.samplers.base"):
+    with caplog.at_level(logging.INFO, logger="hfsoftmax.samplers.selector"):
         ids, remapped = s.select(torch.randn(4, 16), y, 40)
     assert "no index yet" in caplog.text
     assert ids[:3].tolist() == [5, 6, 7] and len(set(ids.tolist())) == 40
@@ -354,8 +354,8 @@ def test_mips_augmentation_preserves_inner_product_order():
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((300, 12)).astype(np.float32) * rng.uniform(0.2, 3, (300, 1))
     s = build_sampler("exact", 300, 12, metric="ip")
-    from hfsoftmax.samplers.base import ClassSampler
-    aug = ClassSampler(300, 12, metric="ip", mips="augment")
+    from hfsoftmax.samplers.index import Index
+    aug = Index(300, 12, metric="ip", mips="augment")
     r, q = aug.prepare_rows(rows), aug.prepare_queries(rng.standard_normal((20, 12)).astype("f4"))
     assert r.shape == (300, 13) and np.allclose(np.linalg.norm(r, axis=1), 1, atol=1e-5)
     x = q[:, :12]

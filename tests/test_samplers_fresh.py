@@ -87,7 +87,7 @@ def test_moved_rows_are_found_through_fresh_rows(backend, opts, metric, process)
         fresh.note_rows(moved, cur[moved], step=1)
         x = rng.standard_normal((16, D)).astype(np.float32)
         true = true_topk(x, cur, 10, metric)
-        got = fresh._neighbours(fresh._index, x, 10)
+        got = fresh.neighbours(x, 10)
         r_fresh, r_stale = recall(true, got), recall(true, stale.query(x, 10))
         assert r_fresh >= 0.97, (r_fresh, r_stale)
         assert r_stale < 0.9  # measured 0.0-0.02 (ip), 0.79-0.85 (cosine)
@@ -100,7 +100,7 @@ def test_moved_rows_are_found_through_fresh_rows(backend, opts, metric, process)
         assert n_near > 10
         near = set(ids[16:16 + n_near].tolist())
         k = fresh.neighbour_oversample * 20 / 16
-        assert near <= set(fresh._neighbours(fresh._index, x, int(np.ceil(k)) + 1)
+        assert near <= set(fresh.neighbours(x, int(np.ceil(k)) + 1)
                            .reshape(-1).tolist())
     finally:
         fresh.close()

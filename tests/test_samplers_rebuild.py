@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from hfsoftmax.samplers import build_sampler
-from hfsoftmax.samplers.exact import ExactSampler
+from hfsoftmax.samplers import ClassSampler, build_sampler
+from hfsoftmax.samplers.exact import ExactIndex
 
 torch.set_num_threads(1)
 N, D = 2000, 16
 
 
-class GatedExact(ExactSampler):
-    """An exact sampler whose build blocks until ``release`` is set."""
+class GatedExactIndex(ExactIndex):
+    """An exact index whose build blocks until ``release`` is set."""
 
     name = "gated-exact"
 
@@ -29,13 +29,23 @@ class GatedExact(ExactSampler):
         self.release = threading.Event()
         self.build_finished = threading.Event()
 
-    def _build_index(self, rows):
+    def build(self, rows):
         self.build_started.set()
         if not self.release.wait(timeout=60):
             raise TimeoutError("test never released the build")
-        index = super()._build_index(rows)
+        index = super().build(rows)
         self.build_finished.set()
         return index
+
+
+class GatedExact(ClassSampler):
+    """An exact sampler whose build blocks until ``release`` is set."""
+
+    def __init__(self, num_classes, dim, metric="ip", **policy):
+        gate = GatedExactIndex(num_classes, dim, metric=metric)
+        super().__init__(num_classes, dim, metric=metric, index=gate, **policy)
+        self.build_started, self.release = gate.build_started, gate.release
+        self.build_finished = gate.build_finished
 
 
 def rows_of(seed):
@@ -96,7 +106,7 @@ def test_failed_background_rebuild_surfaces_on_the_training_thread():
         raise OSError("row store unreachable")
 
     assert s.maybe_rebuild(0, broken)
-    s._thread.join(30)
+    s.index.join(30)
     with pytest.raises(RuntimeError, match="background index rebuild failed.*unreachable"):
         s.maybe_rebuild(1, broken)
 

@@ -371,7 +371,7 @@ def test_index_threads_reach_the_index_process(tiny_rec, monkeypatch):
     hf = ["--sampled", "--sampler", "faiss", "--sample-num", "24", "--index-threads", "1"]
     head, _ = build(["--train-rec", str(tiny_rec), *TINY, *hf, "--sampler-process"])
     try:
-        with open(f"/proc/{head.sampler._proc.pid}/environ", "rb") as f:
+        with open(f"/proc/{head.sampler.pid}/environ", "rb") as f:
             env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
         assert env.get(b"OMP_NUM_THREADS") == b"1", env.get(b"OMP_NUM_THREADS")
     finally:

@@ -2,22 +2,28 @@
 
 Backends (``build_sampler(name, ...)``): ``annoy`` (the paper's hashing forest, default),
 ``hnsw`` (hnswlib), ``faiss`` (IVF-Flat, or HNSW), ``exact`` (chunked torch matmul + top-k)
-and ``random`` (Partial FC's uniform negatives). See ``base.py`` for the interface, the
-metric handling and the background rebuild, ``selection.py`` for the rule, and
-``README.md`` in this folder for the measured recall and speed. ``process=True`` runs the
-index in its own process (``process.py``).
+and ``random`` (Partial FC's uniform negatives). The pieces: ``index.py`` (what a backend
+implements: metric preparation, build, search), ``handle.py`` (the index kept in this
+process, rebuilt in the background and swapped atomically), ``process.py`` (the same handle
+proxied to an index process), ``selector.py`` (the sampler: rebuild policy, fresh rows, the
+selection rule of ``selection.py``, telemetry). ``README.md`` in this folder has the
+measured recall and speed.
 
 >>> from hfsoftmax.samplers import build_sampler
 >>> sampler = build_sampler("annoy", num_classes, dim, metric="cosine", interval=100)
 >>> sampler.maybe_rebuild(step, rowstore.read_all)
 >>> class_ids, remapped_labels = sampler.select(features, labels, sample_num=1000)
 """
-from .base import METRICS, ClassSampler
-from .registry import DEFAULT_SAMPLER, build_sampler, list_samplers, register_sampler
-from .process import IndexProcessError, NpyRowSource, ProcessSampler
+from .handle import IndexHandle, IndexStatus
+from .index import METRICS, Index
+from .process import IndexProcessError, NpyRowSource, ProcessIndexHandle, ProcessSampler
+from .registry import (DEFAULT_SAMPLER, build_index, build_sampler, index_backends,
+                       list_samplers, register_sampler)
 from .selection import select_classes
+from .selector import ClassSampler
 from .telemetry import recall_of_true_topk
 
 __all__ = ["ClassSampler", "METRICS", "DEFAULT_SAMPLER", "build_sampler", "list_samplers",
            "register_sampler", "select_classes", "recall_of_true_topk", "ProcessSampler",
-           "NpyRowSource", "IndexProcessError"]
+           "NpyRowSource", "IndexProcessError", "Index", "IndexHandle", "IndexStatus",
+           "ProcessIndexHandle", "build_index", "index_backends"]

@@ -1,6 +1,6 @@
 """Build an Annoy forest from a .npy file of prepared rows, in a separate process.
 
-Run by ``AnnoySampler`` (``python -I _annoy_build.py ROWS.npy OUT.ann METRIC NTREES SEED
+Run by ``AnnoyForest`` (``python -I _annoy_build.py ROWS.npy OUT.ann METRIC NTREES SEED
 N_JOBS``): Annoy's build needs one ``add_item`` call per row, a Python loop that would hold
 the trainer's GIL for the whole add phase if run on a thread. In a child process the trainer
 only waits on a pipe. Imports numpy and annoy only.

@@ -23,12 +23,12 @@ import tempfile
 
 import numpy as np
 
-from .base import ClassSampler
+from .index import Index
 
-__all__ = ["AnnoySampler"]
+__all__ = ["AnnoyForest"]
 
 
-class AnnoySampler(ClassSampler):
+class AnnoyForest(Index):
     """Options: ``ntrees`` (50, the paper's forest), ``search_k`` (nodes inspected per
     query; 3000: recall@10 >= 0.9 on the clustered test set, see README), ``n_jobs``
     (build threads, -1: all cores), ``subprocess_build`` (True), ``tmp_dir`` (where the
@@ -54,7 +54,7 @@ class AnnoySampler(ClassSampler):
         """Annoy's metric name for this sampler's index."""
         return "dot" if self.index_metric == "ip" else "angular"
 
-    def _build_index(self, rows: np.ndarray):
+    def build(self, rows: np.ndarray):
         from annoy import AnnoyIndex
         if self.subprocess_build:
             return self._build_in_child(rows)
@@ -88,12 +88,12 @@ class AnnoySampler(ClassSampler):
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _search(self, index, queries: np.ndarray, k: int) -> np.ndarray:
+    def search(self, index, queries: np.ndarray, k: int) -> np.ndarray:
         get = index.get_nns_by_vector
         sk = self.search_k
         return _padded([get(q, k, sk) for q in queries.tolist()], k, -1, np.int64)
 
-    def _search_scored(self, index, queries: np.ndarray, k: int):
+    def search_scored(self, index, queries: np.ndarray, k: int):
         get = index.get_nns_by_vector
         sk = self.search_k
         res = [get(q, k, sk, True) for q in queries.tolist()]

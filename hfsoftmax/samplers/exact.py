@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import ClassSampler
+from .index import Index
 
-__all__ = ["ExactSampler", "chunked_topk"]
+__all__ = ["ExactIndex", "chunked_topk"]
 
 
 def chunked_topk(queries, rows, k: int, chunk_rows: int = 65536):
@@ -37,11 +37,12 @@ def chunked_topk(queries, rows, k: int, chunk_rows: int = 65536):
     return best_s, best_i
 
 
-class ExactSampler(ClassSampler):
-    """Exact search (torch, CPU). Options: ``chunk_rows`` (default 65536)."""
+class ExactIndex(Index):
+    """Exact search (torch, CPU); the built index is a copy of the prepared rows as a
+    tensor. Options: ``chunk_rows`` (default 65536)."""
 
     name = "exact"
-    angular_index = False  # raw inner products; cosine normalises rows and queries
+    angular = False  # raw inner products; cosine normalises rows and queries
 
     def __init__(self, num_classes, dim, *, chunk_rows: int = 65536, **kwargs):
         super().__init__(num_classes, dim, **kwargs)
@@ -49,15 +50,17 @@ class ExactSampler(ClassSampler):
             raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
         self.chunk_rows = int(chunk_rows)
 
-    def _build_index(self, rows: np.ndarray):
+    def build(self, rows: np.ndarray):
         import torch
         return torch.from_numpy(np.array(rows, dtype=np.float32, copy=True))
 
-    def _search(self, index, queries: np.ndarray, k: int) -> np.ndarray:
-        return self._search_scored(index, queries, k)[0]
-
-    def _search_scored(self, index, queries: np.ndarray, k: int):
+    def search_scored(self, built, queries: np.ndarray, k: int):
         import torch
         with torch.no_grad():
-            scores, ids = chunked_topk(torch.from_numpy(queries), index, k, self.chunk_rows)
+            scores, ids = chunked_topk(torch.from_numpy(queries), built, k, self.chunk_rows)
         return ids.numpy().astype(np.int64, copy=False), scores.numpy().astype(np.float32)
+
+    def limit_threads(self, threads: int) -> None:
+        """torch keeps its own thread count (besides ``OMP_NUM_THREADS``)."""
+        import torch
+        torch.set_num_threads(int(threads))

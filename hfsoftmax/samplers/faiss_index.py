@@ -2,7 +2,7 @@
 
 IVF-Flat (Jegou et al., TPAMI 2011): k-means into ``nlist ~ sqrt(N)`` cells, a query scans
 the ``nprobe`` nearest cells exhaustively. faiss releases the GIL in train/add/search.
-Both metrics use ``METRIC_INNER_PRODUCT`` (cosine: on unit vectors, see ``base.py``).
+Both metrics use ``METRIC_INNER_PRODUCT`` (cosine: on unit vectors, see ``index.py``).
 """
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import math
 
 import numpy as np
 
-from .base import ClassSampler
+from .index import Index
 
-__all__ = ["FaissSampler"]
+__all__ = ["FaissIndex"]
 
 INDEX_TYPES = ("ivf", "hnsw")
 
 
-class FaissSampler(ClassSampler):
+class FaissIndex(Index):
     """Options: ``index_type`` ("ivf" or "hnsw"); IVF: ``nlist`` (default round(sqrt(N))),
     ``nprobe`` (8); HNSW: ``M`` (16), ``ef_construction`` (100), ``ef`` (64);
     ``num_threads`` (None: faiss' default; note faiss' OpenMP setting is process-wide)."""
@@ -43,7 +43,7 @@ class FaissSampler(ClassSampler):
         if num_threads is not None:
             faiss.omp_set_num_threads(int(num_threads))
 
-    def _build_index(self, rows: np.ndarray):
+    def build(self, rows: np.ndarray):
         import faiss
         d = rows.shape[1]
         if self.index_type == "hnsw":
@@ -60,10 +60,7 @@ class FaissSampler(ClassSampler):
         index.nprobe = self.nprobe
         return index, quantizer  # keep the quantizer alive as long as the index
 
-    def _search(self, index, queries: np.ndarray, k: int) -> np.ndarray:
-        return self._search_scored(index, queries, k)[0]
-
-    def _search_scored(self, index, queries: np.ndarray, k: int):
+    def search_scored(self, index, queries: np.ndarray, k: int):
         index = index[0]
         if self.index_type == "hnsw" and index.hnsw.efSearch < k:
             index.hnsw.efSearch = k

@@ -15,7 +15,7 @@ Rows kept before the current index's snapshot step are dropped (the index holds 
 Measured on the synthetic accuracy benchmark (``benchmarks/accuracy.py``): see
 ``benchmarks/ACCURACY.md``. The cost is one ``(B, D) x (D, n_fresh)`` product and its top-k
 per step (on the features' device: :meth:`FreshRows.to`); when ``capacity`` rows are kept
-the sampler rebuilds its index early (``ClassSampler.maybe_rebuild``).
+the sampler rebuilds its index early (``ClassSampler.maybe_rebuild``, ``selector.py``).
 """
 from __future__ import annotations
 

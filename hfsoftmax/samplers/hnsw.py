@@ -1,7 +1,7 @@
 """hnswlib graph index (Malkov & Yashunin, HNSW, TPAMI 2018) over the class rows.
 
 Batch queries in C++ with ``num_threads``; the build (``add_items``) releases the GIL, so a
-background rebuild does not stall training. Rows are prepared in ``base.py``; the
+background rebuild does not stall training. Rows are prepared in ``index.py``; the
 graph uses hnswlib's ``ip`` space for both metrics (cosine: on unit vectors, avoiding
 hnswlib's internal normalising copy).
 """
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import ClassSampler
+from .index import Index
 
-__all__ = ["HnswSampler"]
+__all__ = ["HnswIndex"]
 
 
-class HnswSampler(ClassSampler):
+class HnswIndex(Index):
     """Options: ``M`` (16), ``ef_construction`` (100), ``ef`` (64, raised to k when needed),
     ``num_threads`` (-1: all cores, for build and queries)."""
 
@@ -30,7 +30,7 @@ class HnswSampler(ClassSampler):
         self.M, self.ef_construction, self.ef = int(M), int(ef_construction), int(ef)
         self.num_threads = int(num_threads)
 
-    def _build_index(self, rows: np.ndarray):
+    def build(self, rows: np.ndarray):
         import hnswlib
         index = hnswlib.Index(space="ip", dim=rows.shape[1])
         index.init_index(max_elements=rows.shape[0], ef_construction=self.ef_construction,
@@ -39,10 +39,8 @@ class HnswSampler(ClassSampler):
         index.set_ef(self.ef)
         return index
 
-    def _search(self, index, queries: np.ndarray, k: int) -> np.ndarray:
-        return self._search_scored(index, queries, k)[0]  # knn_query computes both anyway
-
-    def _search_scored(self, index, queries: np.ndarray, k: int):
+    def search_scored(self, index, queries: np.ndarray, k: int):
+        # search() takes the ids from here: knn_query computes both anyway
         if index.ef < k:  # the graph search list must hold at least k results
             index.set_ef(k)
         ids, dist = index.knn_query(queries, k=k, num_threads=self.num_threads)

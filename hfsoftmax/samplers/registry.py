@@ -1,17 +1,27 @@
 """A small registry of class samplers (as torchvision's ``models/_api.py``).
 
-Backends with optional dependencies register a factory that imports their module (and the
-library) only when built, so ``import hfsoftmax.samplers`` never imports annoy/hnswlib/faiss.
+Two tables: the samplers :func:`build_sampler` makes (``register_sampler``), and the index
+backends among them (annoy, hnsw, faiss, exact), which :func:`build_index` makes on their own
+for an index process. Backends with optional dependencies register a factory that imports
+their module (and the library) only when built, so ``import hfsoftmax.samplers`` never
+imports annoy/hnswlib/faiss.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Callable
 
-__all__ = ["register_sampler", "build_sampler", "list_samplers", "DEFAULT_SAMPLER"]
+__all__ = ["register_sampler", "build_sampler", "list_samplers", "build_index",
+           "index_backends", "DEFAULT_SAMPLER", "POLICY_OPTIONS", "PROCESS_OPTIONS"]
 
 DEFAULT_SAMPLER = "annoy"  # the paper's hashing forest
+#: options of the sampler itself (the selector), not of its index backend
+POLICY_OPTIONS = ("interval", "background", "neighbour_oversample", "random_share",
+                  "fresh_rows")
+#: options of an index process (``process=True``), not of its backend
+PROCESS_OPTIONS = ("row_source", "threads", "timeout_s", "start_timeout_s", "tmp_dir")
 _SAMPLERS: dict[str, Callable] = {}
+_INDEXES: dict[str, Callable] = {}
 
 
 def register_sampler(name: str, factory: Callable | None = None):
@@ -32,13 +42,31 @@ def list_samplers() -> list[str]:
     return sorted(_SAMPLERS)
 
 
+def index_backends() -> list[str]:
+    """Names of the samplers that select by an index (those ``process=True`` can move to an
+    index process), sorted."""
+    return sorted(_INDEXES)
+
+
+def build_index(name: str, num_classes: int, dim: int, **opts):
+    """The :class:`~hfsoftmax.samplers.index.Index` backend ``name`` (``metric``, ``mips``,
+    ``seed`` and the backend's own options); what an index process serves."""
+    try:
+        factory = _INDEXES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"Unknown index backend {name!r}. Valid: "
+                         f"{', '.join(index_backends())}") from None
+    return factory(num_classes, dim, **opts)
+
+
 def build_sampler(name: str, num_classes: int, dim: int, *, metric: str = "ip", seed: int = 0,
                   process: bool = False, **backend_opts):
     """Build the class sampler ``name`` (``annoy``, ``hnsw``, ``faiss``, ``exact``, ``random``).
 
     ``metric`` must match the head's logits: ``"ip"`` for the linear head, ``"cosine"`` for
     the margin heads. Common options: ``interval`` (rebuild period in steps),
-    ``background``; backend options are documented on each class.
+    ``background``, ``random_share``, ``fresh_rows``; backend options are documented on
+    each backend's class (an unknown one raises TypeError).
 
     ``process=True`` runs the index in its own process
     (:class:`~hfsoftmax.samplers.process.ProcessSampler`: the trainer then never holds the
@@ -56,7 +84,7 @@ def build_sampler(name: str, num_classes: int, dim: int, *, metric: str = "ip", 
         from .process import ProcessSampler
         return ProcessSampler(name, num_classes, dim, metric=metric, seed=seed, **backend_opts)
     if process:  # no index to move: drop the process-only options
-        for key in ("row_source", "threads", "timeout_s", "start_timeout_s", "tmp_dir"):
+        for key in PROCESS_OPTIONS:
             backend_opts.pop(key, None)
     return factory(num_classes, dim, metric=metric, seed=seed, **backend_opts)
 
@@ -75,8 +103,23 @@ def _lazy(module: str, cls: str, package: str, pip_name: str) -> Callable:
     return factory
 
 
-register_sampler("exact", _lazy(".exact", "ExactSampler", "torch", "torch"))
+def _register_index(name: str, module: str, cls: str, package: str, pip_name: str) -> None:
+    """Register the index backend ``cls`` and the sampler selecting by it in this process."""
+    make_index = _lazy(module, cls, package, pip_name)
+    _INDEXES[name] = make_index
+
+    def factory(num_classes, dim, *, metric="ip", seed=0, **opts):
+        from .selector import ClassSampler, check_policy
+        policy = {k: opts.pop(k) for k in POLICY_OPTIONS if k in opts}
+        check_policy(**policy)  # before the backend imports its library
+        index = make_index(num_classes, dim, metric=metric, seed=seed, **opts)
+        return ClassSampler(num_classes, dim, metric=metric, seed=seed, index=index, **policy)
+    factory.__name__ = f"build_{name}_sampler"
+    register_sampler(name, factory)
+
+
+_register_index("exact", ".exact", "ExactIndex", "torch", "torch")
+_register_index("annoy", ".annoy_forest", "AnnoyForest", "annoy", "annoy")
+_register_index("hnsw", ".hnsw", "HnswIndex", "hnswlib", "hnswlib")
+_register_index("faiss", ".faiss_index", "FaissIndex", "faiss", "faiss-cpu")
 register_sampler("random", _lazy(".uniform", "RandomSampler", "numpy", "numpy"))
-register_sampler("annoy", _lazy(".annoy_forest", "AnnoySampler", "annoy", "annoy"))
-register_sampler("hnsw", _lazy(".hnsw", "HnswSampler", "hnswlib", "hnswlib"))
-register_sampler("faiss", _lazy(".faiss_index", "FaissSampler", "faiss", "faiss-cpu"))

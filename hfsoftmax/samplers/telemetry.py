@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import _normalize, to_numpy_features
+from .index import normalize, to_numpy_features
 from .selection import check_labels
 
 __all__ = ["recall_of_true_topk"]
@@ -29,7 +29,7 @@ def recall_of_true_topk(features, rows, selected_ids, k: int = 10, *, metric: st
     if metric not in ("ip", "cosine"):
         raise ValueError(f"Unknown metric {metric!r}. Valid metrics: ip, cosine")
     if metric == "cosine":
-        x, w = _normalize(x), _normalize(w)
+        x, w = normalize(x), normalize(w)
     sel = selected_ids.detach().cpu().numpy() if isinstance(selected_ids, torch.Tensor) \
         else np.asarray(selected_ids)
     kk = k + 1 if labels is not None else k
