@@ -1,8 +1,8 @@
 """The trainer's settings: every flag, its default and its help text, in this one place.
 
 Precedence, lowest first: the defaults below < the ``args`` stored in the checkpoint given
-to ``--resume`` < a YAML file given to ``--config`` (keys are flag names, with ``-`` or
-``_``) < flags on the command line. ``--help`` is the documentation of every setting.
+to ``--resume`` < the YAML files given to ``--config``, in order (keys are flag names, with
+``-`` or ``_``) < flags on the command line. ``--help`` is the documentation of every setting.
 
 A checkpoint gives back what shapes and trains the model; never where the run writes, which
 server it talks to or how this machine runs it (:data:`RUNTIME`: ``--save-path``, ``--ps``,
@@ -152,8 +152,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if first.resume:
         stored = _stored_args(first.resume, dests)
         layered.update(stored)
-    if first.config:
-        layered.update(_load_yaml(first.config, dests))
+    for path in first.config or ():
+        layered.update(_load_yaml(path, dests))
     parser.set_defaults(**layered)
     args = parser.parse_args(argv)
     if stored:

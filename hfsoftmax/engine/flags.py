@@ -106,9 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "`python -m hfsoftmax.train ...`; several: `torchrun --nproc_per_node N "
                     "-m hfsoftmax.train ...`.",
         formatter_class=_HelpFormatter)
-    p.add_argument("--config", metavar="YAML", default=None,
-                   help="YAML file of settings (keys: flag names); command-line flags override "
-                        "it")
+    p.add_argument("--config", metavar="YAML", nargs="+", default=None,
+                   help="YAML file(s) of settings (keys: flag names); a later file overrides "
+                        "an earlier one, command-line flags override them all")
 
     g = p.add_argument_group("data")
     g.add_argument("--train-rec", metavar="DIR", default=None,
