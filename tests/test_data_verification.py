@@ -178,3 +178,4 @@ def test_size_model_covers_every_pickle_opcode():
              | set(v._INTO) | set(v._CONTAINER) | set(v._CALL)
              | {"DUP", "MEMOIZE", "MARK", "POP", "POP_MARK"})
     assert {op.name for op in pickletools.opcodes} <= known
+

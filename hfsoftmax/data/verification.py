@@ -89,6 +89,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 # existing object _REF, except that a reference to a str/bytes is charged as a copy (_OBJ +
 # its length): whoever decodes bins[i] decodes every reference separately.
 _OBJ, _REF = 64, 8
+# a container's size is what it holds (for a call on it); capped, as a GET of a container
+# is cheap, so sizes could double per nested TUPLE2 and grow into huge integers
+_SIZE_CAP = 1 << 62
 _NEW_LEAF = frozenset({"STRING", "BINSTRING", "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES",
                        "BINBYTES8", "BYTEARRAY8", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
                        "BINUNICODE8"})
@@ -184,10 +187,10 @@ def check_pickle_size(data: bytes, source: str = "<bytes>") -> int:
                     raise ValueError(f"{name} with no container below")
             elif name in _CONTAINER:
                 items = pop(_CONTAINER[name])
-                stack.append((False, sum(size for _, size in items)))
+                stack.append((False, min(_SIZE_CAP, sum(size for _, size in items))))
                 total += _OBJ
             elif name in _CALL:
-                size = sum(s for _, s in pop(_CALL[name]))
+                size = min(_SIZE_CAP, sum(s for _, s in pop(_CALL[name])))
                 stack.append((True, size))
                 total += _OBJ + size
             elif name not in _NOOP:
@@ -195,13 +198,14 @@ def check_pickle_size(data: bytes, source: str = "<bytes>") -> int:
             bound = MAX_AMPLIFICATION * f.tell() + SIZE_SLACK
             if total > bound:
                 raise _TooLarge(f"{source}: refused: loading this {len(data)}-byte pickle "
-                                f"would build at least {total} bytes by byte {f.tell()} (a "
-                                "memo reference to a byte string counted as a copy), over the "
-                                f"bound of {bound} bytes ({MAX_AMPLIFICATION} x the bytes read"
-                                f" + {SIZE_SLACK}); a genuine verification .bin stores each "
-                                "image once, this one repeats objects through pickle memo "
-                                "references to inflate when loaded (re-save it with "
-                                "hfsoftmax.data.verification.dump_bin)")
+                                f"would build at least {total} bytes by byte {f.tell()} (each "
+                                f"new object counted as {_OBJ} bytes, each memo reference to a"
+                                " byte string as a copy), over the bound of "
+                                f"{bound} bytes ({MAX_AMPLIFICATION} x the bytes read + "
+                                f"{SIZE_SLACK}); a genuine verification .bin stores each image "
+                                "once, this one repeats objects through pickle memo references"
+                                " or builds many tiny ones, to inflate when loaded (re-save it "
+                                "with hfsoftmax.data.verification.dump_bin)")
     except _TooLarge:
         raise
     except Exception as e:  # noqa: BLE001 - genops' and the model's complaints: a bad pickle
