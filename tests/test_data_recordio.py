@@ -291,3 +291,91 @@ def test_dataloader_workers_read_same_data(shared_fixtures, context):
     xs, ys = zip(*loader)
     assert torch.equal(torch.cat(xs), ref)
     assert torch.cat(ys).tolist() == ds.labels().tolist()
+
+
+# -- 5. claimed sizes are checked against the files before anything of that size is built -----
+
+def small_identity_set(folder, labels, num_classes, header=None):
+    """Record 0 + one JPEG image per label + one identity record per class, by hand."""
+    img = encode(np.zeros((8, 8, 3), np.uint8), "JPEG")
+    n, ids = len(labels), sorted(set(labels))
+    recs = [(0, spec_record(2, 0.0, 0, b"", header or (n + 1.0, n + 1.0 + len(ids))))]
+    recs += [(k + 1, spec_record(0, float(lab), k + 1, img)) for k, lab in enumerate(labels)]
+    recs += [(n + 1 + j, spec_record(2, 0.0, 0, b"", (1.0, 2.0))) for j in range(len(ids))]
+    write_spec_rec(folder, recs, num_classes)
+    return folder
+
+
+def test_record0_claiming_3e8_images_is_refused_without_allocating(tmp_path):
+    import tracemalloc
+
+    d = small_identity_set(tmp_path / "ds", [0, 0, 1], 2, header=(3e8, 3e8 + 2))
+    assert (d / "train.rec").stat().st_size < 3000
+    tracemalloc.start()
+    try:
+        with pytest.raises(RecordIOError) as info:
+            InsightFaceRecDataset(d)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    msg = str(info.value)
+    assert "record 0 of" in msg and "train.rec" in msg
+    assert "claims 299999999 images" in msg and "lists only 6 keys" in msg
+    assert peak < 8 << 20  # no list of 3e8 keys (that would be > 2 GB)
+    # identities are bounded by the .rec's size even when the images are all there
+    d2 = small_identity_set(tmp_path / "ids", [0, 0, 1], 2, header=(4.0, 3e8))
+    with pytest.raises(RecordIOError, match=r"claims 3 images and 299999996 identities, which "
+                                            r"take at least \d+ bytes .* but the \.rec has"):
+        InsightFaceRecDataset(d2)
+    d3 = small_identity_set(tmp_path / "inf", [0], 1, header=(2.0, float("inf")))
+    with pytest.raises(RecordIOError, match=r"identity range \[2.0, inf\) is invalid"):
+        InsightFaceRecDataset(d3)
+
+
+def test_index_longer_than_the_rec_can_hold_is_refused(tmp_path):
+    d = small_identity_set(tmp_path / "ds", [0, 1], 2)
+    rec_size = (d / "train.rec").stat().st_size
+    cap = rec_size // 8
+    lines = "".join(f"{k}\t0\n" for k in range(cap + 1))
+    (d / "train.idx").write_text(lines)
+    with pytest.raises(RecordIOError, match=rf"more than {cap} keys, but a {rec_size}-byte "
+                                            r"\.rec holds at most"):
+        RecordIOReader(d / "train.rec", d / "train.idx")
+    (d / "train.idx").write_text("0\t0" + " " * (64 * (cap + 2)) + "\n")
+    with pytest.raises(RecordIOError, match=r"too large for the index of a \d+-byte \.rec"):
+        RecordIOReader(d / "train.rec", d / "train.idx")
+
+
+def test_property_class_count_is_bounded(tmp_path, rec_copy):
+    from hfsoftmax.data.insightface import read_property
+
+    (rec_copy / "property").write_text("100000000000000,112,112")
+    with pytest.raises(ValueError, match=r"property: num_classes 100000000000000 is above the "
+                                         r"cap of 2147483648"):
+        InsightFaceRecDataset(rec_copy)
+    (rec_copy / "property").write_text(f"{2 ** 31},112,112")  # the cap itself is allowed
+    assert InsightFaceRecDataset(rec_copy).num_classes == 2 ** 31
+    (tmp_path / "p").write_text("10,112,99999999")
+    with pytest.raises(ValueError, match=r"image size 112x99999999 is above 65535"):
+        read_property(tmp_path / "p")
+
+
+def test_property_below_the_largest_label_is_refused(tmp_path):
+    d = small_identity_set(tmp_path / "ds", [0, 1, 2, 2], num_classes=2)
+    with pytest.raises(ValueError, match=r"property: num_classes 2 is not above the largest "
+                                         r"label 2 \(record 4, the last image of .*train\.rec\)"
+                                         r".*at least 3 classes"):
+        InsightFaceRecDataset(d)
+    (d / "property").write_text("3,112,112")
+    assert len(InsightFaceRecDataset(d)) == 4
+    (d / "property").write_text("1000,112,112")  # more classes than images is fine
+    assert InsightFaceRecDataset(d).num_classes == 1000
+
+
+def test_huge_label_in_a_set_without_property_names_the_record(tmp_path):
+    img = encode(np.zeros((8, 8, 3), np.uint8), "JPEG")
+    write_spec_rec(tmp_path / "ds", [(0, spec_record(0, 0.0, 0, img)),
+                                     (1, spec_record(0, 3e38, 1, img))], num_classes=1)
+    (tmp_path / "ds" / "property").unlink()
+    with pytest.raises(RecordIOError, match=r"record 1 .*label 3\.\d+e\+38 is not a class id"):
+        InsightFaceRecDataset(tmp_path / "ds")

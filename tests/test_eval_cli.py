@@ -23,6 +23,7 @@ from hfsoftmax.data.verification import decode_pairs, load_bin
 from hfsoftmax.eval import KNOWN_BINS, evaluate_model, find_bins, main
 from hfsoftmax.extract import load_verification_set
 from hfsoftmax.models import build_backbone
+from tests.bin_utils import memo_bomb
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH, DIM = "convnet-s", 16
@@ -203,3 +204,17 @@ def test_evaluate_model_for_the_trainer(dataset_dir, trained_ckpt, tmp_path):
         evaluate_model(model, [dataset_dir / "synthetic.bin", sets[0]])
     with pytest.raises(ValueError, match="no verification sets"):
         evaluate_model(model, [])
+
+
+def test_cli_refuses_memo_amplified_bin_in_one_line(trained_ckpt, tmp_path):
+    # one 100 KiB image stored once and referenced 30,000 times through the pickle memo: a
+    # 200 KB file that would decode to 3 GB; refused before decoding, exit 2, one line
+    bomb = tmp_path / "lfw.bin"
+    bomb.write_bytes(memo_bomb(100 << 10, 30000))
+    r = subprocess.run([sys.executable, "-m", "hfsoftmax.eval", "--load-path", str(trained_ckpt),
+                        "--bins", str(bomb), "--out-dir", str(tmp_path / "o")],
+                       env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr
+    assert str(bomb) in errors[0] and "refused" in errors[0] and "bound" in errors[0]

@@ -149,3 +149,110 @@ def test_split_train_val_tool(tmp_path):
     r = subprocess.run(cmd[:3] + [str(tmp_path / "bad.lst"), "--val-ratio", "0.1"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "bad.lst:2" in r.stderr
+
+
+# -- the manifest: what a folder was extracted from ------------------------------------------
+
+def make_rec(folder, labels, seed):
+    """A small InsightFace set of JPEGs (one per label, keys 1..n) with identity records."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    n, ids = len(labels), sorted(set(labels))
+    images = {}
+    with RecordIOWriter(folder / "train.rec", folder / "train.idx") as w:
+        w.write_idx(0, pack(IRHeader(2, [n + 1, n + 1 + len(ids)], 0, 0), b""))
+        for key, lab in enumerate(labels, 1):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(
+                buf, format="JPEG", quality=90)
+            images[f"{lab}/{key}.jpg"] = buf.getvalue()
+            w.write_idx(key, pack(IRHeader(0, float(lab), key, 0), buf.getvalue()))
+        for j, c in enumerate(ids):
+            w.write_idx(n + 1 + j, pack(IRHeader(2, [1, 2], 0, 0), b""))
+    (folder / "property").write_text(f"{len(ids)},112,112")
+    return images
+
+
+def files_under(out):
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*.jpg")}
+
+
+def test_another_source_is_refused_unless_overwrite(shared_fixtures, tmp_path):
+    a = shared_fixtures / "insightface-rec"
+    b = tmp_path / "b"
+    b_images = make_rec(b, [0, 0, 1], seed=3)  # 0/1.jpg and 0/2.jpg collide with a's names
+    out = tmp_path / "out"
+    assert rec2img("--in-folder", a, "--out-folder", out).returncode == 0
+    man = json.loads((out / "rec2img.json").read_text())
+    assert man["complete"] is True and man["source"]["rec"] == str(a / "train.rec")
+    assert man["source"]["size"] == (a / "train.rec").stat().st_size
+    assert man["source"]["mtime_ns"] == (a / "train.rec").stat().st_mtime_ns
+    assert len(man["source"]["fingerprint"]) == 64 and man["counts"]["written"] == 42
+    before = files_under(out)
+    assert len(before) == 42
+    r = rec2img("--in-folder", b, "--out-folder", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(a / "train.rec") in r.stderr and str(b / "train.rec") in r.stderr
+    assert "--overwrite" in r.stderr
+    assert files_under(out) == before  # nothing touched
+    assert json.loads((out / "rec2img.json").read_text()) == man
+    # an interrupted extraction of a is another source's too
+    (out / "rec2img.json").write_text(json.dumps(dict(man, complete=False)))
+    assert rec2img("--in-folder", b, "--out-folder", out).returncode == 2
+    # --overwrite: a's extraction is deleted, b's is all there is (other files are kept)
+    (out / "notes.txt").write_text("mine")
+    r = rec2img("--in-folder", b, "--out-folder", out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert "3 written, 0 already complete" in r.stderr
+    assert files_under(out) == b_images
+    assert sorted(p.name for p in out.iterdir()) == ["0", "1", "notes.txt", "rec2img.json",
+                                                    "train.lst", "val.lst"]
+    assert sorted(read_list(out / "train.lst")) == [("0/1.jpg", 0), ("0/2.jpg", 0),
+                                                    ("1/3.jpg", 1)]
+    man_b = json.loads((out / "rec2img.json").read_text())
+    assert man_b["source"]["rec"] == str(b / "train.rec") and man_b["complete"] is True
+
+
+def test_same_source_again_is_a_no_op(shared_fixtures, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(shared_fixtures / "insightface-rec", src)
+    out = tmp_path / "out"
+    assert rec2img("--in-folder", src, "--out-folder", out, "--val-ratio", "0.2").returncode == 0
+    val_02 = len(read_list(out / "val.lst"))
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    r = rec2img("--in-folder", src, "--out-folder", out, "--val-ratio", "0.2")
+    assert r.returncode == 0, r.stderr
+    assert "0 written, 42 already complete" in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+    # the same .rec moved elsewhere (same size and fingerprint) is the same source
+    moved = tmp_path / "moved"
+    src.rename(moved)
+    r = rec2img("--in-folder", moved, "--out-folder", out, "--val-ratio", "0.2")
+    assert r.returncode == 0 and "0 written, 42 already complete" in r.stderr
+    # other options: the images are kept, the lists and the manifest follow the options
+    r = rec2img("--in-folder", moved, "--out-folder", out, "--val-ratio", "0.5")
+    assert r.returncode == 0 and "0 written, 42 already complete" in r.stderr
+    assert json.loads((out / "rec2img.json").read_text())["options"]["val_ratio"] == 0.5
+    assert len(read_list(out / "val.lst")) > val_02 > 0
+
+
+def test_folder_without_manifest_is_redone(shared_fixtures, tmp_path):
+    # as an older rec2img left it after extracting another set: a file under one of this
+    # set's names, of the right size but other bytes, must not be taken as done
+    src = shared_fixtures / "insightface-rec"
+    out = tmp_path / "out"
+    assert rec2img("--in-folder", src, "--out-folder", out).returncode == 0
+    good = (out / "0" / "1.jpg").read_bytes()
+    (out / "rec2img.json").unlink()
+    (out / "0" / "1.jpg").write_bytes(bytes(len(good)))
+    r = rec2img("--in-folder", src, "--out-folder", out)
+    assert r.returncode == 0, r.stderr
+    assert "42 written, 0 already complete" in r.stderr and "no rec2img.json" in r.stderr
+    assert (out / "0" / "1.jpg").read_bytes() == good
+    assert json.loads((out / "rec2img.json").read_text())["complete"] is True
+    # an unreadable manifest: refused (exit 2) unless --overwrite
+    (out / "rec2img.json").write_text("{not json")
+    r = rec2img("--in-folder", src, "--out-folder", out)
+    assert r.returncode == 2 and "not a rec2img manifest" in r.stderr
+    r = rec2img("--in-folder", src, "--out-folder", out, "--overwrite")
+    assert r.returncode == 0 and "42 written" in r.stderr

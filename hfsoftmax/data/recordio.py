@@ -34,7 +34,7 @@ from typing import Iterator, NamedTuple, Sequence, Union
 import numpy as np
 
 __all__ = ["MAGIC", "IRHeader", "RecordIOError", "RecordIOReader", "RecordIOWriter", "pack",
-           "unpack", "read_index", "image_format"]
+           "unpack", "read_index", "image_format", "IR_SIZE", "MIN_RECORD"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,12 @@ _FRAME = struct.Struct("<II")
 _LEN_MASK = (1 << 29) - 1
 _IR = struct.Struct("<IfQQ")
 IR_SIZE = _IR.size  # 24
+#: Smallest record: the 8-byte frame header of an empty payload. A .rec of S bytes therefore
+#: holds at most S // 8 records, which bounds what its .idx may list before anything is built.
+MIN_RECORD = _FRAME.size
+#: Longest ``key<TAB>offset`` line accepted per record when bounding the .idx's size (MXNet
+#: writes ``%d\t%d\n``: at most 41 bytes).
+_MAX_IDX_LINE = 64
 
 
 class RecordIOError(ValueError):
@@ -105,8 +111,15 @@ def image_format(data: bytes) -> str | None:
     return None
 
 
-def read_index(idx_path: str | os.PathLike) -> tuple[list[int], dict[int, int]]:
-    """Parse a ``.idx`` file of ``key\\toffset`` lines -> (keys in file order, key->offset)."""
+def read_index(idx_path: str | os.PathLike, rec_size: int | None = None
+               ) -> tuple[list[int], dict[int, int]]:
+    """Parse a ``.idx`` file of ``key\\toffset`` lines -> (keys in file order, key->offset).
+
+    With ``rec_size`` (the .rec's size in bytes) the index may list at most
+    ``rec_size // MIN_RECORD`` keys, checked on the file's size before reading and on the
+    count while reading, so an index that does not belong to its .rec cannot make the reader
+    build millions of entries.
+    """
     keys: list[int] = []
     offsets: dict[int, int] = {}
     try:
@@ -114,7 +127,16 @@ def read_index(idx_path: str | os.PathLike) -> tuple[list[int], dict[int, int]]:
     except FileNotFoundError:
         raise FileNotFoundError(f"RecordIO index not found: {idx_path} (expected the .idx "
                                 "file written beside the .rec)") from None
+    max_keys = None if rec_size is None else rec_size // MIN_RECORD
     with f:
+        if max_keys is not None:
+            idx_size = os.fstat(f.fileno()).st_size
+            if idx_size > _MAX_IDX_LINE * (max_keys + 1):
+                raise RecordIOError(
+                    f"{idx_path}: {idx_size} bytes is too large for the index of a {rec_size}-"
+                    f"byte .rec (at most {max_keys} records of >= {MIN_RECORD} bytes, "
+                    f"{_MAX_IDX_LINE} bytes of index each): the .idx does not belong to this "
+                    ".rec (or the .rec is truncated)")
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -131,6 +153,11 @@ def read_index(idx_path: str | os.PathLike) -> tuple[list[int], dict[int, int]]:
                                     f"integers, got {line[:80]!r}") from None
             if key in offsets:
                 raise RecordIOError(f"{idx_path}:{lineno}: duplicate key {key}")
+            if max_keys is not None and len(keys) >= max_keys:
+                raise RecordIOError(
+                    f"{idx_path}:{lineno}: more than {max_keys} keys, but a {rec_size}-byte "
+                    f".rec holds at most {max_keys} records (>= {MIN_RECORD} bytes each): the "
+                    ".idx does not belong to this .rec (or the .rec is truncated)")
             keys.append(key)
             offsets[key] = off
     return keys, offsets
@@ -141,7 +168,8 @@ class RecordIOReader:
 
     Fork-safe: the map is opened lazily in each process (keyed by pid) and is not pickled, so
     a reader (or a Dataset holding one) can be handed to DataLoader workers, forked or
-    spawned. Without ``idx_path`` only sequential :meth:`scan` is available.
+    spawned. Without ``idx_path`` only sequential :meth:`scan` is available. The index may
+    list at most as many keys as the .rec's size allows (:func:`read_index`).
     """
 
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
@@ -152,7 +180,8 @@ class RecordIOReader:
         self.keys: list[int] = []
         self._offsets: dict[int, int] = {}
         if self.idx_path is not None:
-            self.keys, self._offsets = read_index(self.idx_path)
+            self.keys, self._offsets = read_index(self.idx_path,
+                                                  os.path.getsize(self.rec_path))
         self._mm: mmap.mmap | None = None
         self._file = None
         self._pid: int | None = None
