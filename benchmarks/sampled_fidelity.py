@@ -15,8 +15,8 @@ compared with the full softmax's over all rows:
   own row fades sooner than under the full softmax).
 
 for each ``--sample-nums`` x ``--random-shares`` and each correction: ``plain`` (none),
-``random`` (``--logq-correction``: the random top-up stands for the classes left out; only
-with a random share) and ``sample`` (``--logq-per-sample``: every selected class but a
+``random`` (``--logq random``: the random top-up stands for the classes left out; only
+with a random share) and ``sample`` (``--logq sample``: every selected class but a
 sample's label and own neighbours does). The neighbours are exact (an ``exact`` sampler over
 the trained rows, searched with the trainer's neighbour count): an index's best case, so the
 figures isolate the selection's size and the correction from the index's recall.

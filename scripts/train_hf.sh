@@ -16,10 +16,12 @@
 # Parameter server: the one at $PS_ADDR (comma-separated shard addresses) when set, else one
 # started on 127.0.0.1 for this run (log in SAVE_PATH/paramserver.log) and stopped when the
 # run ends. The started server writes and reads snapshots only inside the run's folder
-# (--snapshot-dir SAVE_PATH): name the folder with SAVE_PATH (--save-path is refused, exit 2;
-# nor set save_path in a --config file) and --resume a checkpoint of that same folder.
+# (its --snapshot-dir): SAVE_PATH, else the --save-path flag, else the folder of a --resume
+# checkpoint (a resumed run continues in its own folder), else runs/train_hf (demo:
+# runs/demo/<time>). Do not set save_path in a --config file instead: the server would not
+# know the folder.
 # Environment: PS_ADDR, PS_PORT (port of the started server; default: any free), PYTHON
-# (default: python), SAVE_PATH (default: runs/train_hf; demo: runs/demo/<time>),
+# (default: python), SAVE_PATH,
 # SYNTHETIC_DIR, DEMO_CLASSES, DEMO_PAIRS (demo data: default datasets/data/synthetic, 2000
 # classes, 1000 verification pairs).
 #
@@ -27,15 +29,22 @@
 # server started (the trainer's flags: python -m hfsoftmax.train --help). No arguments: the
 # demo.
 set -eu
+save_arg="" resume_arg="" prev=""
 for arg in "$@"; do
+  case "$prev" in
+    --save-path) save_arg="$arg" ;;
+    --resume) resume_arg="$arg" ;;
+  esac
   case "$arg" in
     -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;;
-    --save-path|--save-path=*)
-      echo "error: set the run's folder with SAVE_PATH=DIR, not --save-path (a server started" \
-           "for the run keeps its snapshots only in SAVE_PATH)" >&2
-      exit 2 ;;
+    --save-path=*) save_arg="${arg#--save-path=}" ;;
+    --resume=*) resume_arg="${arg#--resume=}" ;;
   esac
+  prev="$arg"
 done
+if [ -z "$save_arg" ] && [ -n "$resume_arg" ]; then  # continue in the checkpoint's folder
+  if [ -d "$resume_arg" ]; then save_arg="$resume_arg"; else save_arg="$(dirname -- "$resume_arg")"; fi
+fi
 ROOT="$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python}"
@@ -48,13 +57,13 @@ esac
 
 if [ "$demo" -eq 1 ]; then
   data="${SYNTHETIC_DIR:-$ROOT/datasets/data/synthetic}"
-  save="${SAVE_PATH:-$ROOT/runs/demo/$(date +%Y%m%d-%H%M%S)}"
+  save="${SAVE_PATH:-${save_arg:-$ROOT/runs/demo/$(date +%Y%m%d-%H%M%S)}}"
   echo "== 1/3 synthetic data in $data (made once)"
   "$PYTHON" "$ROOT/datasets/prepare_synthetic.py" --out "$data" \
     --num-classes "${DEMO_CLASSES:-2000}" --images-per-class 20 --pairs "${DEMO_PAIRS:-1000}" \
     --seed 0
 else
-  save="${SAVE_PATH:-runs/train_hf}"
+  save="${SAVE_PATH:-${save_arg:-runs/train_hf}}"
 fi
 mkdir -p "$save"
 

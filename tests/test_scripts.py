@@ -130,11 +130,24 @@ def test_scripts_that_need_arguments_print_usage_and_exit_2(name, shell):
     assert ("usage" in proc.stderr) if name != "_torchrun.sh" else "not run" in proc.stderr
 
 
-def test_train_hf_sh_refuses_save_path_flag():
-    """The run's folder is SAVE_PATH: the server it starts is confined to it."""
-    proc = run_script("train_hf.sh", "data", "--save-path", "x", env={"PYTHON": "false"},
-                      check=False, timeout=60)
-    assert proc.returncode == 2 and "SAVE_PATH=DIR" in proc.stderr
+@pytest.mark.parametrize("how", ["--save-path", "--save-path=", "--resume", "SAVE_PATH"])
+def test_train_hf_sh_gives_its_server_the_runs_folder(how, tmp_path):
+    """The folder the server it starts is confined to is the run's: SAVE_PATH, the
+    --save-path flag, or the folder of a --resume checkpoint (never runs/train_hf then)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    args, env = ["data"], {"PYTHON": "false"}   # the server cannot start: its log is left
+    if how == "--save-path":
+        args += ["--save-path", str(run)]
+    elif how == "--save-path=":
+        args += [f"--save-path={run}"]
+    elif how == "--resume":
+        args += ["--resume", str(run / "last.pth")]
+    else:
+        env["SAVE_PATH"] = str(run)
+    proc = run_script("train_hf.sh", *args, env=env, check=False, timeout=60)
+    assert proc.returncode != 0 and "did not start" in proc.stderr
+    assert (run / "paramserver.log").is_file(), proc.stderr
 
 
 def test_train_dist_checks_the_torchrun_settings():
@@ -198,8 +211,9 @@ def test_train_hf_sh_starts_and_stops_its_own_server(tiny_rec, tmp_path):
     assert "started a parameter server at tcp://127.0.0.1:" in proc.stdout
     ckpt = ckpt_of(save)
     assert ckpt["args"]["sampled"] and ckpt["args"]["ps"][0].startswith("tcp://127.0.0.1:")
-    assert os.path.isfile(ckpt["ps_snapshot"])
-    assert os.path.dirname(ckpt["ps_snapshot"]) == os.path.abspath(save)
+    # the rows: named inside the server's snapshot folder, which is the run's
+    assert not os.path.isabs(ckpt["ps_snapshot"])
+    assert os.path.isfile(os.path.join(save, ckpt["ps_snapshot"]))
     assert_gone(server_pid(save))
     # the server it started writes snapshots only inside the run's folder
     server = [c for c in calls.read_text().splitlines() if "paramserver.py" in c]

@@ -26,7 +26,7 @@ of the trainer. Per training step:
 
 With ``sample_num == num_classes`` it gives exactly the full head's loss and gradients.
 
-**log-Q correction** (``logq=True``, trainer ``--logq-correction``; off by default). A
+**log-Q correction** (``logq=True``, trainer ``--logq random``; off by default). A
 softmax over a selection leaves the unselected classes out of its normaliser, so a sample's
 loss, and its feature's pull toward its own row, fade sooner than under the full softmax.
 With the correction the random top-up's logits (never a label's or a neighbour's) get
@@ -34,7 +34,7 @@ With the correction the random top-up's logits (never a label's or a neighbour's
 classes stand for all those left out and the normaliser is unbiased (``selection.
 topup_log_weights``). The logits the head returns (accuracy, logs) stay uncorrected. It acts
 only where the selection has random classes: ``--random-share`` > 0, the ``random`` sampler,
-or steps before the first index. ``logq="sample"`` (trainer ``--logq-per-sample``, its
+or steps before the first index. ``logq="sample"`` (trainer ``--logq sample``, its
 default for a margin head selecting by index) corrects per sample instead: only a sample's
 label and its own nearest classes count as chosen for it, every other selected class gets
 ``log(#classes not chosen for it / #other selected)`` (``selection.sample_log_weights``); it

@@ -19,12 +19,12 @@ synthetic benchmark: see ``benchmarks/accuracy.py``).
 Everything is vectorized; the only loop is the (rare) redraw of the random top-up.
 
 :func:`topup_log_weights` gives the log-Q correction of such a selection (off by default,
-trainer ``--logq-correction``): the labels and neighbours are chosen outright, the random
+trainer ``--logq random``): the labels and neighbours are chosen outright, the random
 top-up uniformly from all the other classes, so adding ``log(#others / #random)`` to the
 random classes' logits makes the sampled softmax's normaliser an unbiased estimate of the
 full softmax's (importance sampling; Bengio & Senecal 2008, Jean et al. 2015).
 :func:`own_slots` and :func:`sample_log_weights` give the per-sample variant (trainer
-``--logq-per-sample``): for one sample only its label and *its own* nearest classes are
+``--logq sample``): for one sample only its label and *its own* nearest classes are
 chosen outright; every other selected class (the batch's other labels, the other samples'
 neighbours, the random top-up) is counted as a uniform draw from the classes left, so the
 correction needs no random share and its estimate has the whole selection to draw on.
