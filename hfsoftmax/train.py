@@ -45,6 +45,7 @@ from .engine.runtime import RunLock, pick_device, remove_handlers, setup_logging
 from .engine.schedule import StepSchedule
 from .engine.verify import Verifier
 from .fileio import write_json
+from .heads.base import correct_count
 from .heads.factory import build_head_from_args, neighbour_slots_per_sample
 from .heads.sampled_config import SampledRule, rule_from_args
 
@@ -87,7 +88,9 @@ def train_one_epoch(model: nn.Module, head: nn.Module, optimizer: torch.optim.Op
     """
     model.train()
     meters = {k: SmoothedValue(args.print_freq) for k in ("data_s", "step_s")}
-    sums = torch.zeros(3, dtype=torch.float64)          # loss sum, correct, count since log
+    # loss sum, correct (margin-free), count since the last log line: on the device, read
+    # once per logged step
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
     steps_in_epoch = len(loader)
     lr = None
     t_end = time.perf_counter()
@@ -118,8 +121,8 @@ def train_one_epoch(model: nn.Module, head: nn.Module, optimizer: torch.optim.Op
         optimizer.step()
 
         n = labels.shape[0]
-        correct = float((out.logits.detach().argmax(1) == out.target).sum())
-        sums += torch.tensor([loss_value * n, correct, n], dtype=torch.float64)
+        sums += torch.stack([loss.detach().double() * n, correct_count(out).double(),
+                             torch.tensor(float(n), dtype=torch.float64, device=device)])
         meters["data_s"].update(t_data)
         step += 1
         t_now = time.perf_counter()
@@ -128,7 +131,7 @@ def train_one_epoch(model: nn.Module, head: nn.Module, optimizer: torch.optim.Op
 
         if step % args.print_freq == 0 or step == total_steps or i + 1 == steps_in_epoch:
             # The global batch's figures (on the device: NCCL reduces only CUDA tensors).
-            tot = hd.all_reduce_mean(sums.to(device)).cpu() * hd.world_size()
+            tot = hd.all_reduce_mean(sums).cpu() * hd.world_size()
             sums.zero_()
             step_s = meters["step_s"].avg
             row = {"step": step, "epoch": epoch, "loss": float(tot[0] / tot[2]),

@@ -95,9 +95,9 @@ class ScalarWriter:
 
 
 TRAIN_FIELDS = ["step", "epoch", "loss", "acc", "lr", "img_s", "data_s", "step_s", "recall",
-                "rebuild_s", "select_s", "pull_s", "push_s"]
+                "top1_all", "rebuild_s", "select_s", "pull_s", "push_s"]
 VAL_FIELDS = ["step", "epoch", "name", "acc", "acc_std", "threshold", "val_far", "mean_acc"]
-_SAMPLER_KEYS = ("recall", "rebuild_s", "select_s", "pull_s", "push_s")
+_SAMPLER_KEYS = ("recall", "top1_all", "rebuild_s", "select_s", "pull_s", "push_s")
 
 
 class ProgressLog:
@@ -113,20 +113,27 @@ class ProgressLog:
 
     def train(self, row: dict, where: str, eta: str, tel: dict) -> None:
         """One progress line from ``row`` (``TRAIN_FIELDS`` without the telemetry) and the
-        head's telemetry ``tel``; ``where`` is ``epoch E [i/n] step s/total``."""
+        head's telemetry ``tel``; ``where`` is ``epoch E [i/n] step s/total``. ``acc`` is the
+        batch accuracy without the margin, over the head's columns: a sampled head's says
+        so (``acc(sampled)``) and shows its latest top-1 over all classes beside it."""
+        sampled = "select_s" in tel
         extra = ""
+        if tel.get("top1_all") is not None:
+            extra += f"  top1(all) {tel['top1_all']:.3f}"
         if tel.get("recall") is not None:
             extra += f"  recall {tel['recall']:.3f}"
         if tel.get("rebuild_s") is not None:
             extra += f"  rebuild {tel['rebuild_s']:.2f}s"
-        logger.info("%s  eta %s  lr %.5g  loss %.4f  acc %.3f  %.1f img/s  data %.3fs%s",
-                    where, eta, row["lr"], row["loss"], row["acc"], row["img_s"],
-                    row["data_s"], extra)
+        logger.info("%s  eta %s  lr %.5g  loss %.4f  acc%s %.3f%s  %.1f img/s  data %.3fs",
+                    where, eta, row["lr"], row["loss"], "(sampled)" if sampled else "",
+                    row["acc"], extra, row["img_s"], row["data_s"])
         if self.csv is None:
             return
         full = {**row, **{k: tel.get(k) for k in _SAMPLER_KEYS}}
         self.csv.write(full)
-        self.tb.add({"train/loss": row["loss"], "train/acc": row["acc"], "train/lr": row["lr"],
+        self.tb.add({"train/loss": row["loss"],
+                     "train/acc_sampled" if "select_s" in tel else "train/acc": row["acc"],
+                     "train/top1_all": tel.get("top1_all"), "train/lr": row["lr"],
                      "train/img_per_s": row["img_s"], "train/data_s": row["data_s"],
                      **{f"sampler/{k}": tel.get(k) for k in _SAMPLER_KEYS}}, row["step"])
 

@@ -5,10 +5,10 @@
 :class:`HeadOutput` ``(loss, logits, target)`` from ``forward(features, labels)``.
 Logit types: ``linear``, ``cosface``, ``arcface`` (one implementation in :mod:`.logits`).
 """
-from .base import HeadOutput, build_head, list_heads, register_head
+from .base import HeadOutput, build_head, correct_count, list_heads, register_head
 from .full import FullHead
 from .logits import DEFAULT_MARGINS, LOGIT_TYPES, LogitSpec
 from .sampled import SampledHead, exact_topk
 
-__all__ = ["HeadOutput", "build_head", "list_heads", "register_head", "FullHead",
+__all__ = ["HeadOutput", "correct_count", "build_head", "list_heads", "register_head", "FullHead",
            "SampledHead", "LogitSpec", "LOGIT_TYPES", "DEFAULT_MARGINS", "exact_topk"]

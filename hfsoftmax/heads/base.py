@@ -5,17 +5,37 @@ from typing import Callable, NamedTuple
 
 import torch
 
-__all__ = ["HeadOutput", "register_head", "build_head", "list_heads", "check_batch"]
+__all__ = ["HeadOutput", "correct_count", "register_head", "build_head", "list_heads",
+           "check_batch"]
 
 
 class HeadOutput(NamedTuple):
     """``loss``: mean cross-entropy over the batch; ``logits``: (B, C) over the head's
-    columns (all classes, or the sampled ones); ``target``: the labels in that column space
-    (``logits.argmax(1) == target`` is the training accuracy)."""
+    columns (all classes, or the sampled ones), the margin applied at the target;
+    ``target``: the labels in that column space; ``plain_target``: (B,) each target logit
+    without the margin, so that :func:`correct_count` is the accuracy of the model, not of
+    the margin (a margin head's ``logits.argmax(1) == target`` stays near 0 while the model
+    learns)."""
 
     loss: torch.Tensor
     logits: torch.Tensor
     target: torch.Tensor
+    plain_target: torch.Tensor | None = None
+
+
+def correct_count(out: HeadOutput) -> torch.Tensor:
+    """How many rows' target scores highest without the margin (a 0-dim tensor on the
+    logits' device: no host sync). Over the head's columns: all classes for the full head,
+    the selected ones for the sampled head. Needs no copy of the logits: the best other
+    column is the top-1 unless that is the target, then the top-2."""
+    logits = out.logits.detach()
+    plain = out.plain_target.detach() if out.plain_target is not None else \
+        logits.gather(1, out.target[:, None]).squeeze(1)
+    if logits.shape[1] == 1:
+        return torch.ones((), dtype=torch.int64, device=logits.device) * logits.shape[0]
+    top_v, top_i = logits.topk(2, dim=1)
+    other = torch.where(top_i[:, 0] == out.target, top_v[:, 1], top_v[:, 0])
+    return (plain >= other).sum()
 
 
 _HEADS: dict[str, Callable] = {}

@@ -46,6 +46,7 @@ class FullHead(nn.Module):
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got range "
                              f"[{int(labels.min())}, {int(labels.max())}]")
-        logits = self.spec(features, self.weight.to(features.dtype), labels, self.bias)
+        logits, plain = self.spec.with_plain_target(features, self.weight.to(features.dtype),
+                                                    labels, self.bias)
         loss = F.cross_entropy(logits, labels)
-        return HeadOutput(loss, logits, labels)
+        return HeadOutput(loss, logits, labels, plain)

@@ -68,15 +68,24 @@ class LogitSpec:
 
     def __call__(self, features: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.with_plain_target(features, weight, target, bias)[0]
+
+    def with_plain_target(self, features: torch.Tensor, weight: torch.Tensor,
+                          target: torch.Tensor, bias: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, plain_target)``: the logits, and each row's target logit *without*
+        the margin (``s cos(theta_y)``; the linear logit itself), what an honest accuracy
+        compares against the other columns (:func:`~hfsoftmax.heads.base.correct_count`)."""
+        rows = torch.arange(features.shape[0], device=features.device)
         if self.logit == "linear":
-            return F.linear(features, weight, bias)
+            logits = F.linear(features, weight, bias)
+            return logits, logits[rows, target]
         if bias is not None:
             raise ValueError(f"{self.logit} logits take no bias (cosine logits); use bias=False")
         cos = F.linear(F.normalize(features, dim=1), F.normalize(weight, dim=1))
         cos = cos.clamp(-1.0, 1.0)
-        rows = torch.arange(cos.shape[0], device=cos.device)
         t = cos[rows, target]
-        return self.s * cos.index_put((rows, target), self.target_logit(t))
+        return self.s * cos.index_put((rows, target), self.target_logit(t)), self.s * t
 
     def target_logit(self, cos_t: torch.Tensor) -> torch.Tensor:
         """The margin-adjusted cosine of the target class (before the scale)."""

@@ -149,7 +149,8 @@ class SampledHead(nn.Module):
         self.logq = logq
         self.step = 0  # training steps taken (forward passes in training mode)
         self.lr: float | None = None  # the rows' LR, once set_lr told it
-        self.telemetry: dict = {"step": 0, "recall": None, "select_s": None, "pull_s": None,
+        self.telemetry: dict = {"step": 0, "recall": None, "top1_all": None, "select_s": None,
+                                "pull_s": None,
                                 "push_s": None}
 
     @property
@@ -258,12 +259,19 @@ class SampledHead(nn.Module):
         ``device`` (the features'): only the (B, 1 + k) slots travel, not the (B, S) block."""
         return sample_log_weights(own.to(device), self.sample_num, self.num_classes)
 
-    def _recall(self, g_feat: torch.Tensor, ids: torch.Tensor) -> float:
+    def _recall(self, g_feat: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[float, float]:
+        """``(recall, top1)``: the share of the global batch's true top-``recall_k`` classes
+        (exact scores over all rows, read in chunks) that the selection holds, and the
+        top-1 accuracy of this rank's samples (the first rows of ``g_feat``) over *all*
+        classes, without the margin: what the batch accuracy over the selected columns is
+        not."""
         top = exact_topk(g_feat, self.rowstore, self.recall_k, self.spec.normalized,
                          self.chunk_rows)
         chosen = torch.zeros(self.num_classes, dtype=torch.bool)
         chosen[ids.cpu()] = True
-        return float(chosen[top].float().mean())
+        own = top[:labels.shape[0], 0]
+        return float(chosen[top].float().mean()), float((own == labels.cpu()).float().mean())
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
         check_batch(features, labels, self.dim)
@@ -286,7 +294,7 @@ class SampledHead(nn.Module):
         if training:
             weight.requires_grad_(True)
             weight.register_hook(self._push_hook(ids_np, w_np, self.step))
-        logits = self.spec(features, weight, target)
+        logits, plain = self.spec.with_plain_target(features, weight, target)
         if offsets is None:
             loss = F.cross_entropy(logits, target)
         else:  # log-Q: a label's offset is 0; (S,) broadcasts over the batch, (B, S) per sample
@@ -301,11 +309,12 @@ class SampledHead(nn.Module):
             self.step += 1
             tel["step"] = self.step
             if self.recall_every and self.step % self.recall_every == 0 and hd.rank() == 0:
-                tel["recall"] = self._recall(g_feat, ids_sel)
-                logger.info("step %d: selection recall@%d %.3f (index age %s steps)",
-                            self.step, self.recall_k, tel["recall"],
+                tel["recall"], tel["top1_all"] = self._recall(g_feat, ids_sel, labels)
+                logger.info("step %d: selection recall@%d %.3f, batch top-1 over all %d "
+                            "classes %.3f (index age %s steps)", self.step, self.recall_k,
+                            tel["recall"], self.num_classes, tel["top1_all"],
                             getattr(self.sampler, "index_age", None))
-        return HeadOutput(loss, logits, target)
+        return HeadOutput(loss, logits, target, plain)
 
     def _push_hook(self, ids_np: np.ndarray, w_np: np.ndarray, step: int):
         state = {"pushed": False}
