@@ -24,8 +24,11 @@ DEFAULT_MAX_HEADER_BYTES = 64 * KIB
 # muted. So a client that never reads costs at most SNDHWM replies + that many bytes.
 SNDHWM = 8
 DEFAULT_MAX_QUEUED_BYTES = 64 * MIB
-# Requests ZeroMQ may queue from one connection before it stops reading that connection.
-RCVHWM = 100
+# Requests ZeroMQ may queue from one connection before it stops reading that connection
+# (TCP then holds the client back): what a client can make the server buffer for its
+# requests is this many messages of frames up to --max-message-bytes. A client of the
+# protocol has one request in flight per connection (a pipelining one is slowed, not cut).
+RCVHWM = 8
 # ZeroMQ heartbeats: a peer that does not answer a PING within HEARTBEAT_TIMEOUT_S is
 # disconnected (a vanished host, not an idle client: a live peer's ZeroMQ answers PINGs
 # by itself); a connection that does not finish the ZeroMQ handshake within HANDSHAKE_S

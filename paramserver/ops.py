@@ -18,7 +18,7 @@ import numpy as np
 
 from .limits import memory_shortfall
 from .optim import SGDConfig
-from .snapcheck import SnapshotFile, open_snapshot
+from .snapcheck import SnapshotError, SnapshotFile, open_snapshot
 from .snapshot import write_snapshot
 from .table import INITS, MAX_DIM, Table, check_name
 from .wire import PROTOCOL_VERSION
@@ -43,6 +43,7 @@ class Request:
     envelope: list
     rid: Any
     peer: bytes
+    op: str | None = None
 
 
 def short(value: Any, limit: int = 60) -> str:
@@ -339,8 +340,15 @@ class TableOps:
         h = Header(header, {"path"})
         _expect(arrays, [], "delete_snapshot")
         rel = self.snapdir.normalize(h.get("path", "str"))
+        def is_snapshot(f, shown):
+            try:
+                SnapshotFile(f, shown)  # its header: format, tables, offsets
+            except SnapshotError as exc:
+                raise RequestError(f"delete_snapshot removes only snapshot files; {exc}") \
+                    from None
+
         try:
-            size = self.snapdir.delete(rel, lambda f, shown: SnapshotFile(f, shown))
+            size = self.snapdir.delete(rel, is_snapshot)
         except OSError as exc:
             raise RequestError(f"delete_snapshot of {rel!r} failed: "
                                f"{exc.strerror or exc}") from None

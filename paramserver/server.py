@@ -85,6 +85,9 @@ class ParamServer(TableOps, SyncOps):
                             ("max_queued_bytes", max_queued_bytes),
                             ("stats_interval", stats_interval)):
             limits.check_flag(name, value)
+        if not re.fullmatch(r"(tcp|ipc|inproc)://\S+", bind):
+            raise ValueError(f"--bind {short(bind)} is not a ZeroMQ address like "
+                             f"{DEFAULT_BIND}, ipc:///path or tcp://*:5570")
         if max_header_bytes * 16 > max_message_bytes:
             raise ValueError(f"--max-header-bytes {max_header_bytes} must be at most 1/16 of "
                              f"--max-message-bytes {max_message_bytes}")
@@ -167,12 +170,15 @@ class ParamServer(TableOps, SyncOps):
         path = Path(restore)
         path = path if path.is_absolute() else self.snapdir.root / path
         remove_stale_temp_files(path.parent, own_pid_is_stale=True)
-        with open_snapshot(path, label=repr(str(path))) as snap:
-            why = limits.memory_shortfall(snap.nbytes(list(snap.tables)), 0,
-                                          f"--restore {str(path)!r}")
-            if why:
-                raise SnapshotError(why)
-            self.tables = snap.load()
+        try:
+            with open_snapshot(path, label=repr(str(path))) as snap:
+                why = limits.memory_shortfall(snap.nbytes(list(snap.tables)), 0,
+                                              f"{len(snap.tables)} table(s)")
+                if why:
+                    raise SnapshotError(why)
+                self.tables = snap.load()
+        except SnapshotError as exc:
+            raise SnapshotError(f"--restore {restore!r}: {exc}; nothing was restored") from None
         log.info("restored %d table(s) from %s: %s", len(self.tables), path,
                  {n: t.updates for n, t in self.tables.items()})
 
@@ -240,6 +246,7 @@ class ParamServer(TableOps, SyncOps):
                         break
                     self._drain_monitor()  # a closed connection's fd may now be reused
                     self.handle(frames)
+                    del frames  # free a big message before the next one is received
                 self._expire_workers()
                 now = time.monotonic()
                 if self.stats_interval > 0 and now - last_stats >= self.stats_interval:
@@ -356,52 +363,61 @@ class ParamServer(TableOps, SyncOps):
         self._backlog_bytes[req.peer] = used + size
 
     def handle(self, frames: list) -> None:
-        """Handle one request ``[identity, b"", header, arrays...]`` and reply (maybe later)."""
+        """Handle one request ``[identity, b"", header, arrays...]`` and reply (maybe later).
+        Empties ``frames``: a big request is freed before its reply goes out, so a client
+        waiting for the reply cannot make the server hold two of its messages."""
         peer = frames[0].bytes
         if peer in self._muted:
             self.stats["ignored"] = self.stats.get("ignored", 0) + 1
             return
         self._track(frames[0], peer)
         req = Request([frames[0], b""], None, peer)
-        op = None
+        result: Any = None
+        error = None
         try:
-            if len(frames) < 3 or len(frames[1]) != 0:
-                raise ProtocolError(
-                    f"message must be [empty delimiter frame, JSON header frame, array frames"
-                    f"...]; got {len(frames) - 1} frame(s)"
-                    + ("" if len(frames) < 2 or len(frames[1]) == 0
-                       else " with a non-empty first frame"))
-            header = decode_header(frames[2], max_bytes=self.max_header_bytes)
-            rid = header.get("id")
-            if rid is not None and not (type(rid) is int and -(1 << 63) <= rid < (1 << 63)
-                                        or isinstance(rid, str) and len(rid) <= 128):
-                raise ProtocolError("header 'id' must be a 64-bit integer or a string of at "
-                                    "most 128 characters")
-            req.rid = rid
-            op = header.get("op")
-            handler = self.handlers.get(op) if isinstance(op, str) else None
-            if handler is None:
-                raise RequestError(f"unknown op {short(op)}; valid: "
-                                   f"{', '.join(sorted(self.handlers))}")
-            arrays = decode_arrays(header, frames[3:])
-            self.stats[op] = self.stats.get(op, 0) + 1
-            result = handler(header, arrays, req)
-            if result is DEFERRED:
-                return
+            result = self._dispatch(frames, req)
+        except (ProtocolError, RequestError, SnapshotError, ValueError, IndexError) as exc:
+            error = str(exc)
+            log.info("refused %s: %s", req.op or "request",
+                     error if len(error) <= 1000 else error[:1000] + "...")
+        except MemoryError:
+            error = f"server out of memory handling {req.op or 'a request'}"
+            log.error("out of memory handling %s", req.op)
+        except Exception as exc:  # a bug: keep serving, tell the client, log the traceback
+            error = f"internal server error: {type(exc).__name__}: {short(exc, 200)}"
+            log.exception("internal error handling %s", req.op)
+        # Out of the except blocks: the exception and its traceback (which holds the
+        # frames) are gone. A push keeps its own references to its arrays.
+        frames.clear()
+        if error is not None:
+            self.errors += 1
+            self.send(req, {"ok": False, "error": error})
+        elif result is not DEFERRED:
             reply, out = result
             self.send(req, {"ok": True, **reply}, out)
-        except (ProtocolError, RequestError, SnapshotError, ValueError, IndexError) as exc:
-            self.errors += 1
-            text = str(exc)
-            log.info("refused %s: %s", op if isinstance(op, str) else "request",
-                     text if len(text) <= 1000 else text[:1000] + "...")
-            self.send(req, {"ok": False, "error": str(exc)})
-        except MemoryError:
-            self.errors += 1
-            log.error("out of memory handling %s", op)
-            self.send(req, {"ok": False, "error": f"server out of memory handling {op!r}"})
-        except Exception as exc:  # a bug: keep serving, tell the client, log the traceback
-            self.errors += 1
-            log.exception("internal error handling %s", op)
-            self.send(req, {"ok": False, "error": f"internal server error: "
-                                                  f"{type(exc).__name__}: {short(exc, 200)}"})
+
+    def _dispatch(self, frames: list, req: Request) -> Any:
+        """Check the framing and the header, then run the op (named in ``req.op``); returns
+        the handler's result."""
+        if len(frames) < 3 or len(frames[1]) != 0:
+            raise ProtocolError(
+                f"message must be [empty delimiter frame, JSON header frame, array frames"
+                f"...]; got {len(frames) - 1} frame(s)"
+                + ("" if len(frames) < 2 or len(frames[1]) == 0
+                   else " with a non-empty first frame"))
+        header = decode_header(frames[2], max_bytes=self.max_header_bytes)
+        rid = header.get("id")
+        if rid is not None and not (type(rid) is int and -(1 << 63) <= rid < (1 << 63)
+                                    or isinstance(rid, str) and len(rid) <= 128):
+            raise ProtocolError("header 'id' must be a 64-bit integer or a string of at "
+                                "most 128 characters")
+        req.rid = rid
+        op = header.get("op")
+        handler = self.handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise RequestError(f"unknown op {short(op)}; valid: "
+                               f"{', '.join(sorted(self.handlers))}")
+        req.op = op
+        arrays = decode_arrays(header, frames[3:])
+        self.stats[op] = self.stats.get(op, 0) + 1
+        return handler(header, arrays, req)

@@ -112,6 +112,9 @@ class SnapshotDir:
         root = Path(root).expanduser()
         try:
             root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise ValueError(f"--snapshot-dir {str(root)!r} exists and is not a folder; "
+                             "choose a folder") from None
         except OSError as exc:
             raise ValueError(f"--snapshot-dir {str(root)!r} cannot be created: "
                              f"{exc.strerror or exc}; choose a folder this user can write")

@@ -87,11 +87,12 @@ def decode_header(frame: Any, max_bytes: int | None = None,
     Its size (``max_bytes``, when given) and nesting depth are checked before parsing, so a
     hostile header costs at most its own bytes: a parsed JSON list of empty lists takes ~20x
     the memory of its text."""
-    raw = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
-    if max_bytes is not None and len(raw) > max_bytes:
-        raise ProtocolError(f"header frame of {len(raw)} bytes exceeds the limit of "
+    size = len(frame)  # checked before the bytes are copied out of a zmq.Frame
+    if max_bytes is not None and size > max_bytes:
+        raise ProtocolError(f"header frame of {size} bytes exceeds the limit of "
                             f"{max_bytes} bytes (--max-header-bytes); send row ids and "
                             "values as array frames, not in the header")
+    raw = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
     depth = json_depth(raw)
     if depth > max_depth:
         raise ProtocolError(f"header nests {depth} levels of JSON lists/objects; at most "
