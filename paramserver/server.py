@@ -47,6 +47,10 @@ log = logging.getLogger("paramserver")
 
 DEFAULT_BIND = "tcp://127.0.0.1:5570"
 _MAX_MUTED = 1 << 16
+# Frames a request may have: routing id, delimiter, header, at most 2 arrays. Further frames
+# are received and dropped one by one (never listed), so a message of a million empty
+# frames costs the server ZeroMQ's own buffering, not a Python object per frame.
+MAX_FRAMES = 5
 
 
 def is_loopback(address: str) -> bool:
@@ -241,7 +245,7 @@ class ParamServer(TableOps, SyncOps):
                 self._flush_backlog()
                 for _ in range(1000):  # drain, but keep checking timeouts and signals
                     try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = self._recv()
                     except zmq.Again:
                         break
                     self._drain_monitor()  # a closed connection's fd may now be reused
@@ -263,6 +267,22 @@ class ParamServer(TableOps, SyncOps):
             self.close()
 
     # ------------------------------------------------------------------- connections
+    def _recv(self) -> list:
+        """One message's frames (``zmq.Again`` if none waits), at most :data:`MAX_FRAMES`
+        of them kept; the count of frames dropped beyond is appended as an int."""
+        frame = self.sock.recv(zmq.NOBLOCK, copy=False)
+        frames = [frame]
+        dropped = 0
+        while frame.more:
+            frame = self.sock.recv(copy=False)
+            if len(frames) < MAX_FRAMES:
+                frames.append(frame)
+            else:
+                dropped += 1
+        if dropped:
+            frames.append(dropped)
+        return frames
+
     def _drain_monitor(self) -> None:
         """Forget the connections ZeroMQ closed: free their worker ids, unmute them."""
         while True:
@@ -399,6 +419,10 @@ class ParamServer(TableOps, SyncOps):
     def _dispatch(self, frames: list, req: Request) -> Any:
         """Check the framing and the header, then run the op (named in ``req.op``); returns
         the handler's result."""
+        if isinstance(frames[-1], int):
+            raise ProtocolError(f"message has {len(frames) - 2 + frames[-1]} frames after the "
+                                f"delimiter; a request has a header and at most "
+                                f"{MAX_FRAMES - 3} array frames")
         if len(frames) < 3 or len(frames[1]) != 0:
             raise ProtocolError(
                 f"message must be [empty delimiter frame, JSON header frame, array frames"

@@ -151,6 +151,14 @@ def test_header_of_nested_lists_is_refused_without_growing_the_server():
         reply = call(s, json.dumps(many).encode())
         assert not reply["ok"] and "and 997 more" in reply["error"]
         assert len(reply["error"]) < 300, reply["error"]
+        # A message of 200,000 empty frames: refused, no Python object per frame.
+        before = peak_rss(proc)
+        s.send_multipart([b""] * 200_000 + [b"{}"])
+        reply = json.loads(s.recv_multipart()[1])
+        assert not reply["ok"] and "message has 200001 frames" in reply["error"]
+        peak = peak_rss(proc) - before
+        print(f"peak RSS growth for a message of 200,000 empty frames: {peak / MIB:.1f} MiB")
+        assert peak < 32 * MIB, peak
         assert call(s, {"op": "ping"})["ok"]
     log = server_log(proc)
     assert "field00999" not in log and len(log) < 20_000
