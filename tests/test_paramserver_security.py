@@ -164,6 +164,14 @@ def test_header_of_nested_lists_is_refused_without_growing_the_server():
     assert "field00999" not in log and len(log) < 20_000
 
 
+def test_table_names_must_match_whole():
+    with running_server() as (_, addr), ParamClient(addr, timeout_s=10) as ps:
+        for bad in ("w\n", "w/../x", "", "x" * 129, "a b"):
+            with pytest.raises(ParamServerError, match="must be 1-128 letters"):
+                ps.create_table(bad, 5, 2)
+        assert ps.create_table("w.1_-x", 5, 2) and ps.ping()[0]["tables"] == {"w.1_-x": 0}
+
+
 def test_a_client_that_never_reads_replies_does_not_grow_the_server():
     """400 pulls of 1 MiB each, replies never read: the server keeps 8 replies in ZeroMQ
     plus --max-queued-bytes (16 MiB), then mutes the connection (logged); others are still
