@@ -93,7 +93,9 @@ def decode_header(frame: Any, max_bytes: int | None = None,
                             f"{max_bytes} bytes (--max-header-bytes); send row ids and "
                             "values as array frames, not in the header")
     raw = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
-    depth = json_depth(raw)
+    # Fewer brackets than the limit cannot nest past it: the usual header skips the scan.
+    opens = raw.count(b"[") + raw.count(b"{")
+    depth = json_depth(raw) if opens > max_depth else opens
     if depth > max_depth:
         raise ProtocolError(f"header nests {depth} levels of JSON lists/objects; at most "
                             f"{max_depth} are accepted")
