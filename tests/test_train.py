@@ -342,7 +342,7 @@ def test_index_runs_in_its_own_process_with_a_parameter_server(tiny_rec):
         for extra, expect_process in (([], True), (["--no-sampler-process"], False)):
             args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--ps", address,
                                "--ps-table", f"t{int(expect_process)}", *extra])
-            head, store = build_head(args, 40, 0)
+            head, _ = build_head(args, 40, 0)
             try:
                 assert isinstance(head.sampler, ProcessSampler) is expect_process
                 feats, labels = torch.randn(8, 32), torch.arange(8)
@@ -351,7 +351,6 @@ def test_index_runs_in_its_own_process_with_a_parameter_server(tiny_rec):
                 assert len(set(ids.tolist())) == 24 and torch.equal(ids[target], labels)
             finally:
                 head.sampler.close()
-                store.close()  # frees worker id 0 (it belongs to this store's connection)
     # Without a server the rows are in the trainer anyway: no index process by default.
     args = parse_args(["--train-rec", str(tiny_rec), *TINY, *hf])
     head, _ = build_head(args, 40, 0)
