@@ -31,7 +31,8 @@ A prepared folder holds:
   ``pair_kind``       one of ``same``/``lookalike``/``other`` per pair, in ``.bin`` order
   ==================  ========================================================================
 
-  and whatever else the generator records (timing, fonts, the syllable of each class...).
+  and whatever else the generator records (timing, fonts, the syllable of each class...);
+  other per-class lists are named ``class_*`` and per-pair lists ``pair_*`` too.
 
 Folders made before this contract (``synthetic.json`` without ``set``) are read too: their
 pair kinds follow the synthetic set's rule by index (:func:`pair_kind_of_index`).
@@ -280,13 +281,11 @@ def files_present(out_dir: str, meta: dict, set_name: str, heldout: bool) -> boo
     return all(os.path.isfile(os.path.join(out_dir, n)) for n in needed)
 
 
-_ARRAYS = ("class_family", "class_size", "pair_kind")
-
-
 def summary_of(meta: dict) -> dict:
-    """The metadata without its per-class and per-pair lists (for logs and JSON lines)."""
+    """The metadata without its per-class and per-pair lists (keys ``class_*``/``pair_*``
+    holding lists), for logs and JSON lines."""
     return {k: v for k, v in meta.items()
-            if k not in _ARRAYS and not (isinstance(v, list) and len(v) > 64)}
+            if not (k.startswith(("class_", "pair_")) and isinstance(v, list))}
 
 
 # -- reading --------------------------------------------------------------------------------
