@@ -10,7 +10,7 @@ import numpy as np
 import PIL
 import pytest
 
-from hfsoftmax.data.accuracy_set import read_set_info
+from hfsoftmax.data.accuracy_set import prepare_set, read_set_info
 from hfsoftmax.data.insightface import InsightFaceRecDataset
 from hfsoftmax.data.synthetic import (SyntheticConfig, _pair_spec, class_sizes, make_synthetic,
                                       size_law_pmf)
@@ -76,6 +76,8 @@ def test_size_law_shape():
         SyntheticConfig(min_images=3).validate()
     with pytest.raises(ValueError, match="Invalid size_law 'zipf'"):
         SyntheticConfig(size_law="zipf").validate()
+    with pytest.raises(ValueError, match="must be <= 100000, got 1000000"):
+        SyntheticConfig(**dict(vars(cfg), images_per_class=10**6)).validate()
 
 
 def test_deterministic_bytes_any_worker_count(lt_set, tmp_path):
@@ -178,5 +180,12 @@ def test_cli_once_then_skips_and_guards_other_sets(tmp_path):
     (out / "synthetic.json").unlink()
     mine = _cli(out, cwd=tmp_path)
     assert mine.returncode == 2 and "no prepare script wrote" in mine.stderr
+    # the benchmark's entry: a set by name, the script's arguments
+    summary = prepare_set("longtail", ["--out", str(tmp_path / "api"), "--num-classes", "5",
+                                       "--max-images", "4", "--pairs", "4", "--workers", "1",
+                                       "--no-progress"])
+    assert summary["set"] == "longtail" and read_set_info(tmp_path / "api")["num_classes"] == 5
+    with pytest.raises(ValueError, match="Unknown accuracy set 'faces'; valid: \\['hangul'"):
+        prepare_set("faces", [])
     bad = _cli(tmp_path / "bad", "--min-images", "9", cwd=tmp_path)
     assert bad.returncode == 2 and "min_images must lie in [1, images_per_class=6]" in bad.stderr

@@ -51,6 +51,7 @@ GENERATOR = "hfsoftmax.data.synthetic"
 _SIZES = 6  # seed-stream tag of the class-size assignment (1..5: synthetic_render)
 SIZE_LAWS = ("constant", "powerlaw")
 _SIZE_FIELDS = ("size_law", "size_alpha", "min_images")
+_MAX_CLASS_SIZE = 100_000  # the power law's support is materialised
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ class SyntheticConfig:
                              f"(got size_alpha={self.size_alpha}, min_images={self.min_images} "
                              "with 'constant')")
         if self.size_law == "powerlaw":
+            if self.images_per_class > _MAX_CLASS_SIZE:
+                raise ValueError(f"images_per_class (the largest class) must be <= "
+                                 f"{_MAX_CLASS_SIZE}, got {self.images_per_class}")
             if not 1 <= self.min_images <= self.images_per_class:
                 raise ValueError(f"min_images must lie in [1, images_per_class="
                                  f"{self.images_per_class}], got {self.min_images}")
