@@ -24,22 +24,14 @@ PAIR_KINDS = ("same", "lookalike", "other")
 
 
 def set_info(data_dir: str) -> dict:
-    """The set's metadata the evaluation needs: the verification file, each training
-    class's family and each verification pair's kind (``same`` / ``lookalike`` /
-    ``other``). The synthetic set's pair kinds follow its layout (pair i: same when i is
-    even, look-alikes when i % 4 == 1, two families when i % 4 == 3)."""
-    import json
+    """The set's metadata the evaluation needs (:func:`hfsoftmax.data.accuracy_set.
+    read_set_info`: the verification file, each training class's look-alike family, each
+    pair's kind), with the mean family size."""
+    from hfsoftmax.data.accuracy_set import read_set_info
 
-    with open(os.path.join(data_dir, "synthetic.json"), encoding="utf-8") as f:
-        meta = json.load(f)
-    families = np.asarray(meta["class_family"], dtype=np.int64)
-    n_pairs = int(meta["pairs"])
-    kinds = meta.get("pair_kind") or [("same", "lookalike", "same", "other")[i % 4]
-                                      for i in range(n_pairs)]
-    sizes = np.bincount(families)
-    return {"bin": os.path.join(data_dir, "synthetic.bin"), "class_family": families,
-            "pair_kind": np.asarray(kinds), "num_classes": int(families.size),
-            "family_size": float(sizes[sizes > 0].mean())}
+    info = read_set_info(data_dir)
+    sizes = np.bincount(info["class_family"])
+    return {**info, "bin": info["bin_path"], "family_size": float(sizes[sizes > 0].mean())}
 
 
 def class_rows(checkpoint: str, method: str, num_classes: int, dim: int) -> np.ndarray:
