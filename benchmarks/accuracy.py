@@ -217,12 +217,14 @@ def _last_metrics(save_path: str) -> dict:
     if not rows:
         return {}
     last = rows[-1]
-    recalls = [float(r["recall"]) for r in rows if r.get("recall") not in (None, "")]
     out = {"final_loss": float(last["loss"]), "final_train_acc": float(last["acc"]),
            "final_step": int(last["step"])}
-    if recalls:
-        out["recall_at10_mean"] = round(float(np.mean(recalls)), 4)
-        out["recall_at10_last"] = recalls[-1]
+    for key, name in (("recall", "recall_at10"), ("coverage", "coverage"),
+                      ("picks_top1pct", "picks_top1pct"), ("top1_all", "train_top1_all")):
+        vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+        if vals:  # the mean over the run (recall: every --recall-every; coverage: each epoch)
+            out[f"{name}_mean"] = round(float(np.mean(vals)), 4)
+            out[f"{name}_last"] = vals[-1]
     return out
 
 

@@ -139,6 +139,8 @@ def train_one_epoch(model: nn.Module, head: nn.Module, optimizer: torch.optim.Op
                    "acc": float(tot[1] / tot[2]), "lr": lr, "step_s": step_s,
                    "img_s": n * hd.world_size() / step_s if step_s > 0 else math.nan,
                    "data_s": meters["data_s"].avg}
+            if i + 1 == steps_in_epoch and hasattr(head, "coverage"):
+                row.update(head.coverage())  # the epoch's negatives: how many, how even
             progress.train(row, f"epoch {epoch} [{i + 1}/{steps_in_epoch}] step "
                                 f"{step}/{total_steps}",
                            format_eta(step_s * (total_steps - step)),
