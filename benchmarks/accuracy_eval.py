@@ -200,24 +200,45 @@ def pair_kind_accuracy(dist: np.ndarray, issame: np.ndarray, threshold: float,
     return out
 
 
+def protocol_pairs(kinds: np.ndarray) -> dict[str, np.ndarray]:
+    """Two balanced verification protocols over one pair list, as the issue's hidden set had
+    them: ``lookalike_pairs`` (same pairs vs look-alike pairs) and ``random_pairs`` (same
+    pairs vs pairs of unrelated identities); the same pairs are dealt alternately to the
+    two, so each protocol is half same, half different. Pair indices, ascending."""
+    kinds = np.asarray(kinds)
+    same = np.flatnonzero(kinds == "same")
+    return {"lookalike_pairs": np.sort(np.r_[same[0::2], np.flatnonzero(kinds == "lookalike")]),
+            "random_pairs": np.sort(np.r_[same[1::2], np.flatnonzero(kinds == "other")])}
+
+
+def _verification(feats: np.ndarray, issame: np.ndarray) -> dict:
+    from evaluation.verification import evaluate
+
+    ver = evaluate(feats, issame)
+    return {"accuracy": round(ver.accuracy, 5), "accuracy_std": round(ver.accuracy_std, 5),
+            "val_at_far": round(ver.val, 5), "far_target": ver.far_target,
+            "auc": round(ver.auc, 5), "pairs": ver.num_pairs,
+            "fold_accuracies": [round(a, 5) for a in ver.fold_accuracies]}, ver
+
+
 def evaluate_one(res: dict, info: dict, data_dir: str, settings: dict, indices: np.ndarray
                  ) -> None:
     """Add verification and closed-set figures of a trained run to ``res`` (``settings``:
     the run's resolved trainer settings, its ``args.json``; ``info``: :func:`set_info`)."""
-    from evaluation.verification import evaluate, pair_distances
+    from evaluation.verification import pair_distances
     from hfsoftmax.extract import extract_verification, load_backbone
 
     t0 = time.perf_counter()
     backbone = load_backbone(res["checkpoint"], device="cpu")
     feats, issame = extract_verification(backbone, info["bin"], device="cpu")
-    ver = evaluate(feats, issame)
-    res["verification"] = {"accuracy": round(ver.accuracy, 5),
-                           "accuracy_std": round(ver.accuracy_std, 5),
-                           "val_at_far": round(ver.val, 5), "far_target": ver.far_target,
-                           "auc": round(ver.auc, 5), "pairs": ver.num_pairs,
-                           "fold_accuracies": [round(a, 5) for a in ver.fold_accuracies],
-                           **pair_kind_accuracy(pair_distances(feats), issame,
-                                                ver.best_threshold, info["pair_kind"])}
+    issame = np.asarray(issame, dtype=bool)
+    figures, ver = _verification(feats, issame)
+    res["verification"] = {**figures, **pair_kind_accuracy(
+        pair_distances(feats), issame, ver.best_threshold, info["pair_kind"])}
+    for name, idx in protocol_pairs(info["pair_kind"]).items():
+        if idx.size >= 20 and 0 < issame[idx].sum() < idx.size:
+            rows = np.stack([2 * idx, 2 * idx + 1], axis=1).ravel()
+            res[name] = _verification(feats[rows], issame[idx])[0]
     families = info["class_family"]
     rows = class_rows(res["checkpoint"], res["method"], info["num_classes"],
                       settings["embedding_size"])
