@@ -301,10 +301,7 @@ class RemoteRowStore(RowStore):
         if num_rows is not None:
             client.create_table(table, int(num_rows), int(dim), init=init, std=std, seed=seed)
         if optim is not None:
-            client.set_optimizer(table, optim.lr, momentum=optim.momentum,
-                                 weight_decay=optim.weight_decay, nesterov=optim.nesterov,
-                                 renorm=optim.renorm, max_norm=optim.max_norm,
-                                 catchup_decay=optim.catchup_decay)
+            client.set_optimizer(table, **optim.to_dict())
         info = client.table_info(table)
         self.num_rows, self.dim = int(info["num_rows"]), int(info["dim"])
         if num_rows is not None and (self.num_rows, self.dim) != (int(num_rows), int(dim)):

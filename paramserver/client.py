@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import zmq
 
+from .optim import SGDConfig
 from .wire import decode_arrays, decode_header, encode
 
 __all__ = ["ParamClient", "ParamServerError"]
@@ -255,18 +256,13 @@ class ParamClient:
                 "step": first["step"], "optimizer": first["optimizer"], "init": first["init"],
                 "std": first["std"], "seed": first["seed"], "shards": infos}
 
-    def set_optimizer(self, name: str, lr: float, momentum: float = 0.0,
-                      weight_decay: float = 0.0, nesterov: bool = False,
-                      renorm: float = 0.0, catchup_decay: bool = False,
-                      max_norm: float = 0.0) -> None:
-        """SGD settings of a table (torch.optim.SGD's meaning; dampening is 0). ``renorm``
-        > 0 rescales each updated row to that L2 norm after the step, ``max_norm`` > 0 only
-        the rows above that norm, down to it; ``catchup_decay``
-        decays every row every step as a dense SGD would (:class:`SGDConfig`)."""
-        self._all({"op": "set_optimizer", "table": name, "lr": float(lr),
-                   "momentum": float(momentum), "weight_decay": float(weight_decay),
-                   "nesterov": bool(nesterov), "renorm": float(renorm),
-                   "max_norm": float(max_norm), "catchup_decay": bool(catchup_decay)})
+    def set_optimizer(self, name: str, lr: float, **settings) -> None:
+        """SGD settings of a table: ``lr`` and any other :class:`~paramserver.optim.SGDConfig`
+        field (``momentum``, ``weight_decay``, ``nesterov``, ``renorm``, ``max_norm``,
+        ``catchup_decay``, ...; torch.optim.SGD's meaning, dampening 0), checked here as the
+        server checks them, sent as one header field each."""
+        cfg = SGDConfig(lr=lr, **settings)
+        self._all({"op": "set_optimizer", "table": name, **cfg.to_dict()})
 
     def set_lr(self, name: str, lr: float) -> None:
         """Change the learning rate; the next applied step uses it."""

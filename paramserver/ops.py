@@ -199,16 +199,13 @@ class TableOps:
         return {"created": True, "info": self._info(t)}, ()
 
     def op_set_optimizer(self, header, arrays, req):
-        h = Header(header, {"table", "lr", "momentum", "weight_decay", "nesterov", "renorm",
-                            "max_norm", "catchup_decay"})
+        kinds = SGDConfig.field_kinds()  # every SGD setting, each optional but lr
+        h = Header(header, {"table", *kinds})
         _expect(arrays, [], "set_optimizer")
         t = self._table(h)
-        cfg = SGDConfig(lr=h.get("lr", "float"), momentum=h.get("momentum", "float", 0.0),
-                        weight_decay=h.get("weight_decay", "float", 0.0),
-                        nesterov=h.get("nesterov", "bool", False),
-                        renorm=h.get("renorm", "float", 0.0),
-                        max_norm=h.get("max_norm", "float", 0.0),
-                        catchup_decay=h.get("catchup_decay", "bool", False))
+        defaults = SGDConfig.__dataclass_fields__
+        cfg = SGDConfig(**{k: h.get(k, kind, ... if k == "lr" else defaults[k].default)
+                           for k, kind in kinds.items()})
         t.optim = cfg
         log.info("table %r optimizer: %s", t.name, cfg.to_dict())
         return {"optimizer": cfg.to_dict()}, ()

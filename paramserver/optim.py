@@ -36,7 +36,7 @@ max relative error of 1e-5 after 20 steps).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import numpy as np
@@ -119,15 +119,22 @@ class SGDConfig:
                              f"got momentum={self.momentum!r}")
 
     def to_dict(self) -> dict:
+        """The settings as a flat dict: what snapshots store and the wire carries."""
         return asdict(self)
 
     @classmethod
+    def field_kinds(cls) -> dict[str, str]:
+        """Each setting's name and kind (``"bool"`` or ``"float"``), from the dataclass's
+        fields: the one list of SGD settings (the server's ``set_optimizer``, the client and
+        the snapshot reader all read it from here)."""
+        return {f.name: "bool" if f.type in (bool, "bool") else "float" for f in fields(cls)}
+
+    @classmethod
     def from_dict(cls, d: dict) -> "SGDConfig":
-        unknown = set(d) - {"lr", "momentum", "weight_decay", "nesterov", "renorm",
-                            "max_norm", "catchup_decay"}
+        unknown = set(d) - set(cls.field_kinds())
         if unknown:
-            raise ValueError(f"unknown SGD settings {sorted(unknown)}; valid: lr, momentum, "
-                             "weight_decay, nesterov, renorm, max_norm, catchup_decay")
+            raise ValueError(f"unknown SGD settings {sorted(unknown)}; valid: "
+                             f"{', '.join(cls.field_kinds())}")
         return cls(**d)
 
 

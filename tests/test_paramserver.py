@@ -193,10 +193,20 @@ def test_client_api_and_error_replies(tmp_path):
         vals = np.arange(12, dtype=np.float32).reshape(2, 6)
         ps.set_rows("emb", [7, 2], vals)
         np.testing.assert_array_equal(ps.pull("emb", [2, 7, 2]), vals[[1, 0, 1]])
-        with pytest.raises(ParamServerError, match="lr must be finite and >= 0"):
+        # the client checks the settings as the server does, before sending them ...
+        with pytest.raises(ValueError, match="lr must be finite and >= 0"):
             ps.set_optimizer("emb", lr=-0.1)
-        with pytest.raises(ParamServerError, match="nesterov"):
+        with pytest.raises(ValueError, match="nesterov"):
             ps.set_optimizer("emb", lr=0.1, nesterov=True)
+        with pytest.raises(TypeError, match="bogus"):
+            ps.set_optimizer("emb", lr=0.1, bogus=1)
+        # ... and the server refuses them when a client sends them anyway
+        for bad, words in (({"lr": -0.1}, "lr must be finite and >= 0"),
+                           ({"lr": 0.1, "nesterov": True}, "nesterov"),
+                           ({"lr": 0.1, "bogus": 1}, "bogus"),
+                           ({"momentum": 0.5}, "missing header field 'lr'")):
+            with pytest.raises(ParamServerError, match=words):
+                ps._all({"op": "set_optimizer", "table": "emb", **bad})
         ps.set_optimizer("emb", lr=1.0)
         with pytest.raises(ParamServerError, match="not finite"):
             ps.push("emb", [1], np.full((1, 6), np.nan))
@@ -409,8 +419,11 @@ def test_renorm_setting_reaches_the_server():
         np.testing.assert_allclose(capped[7], after[7] - 0.25, rtol=1e-6)  # norm ~0.5: kept
         assert np.linalg.norm(after[2] - 0.25) > 1.5  # row 2 was above the cap
         assert ps.table_info("w")["optimizer"]["max_norm"] == 1.0
-        with pytest.raises(ParamServerError, match="exclude each other"):
+        with pytest.raises(ValueError, match="exclude each other"):  # checked by the client
             ps.set_optimizer("w", lr=0.5, renorm=1.0, max_norm=1.0)
+        with pytest.raises(ParamServerError, match="exclude each other"):  # and the server
+            ps._all({"op": "set_optimizer", "table": "w", "lr": 0.5, "renorm": 1.0,
+                     "max_norm": 1.0})
         np.testing.assert_array_equal(ps.read_all("w"), capped)
 
 
@@ -434,6 +447,9 @@ def test_catchup_decay_setting_reaches_the_server():
         np.testing.assert_array_equal(ps.read_all("w"), local.read(0, 30))
         np.testing.assert_array_equal(ps.pull("w", [0, 7, 7]), local.pull(np.array([0, 7, 7])))
         assert ps.table_info("w")["optimizer"]["catchup_decay"] is True
-        with pytest.raises(ParamServerError, match="needs momentum 0"):
+        with pytest.raises(ValueError, match="needs momentum 0"):  # checked by the client
             ps.set_optimizer("w", lr=0.5, momentum=0.9, weight_decay=0.1, catchup_decay=True)
+        with pytest.raises(ParamServerError, match="needs momentum 0"):  # and the server
+            ps._all({"op": "set_optimizer", "table": "w", "lr": 0.5, "momentum": 0.9,
+                     "weight_decay": 0.1, "catchup_decay": True})
         np.testing.assert_array_equal(ps.read_all("w"), local.read(0, 30))

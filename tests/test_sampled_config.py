@@ -16,21 +16,21 @@ from hfsoftmax.heads.sampled_config import (FIELDS, PRESET_NAMES, SampledRule, l
 from paramserver.optim import SGDConfig
 from tests.ps_utils import ROOT
 
-COLS = ("row_lr_mult", "row_momentum", "row_catchup_decay", "max_norm_rows", "renorm_rows",
-        "logq", "random_share", "fresh_rows")
+COLS = ("row_lr_mult", "row_momentum", "row_nesterov", "row_catchup_decay", "max_norm_rows",
+        "renorm_rows", "logq", "random_share", "fresh_rows")
 # preset, head, sampler -> the rule's values in COLS order, at --momentum 0.9 ("10" is
 # 1 / (1 - 0.9)); the README's defaults table is generated from the same presets.
 EXPECTED = {
-    ("default", "cosface", "annoy"): (10.0, 0.0, True, 1.0, 0.0, "sample", 0.0, 32768),
-    ("default", "arcface", "hnsw"): (10.0, 0.0, True, 1.0, 0.0, "sample", 0.0, 32768),
-    ("default", "cosface", "random"): (10.0, 0.0, True, 1.0, 0.0, "off", 0.0, 0),
-    ("default", "arcface", "random"): (10.0, 0.0, True, 1.0, 0.0, "off", 0.0, 0),
-    ("default", "linear", "faiss"): (10.0, 0.0, False, 0.0, 0.0, "off", 0.0, 0),
-    ("default", "linear", "random"): (10.0, 0.0, False, 0.0, 0.0, "off", 0.0, 0),
-    ("paper", "cosface", "annoy"): (1.0, 0.9, False, 0.0, 0.0, "off", 0.0, 0),
-    ("paper", "cosface", "random"): (1.0, 0.9, False, 0.0, 0.0, "off", 0.0, 0),
-    ("paper", "linear", "exact"): (1.0, 0.9, False, 0.0, 0.0, "off", 0.0, 0),
-    ("paper", "linear", "random"): (1.0, 0.9, False, 0.0, 0.0, "off", 0.0, 0),
+    ("default", "cosface", "annoy"): (10.0, 0.0, False, True, 1.0, 0.0, "sample", 0.0, 32768),
+    ("default", "arcface", "hnsw"): (10.0, 0.0, False, True, 1.0, 0.0, "sample", 0.0, 32768),
+    ("default", "cosface", "random"): (10.0, 0.0, False, True, 1.0, 0.0, "off", 0.0, 0),
+    ("default", "arcface", "random"): (10.0, 0.0, False, True, 1.0, 0.0, "off", 0.0, 0),
+    ("default", "linear", "faiss"): (10.0, 0.0, False, False, 0.0, 0.0, "off", 0.0, 0),
+    ("default", "linear", "random"): (10.0, 0.0, False, False, 0.0, 0.0, "off", 0.0, 0),
+    ("paper", "cosface", "annoy"): (1.0, 0.9, False, False, 0.0, 0.0, "off", 0.0, 0),
+    ("paper", "cosface", "random"): (1.0, 0.9, False, False, 0.0, 0.0, "off", 0.0, 0),
+    ("paper", "linear", "exact"): (1.0, 0.9, False, False, 0.0, 0.0, "off", 0.0, 0),
+    ("paper", "linear", "random"): (1.0, 0.9, False, False, 0.0, 0.0, "off", 0.0, 0),
 }
 # flags given alone (cosface + annoy unless the flags say otherwise) -> (the preset and
 # --momentum they are compared with, the values that change: every other setting stays the
@@ -53,6 +53,7 @@ OVERRIDES = {
     ("--row-lr-mult", "3"): ("default", 0.9, {"row_lr_mult": 3.0}),
     ("--momentum", "0.5"): ("default", 0.5, {}),  # auto: 1 / (1 - 0.5) = 2, as the preset
     ("--sampled-rule", "paper", "--logq", "sample"): ("paper", 0.9, {"logq": "sample"}),
+    ("--sampled-rule", "paper", "--row-nesterov"): ("paper", 0.9, {"row_nesterov": True}),
 }
 
 
@@ -112,6 +113,7 @@ def test_rule_round_trips_and_feeds_the_rows_sgd_by_its_field_metadata():
     ({"fresh_rows": -3}, "--fresh-rows must be an integer >= 0"),
     ({"row_momentum": float("nan"), "row_catchup_decay": False}, "--row-momentum"),
     ({"row_lr_mult": 0.0}, "--row-lr-mult must be a finite number > 0"),
+    ({"row_nesterov": True}, "rows' SGD settings .*--row-nesterov.* needs momentum > 0"),
 ])
 def test_bad_settings_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -124,6 +126,7 @@ def test_legacy_rule_fills_what_older_checkpoints_ran_with():
     before = {"head": "cosface", "sampler": "annoy", "momentum": 0.9, "interval": 100,
               "sample_num": 200, "sampled": True}
     assert legacy_rule(before) == {"row_momentum": 0.9, "row_lr_mult": 1.0,
+                                   "row_nesterov": False,
                                    "renorm_rows": 0.0, "max_norm_rows": 0.0,
                                    "row_catchup_decay": False, "fresh_rows": 0,
                                    "logq": "off", "random_share": 0.0}

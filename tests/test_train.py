@@ -583,6 +583,21 @@ def test_the_rule_reaches_store_and_sampler_and_checkpoints_keep_it_resolved(tin
     assert rule_from_args(args).fresh_rows == 7 and rule_from_args(args).max_norm_rows == 1.0
 
 
+def test_a_rule_field_reaches_the_server_through_its_metadata_alone(tiny_rec):
+    """--row-nesterov was added to the rule by one field in sampled_config.py (its SGD
+    metadata names SGDConfig.nesterov): the trainer's flag, the rule, the client and the
+    server's set_optimizer carry it with no code of their own."""
+    hf = ["--sampled", "--sampler", "random", "--sample-num", "24"]
+    with running_server() as (_, address):
+        _, store = build(["--train-rec", str(tiny_rec), *TINY, *hf, "--ps", address,
+                          "--sampled-rule", "paper", "--row-nesterov"])
+        try:
+            assert store.info()["optimizer"]["nesterov"] is True
+            assert store.info()["optimizer"]["momentum"] == 0.9
+        finally:
+            store.close()
+
+
 def test_checkpoints_before_the_rule_resume_with_what_they_ran(tiny_rec, tmp_path):
     """The legacy table: a checkpoint whose args predate a rule setting resumes with the
     value it ran with (renorm, cap, every-step decay, fresh rows, log-Q off; the rows took

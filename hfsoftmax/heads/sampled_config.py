@@ -1,11 +1,11 @@
 """The sampled head's rules, in one place: how its selected rows are updated and how its
 softmax over a selection is corrected.
 
-Eight settings make the rule (each also a trainer flag, ``--row-momentum`` for
+Nine settings make the rule (each also a trainer flag, ``--row-momentum`` for
 ``row_momentum`` and so on):
 
 * the rows' SGD: ``row_lr_mult`` (their LR over the backbone's), ``row_momentum``,
-  ``row_catchup_decay`` (weight decay on every row every step, kept lazily),
+  ``row_nesterov``, ``row_catchup_decay`` (weight decay on every row every step, kept lazily),
   ``max_norm_rows`` (a cap on updated rows' norms), ``renorm_rows`` (every updated row set
   to a norm);
 * the selection's correction: ``logq`` (``sample``: per-sample log-Q; ``random``: the
@@ -86,6 +86,9 @@ class SampledRule:
         "is pushed, so a gradient's momentum tail lands hundreds of steps late; 0 with "
         "row LR x 1/(1 - momentum) gives each gradient its whole displacement at once",
         sgd="momentum"))
+    row_nesterov: bool = field(default=False, metadata=_meta(
+        "Nesterov momentum for the rows' SGD (needs --row-momentum > 0)", sgd="nesterov",
+        kind="bool"))
     row_catchup_decay: bool = field(default=False, metadata=_meta(
         "decay every row every step by 1 - lr * --weight-decay, as a dense SGD (the full "
         "softmax) does, kept lazily: a pushed row first takes the decay of the steps it "
@@ -168,9 +171,10 @@ class SampledRule:
                              f"{self.row_lr_mult!r}")
         for name in ("row_momentum", "max_norm_rows", "renorm_rows"):
             _nonneg(name, getattr(self, name))
-        if not isinstance(self.row_catchup_decay, bool):
-            raise ValueError(f"--row-catchup-decay must be true or false, got "
-                             f"{self.row_catchup_decay!r}")
+        for name in ("row_catchup_decay", "row_nesterov"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"--{name.replace('_', '-')} must be true or false, got "
+                                 f"{getattr(self, name)!r}")
         if self.logq not in LOGQ_MODES:
             raise ValueError(f"--logq must be one of {', '.join(LOGQ_MODES)}, got "
                              f"{self.logq!r}")
@@ -189,6 +193,13 @@ class SampledRule:
                              "the every-step decay is exact only without row momentum; add "
                              "--no-row-catchup-decay (or --sampled-rule paper, the paper's "
                              "lazy momentum), or drop --row-momentum")
+        try:  # whatever else the rows' SGD refuses (e.g. Nesterov without momentum)
+            self.sgd(lr=0.1, weight_decay=0.0)
+        except ValueError as e:
+            sgd_flags = ", ".join(f"--{f.name.replace('_', '-')}" for f in
+                                  dataclasses.fields(self) if f.metadata.get("sgd"))
+            raise ValueError(f"the rows' SGD settings ({sgd_flags}) do not fit together: "
+                             f"{e}") from None
         if head == "linear":
             for flag, v in (("--renorm-rows", self.renorm_rows),
                             ("--max-norm-rows", self.max_norm_rows)):
@@ -226,9 +237,11 @@ def _preset(**values) -> SampledRule:
     return SampledRule(**values)
 
 
-_RULE_DEFAULT = dict(row_lr_mult="auto", row_momentum=0.0, renorm_rows=0.0, random_share=0.0)
-_PAPER = _preset(row_lr_mult=1.0, row_momentum=0.9, row_catchup_decay=False, max_norm_rows=0.0,
-                 renorm_rows=0.0, logq="off", random_share=0.0, fresh_rows=0)
+_RULE_DEFAULT = dict(row_lr_mult="auto", row_momentum=0.0, row_nesterov=False, renorm_rows=0.0,
+                     random_share=0.0)
+_PAPER = _preset(row_lr_mult=1.0, row_momentum=0.9, row_nesterov=False,
+                 row_catchup_decay=False, max_norm_rows=0.0, renorm_rows=0.0, logq="off",
+                 random_share=0.0, fresh_rows=0)
 #: preset -> (head family, selection kind) -> rule. Families: "margin" (cosface, arcface),
 #: "linear"; kinds: "index" (annoy, hnsw, faiss, exact), "random".
 PRESETS: dict[str, dict[tuple[str, str], SampledRule]] = {
@@ -345,7 +358,8 @@ def rule_from_args(args: argparse.Namespace) -> SampledRule:
 # ---------------------------------------------------------------------- old checkpoints
 #: What a checkpoint written before a setting existed ran with (the rows took the
 #: backbone's momentum at its LR; no norm rule, every-step decay, fresh rows or correction).
-LEGACY_VALUES = {"row_lr_mult": 1.0, "renorm_rows": 0.0, "max_norm_rows": 0.0,
+LEGACY_VALUES = {"row_lr_mult": 1.0, "row_nesterov": False, "renorm_rows": 0.0,
+                 "max_norm_rows": 0.0,
                  "row_catchup_decay": False, "fresh_rows": 0, "logq": "off",
                  "random_share": 0.0}
 #: Before this module, fresh rows defaulted to --interval x --sample-num up to this many.
