@@ -41,13 +41,14 @@ from . import distributed as hd
 from .engine.checkpoint import Checkpointer
 from .engine.config import UsageError, args_to_dict, parse_args, resolve_resume_path
 from .engine.data import FlipDataset, ShardedBatchSampler, build_train_dataset
-from .engine.metrics import ProgressLog, SmoothedValue, format_eta
+from .engine.metrics import ProgressLog, SmoothedValue, format_eta, log_start
 from .engine.runtime import RunLock, pick_device, remove_handlers, setup_logging
 from .engine.schedule import StepSchedule
 from .engine.verify import Verifier
 from .fileio import write_json
 from .heads.base import correct_count
-from .heads.factory import build_head_from_args, neighbour_slots_per_sample
+from .heads.factory import build_head_from_args, logit_kwargs
+from .heads.logits import DEFAULT_MARGINS, DEFAULT_SCALE
 from .heads.sampled_config import SampledRule, rule_from_args
 
 __all__ = ["main", "run", "TrainModel", "train_one_epoch", "stored_settings"]
@@ -73,9 +74,15 @@ class TrainModel(nn.Module):
 
 
 def stored_settings(args: argparse.Namespace, rule: SampledRule | None) -> dict[str, Any]:
-    """What a checkpoint and ``args.json`` keep: the flags, with the sampled head's rule as
-    it ran (resolved), so that a later change of a preset does not change a resumed run."""
-    return {**args_to_dict(args), **(rule.to_dict() if rule is not None else {})}
+    """What a checkpoint and ``args.json`` keep: the flags, with the sampled head's rule and
+    a margin head's scale and margin as they ran (resolved), so that a later change of a
+    default does not change a resumed run."""
+    out = {**args_to_dict(args), **(rule.to_dict() if rule is not None else {})}
+    if args.head != "linear":
+        kw = logit_kwargs(args)
+        out.update(scale=float(kw.get("s", DEFAULT_SCALE)),
+                   margin=float(kw.get("m", DEFAULT_MARGINS[args.head])))
+    return out
 
 
 # --------------------------------------------------------------------------- the loop
@@ -183,31 +190,6 @@ class AfterStep:
             self.ckpt.save(s, s // self.steps_per_epoch, is_best=is_best)
 
 
-def _log_start(args, rule: SampledRule | None, num_images: int, num_classes: int,
-               steps_per_epoch: int, step: int, total_steps: int, device) -> None:
-    world = hd.world_size()
-    if rule is not None:
-        logger.info("sampled head (--sampled-rule %s): %s", args.sampled_rule,
-                    rule.describe(args.weight_decay))
-        slots = neighbour_slots_per_sample(args, rule, world)
-        if slots is not None:
-            logger.info("class selection: %d of %d classes per step (%.2f%%); after the "
-                        "batch's labels, %.1f slots per sample for its nearest classes",
-                        args.sample_num, num_classes, 100.0 * args.sample_num / num_classes,
-                        slots)
-        if rule.logq == "random" and args.sampler != "random" and not rule.random_share:
-            logger.warning("--logq random acts on random classes only, and with "
-                           "--random-share 0 a selection has some only before the first "
-                           "index (or where the index finds too few neighbours); add "
-                           "--random-share, e.g. 0.3")
-    logger.info("training %s (%s head%s) on %d images of %d classes: %d process(es) x batch "
-                "%d, %d steps/epoch, steps %d -> %d, device %s", args.arch, args.head,
-                f", sampled {args.sample_num} via {args.sampler}"
-                f"{' on ' + ','.join(args.ps) if args.ps else ' (in-process rows)'}"
-                if args.sampled else ", full softmax", num_images, num_classes, world,
-                args.batch_size, steps_per_epoch, step, total_steps, device)
-
-
 def _close_head(head, store) -> None:
     sampler = getattr(head, "sampler", None)
     if sampler is not None and hasattr(sampler, "close"):
@@ -298,7 +280,7 @@ def run(args: argparse.Namespace) -> dict:
                        sort_keys=True)
         verifier = Verifier(args.val_bins, os.path.join(args.save_path, "val")) \
             if args.val_bins and hd.is_main() else None
-        _log_start(args, rule, len(dataset), num_classes, steps_per_epoch, step,
+        log_start(args, rule, len(dataset), num_classes, steps_per_epoch, step,
                    total_steps, device)
         after = AfterStep(args, ckpt, verifier, progress, backbone, device, steps_per_epoch,
                           total_steps)

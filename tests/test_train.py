@@ -583,6 +583,33 @@ def test_the_rule_reaches_store_and_sampler_and_checkpoints_keep_it_resolved(tin
     assert rule_from_args(args).fresh_rows == 7 and rule_from_args(args).max_norm_rows == 1.0
 
 
+def test_small_nets_default_to_a_smaller_scale_and_margin_stored_resolved(tiny_rec, tmp_path):
+    """convnet-s: s 30, m 0.2 unless --scale/--margin say otherwise (other backbones keep
+    the heads' 64 / 0.35 / 0.5); the checkpoint stores the values it ran with, and one from
+    before (scale and margin None) resumes at the heads' own defaults."""
+    from hfsoftmax.heads.factory import logit_kwargs
+
+    base = ["--train-rec", str(tiny_rec), "--head", "cosface"]
+    assert logit_kwargs(parse_args(base + ["--arch", "convnet-s"])) == \
+        {"logit": "cosface", "s": 30.0, "m": 0.2}
+    assert logit_kwargs(parse_args(base + ["--arch", "ir18"])) == {"logit": "cosface"}
+    assert logit_kwargs(parse_args(base + ["--arch", "convnet-s", "--margin", "0.35"])) == \
+        {"logit": "cosface", "s": 30.0, "m": 0.35}
+    assert logit_kwargs(parse_args(base + ["--arch", "convnet-s-gn", "--head", "arcface"])) \
+        == {"logit": "arcface", "s": 30.0, "m": 0.2}
+    save = tmp_path / "run"
+    small = TINY[:TINY.index("--scale")] + TINY[TINY.index("--lr"):]  # no scale/margin
+    assert main(["--train-rec", str(tiny_rec), *small, "--max-steps", "1",
+                 "--save-path", str(save)]) == 0
+    ckpt = torch.load(save / "last.pth", weights_only=True)
+    assert (ckpt["args"]["scale"], ckpt["args"]["margin"]) == (30.0, 0.2)
+    assert "cosface s=30 m=0.2" in (save / "train.log").read_text()
+    ckpt["args"].update(scale=None, margin=None)
+    torch.save(ckpt, save / "old.pth")
+    old = parse_args(["--resume", str(save / "old.pth")])
+    assert (old.scale, old.margin) == (64.0, 0.35)
+
+
 def test_a_rule_field_reaches_the_server_through_its_metadata_alone(tiny_rec):
     """--row-nesterov was added to the rule by one field in sampled_config.py (its SGD
     metadata names SGDConfig.nesterov): the trainer's flag, the rule, the client and the

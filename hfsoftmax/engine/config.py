@@ -131,6 +131,14 @@ def _stored_args(resume: str, dests: dict[str, argparse.Action]) -> dict[str, An
     if not isinstance(stored, dict):
         raise UsageError(f"--resume {path}: the checkpoint has no settings ('args'); it was "
                          "not written by hfsoftmax-train")
+    if stored.get("head") in sampled_config.MARGIN_HEADS:
+        # a margin head's scale and margin are stored resolved; None: a checkpoint from
+        # before the backbones' own defaults, which ran at the heads' (64; 0.35 / 0.5)
+        from ..heads.logits import DEFAULT_MARGINS, DEFAULT_SCALE
+        if stored.get("scale") is None:
+            stored = {**stored, "scale": DEFAULT_SCALE}
+        if stored.get("margin") is None:
+            stored = {**stored, "margin": DEFAULT_MARGINS[stored["head"]]}
     if stored.get("sampled"):
         stored = {**stored, **sampled_config.legacy_rule(stored)}
     else:

@@ -138,9 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head", choices=HEADS, default="cosface",
                    help="logits: linear (plain softmax), cosface or arcface (margin heads)")
     g.add_argument("--scale", type=float, default=None,
-                   help="margin heads' scale s (default: the head's, 64)")
+                   help="margin heads' scale s (default 64; 30 for the small CPU nets "
+                        "convnet-s and convnet-s-gn, which do not train well at 64)")
     g.add_argument("--margin", type=float, default=None,
-                   help="margin m (default: cosface 0.35, arcface 0.5 radians)")
+                   help="margin m (default: cosface 0.35, arcface 0.5 radians; 0.2 for both "
+                        "with convnet-s and convnet-s-gn)")
 
     g = p.add_argument_group("HF-Softmax (sampled head)")
     g.add_argument("--sampled", action="store_true",

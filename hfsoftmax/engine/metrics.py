@@ -14,7 +14,7 @@ import os
 from collections import deque
 
 __all__ = ["SmoothedValue", "format_eta", "CsvWriter", "ScalarWriter", "ProgressLog",
-           "TRAIN_FIELDS", "VAL_FIELDS"]
+           "TRAIN_FIELDS", "VAL_FIELDS", "log_start"]
 
 logger = logging.getLogger("hfsoftmax.train")  # the progress line is the trainer's
 
@@ -158,3 +158,37 @@ class ProgressLog:
         for w in (self.csv, self.val_csv, self.tb):
             if w is not None:
                 w.close()
+
+
+def log_start(args, rule, num_images: int, num_classes: int, steps_per_epoch: int, step: int,
+              total_steps: int, device) -> None:
+    """The run's opening log lines: the sampled head's rule and selection size, and what is
+    trained on what (the head with its scale and margin)."""
+    from .. import distributed as hd
+    from ..heads.factory import logit_kwargs, neighbour_slots_per_sample
+    from ..heads.logits import DEFAULT_MARGINS, DEFAULT_SCALE
+
+    world = hd.world_size()
+    if rule is not None:
+        logger.info("sampled head (--sampled-rule %s): %s", args.sampled_rule,
+                    rule.describe(args.weight_decay))
+        slots = neighbour_slots_per_sample(args, rule, world)
+        if slots is not None:
+            logger.info("class selection: %d of %d classes per step (%.2f%%); after the "
+                        "batch's labels, %.1f slots per sample for its nearest classes",
+                        args.sample_num, num_classes, 100.0 * args.sample_num / num_classes,
+                        slots)
+        if rule.logq == "random" and args.sampler != "random" and not rule.random_share:
+            logger.warning("--logq random acts on random classes only, and with "
+                           "--random-share 0 a selection has some only before the first "
+                           "index (or where the index finds too few neighbours); add "
+                           "--random-share, e.g. 0.3")
+    kw = logit_kwargs(args)
+    head = args.head if args.head == "linear" else \
+        f"{args.head} s={kw.get('s', DEFAULT_SCALE):g} m={kw.get('m', DEFAULT_MARGINS[args.head]):g}"
+    logger.info("training %s (%s head%s) on %d images of %d classes: %d process(es) x batch "
+                "%d, %d steps/epoch, steps %d -> %d, device %s", args.arch, head,
+                f", sampled {args.sample_num} via {args.sampler}"
+                f"{' on ' + ','.join(args.ps) if args.ps else ' (in-process rows)'}"
+                if args.sampled else ", full softmax", num_images, num_classes, world,
+                args.batch_size, steps_per_epoch, step, total_steps, device)

@@ -4,6 +4,6 @@ ResNet-18/34/50/101 adapted to 112x112 face crops (``resnet*``), InsightFace's I
 (``ir18`` .. ``ir100``), MobileFaceNet (``mobilefacenet``) and small convnets for CPU demos
 (``convnet-s``, ``convnet-s-gn``). ``build_backbone(name, embedding_size)`` builds one.
 """
-from .registry import build_backbone, list_backbones, register_backbone
+from .registry import build_backbone, head_defaults, list_backbones, register_backbone
 
-__all__ = ["build_backbone", "list_backbones", "register_backbone"]
+__all__ = ["build_backbone", "head_defaults", "list_backbones", "register_backbone"]

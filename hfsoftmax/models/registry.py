@@ -9,24 +9,38 @@ from typing import Callable
 
 import torch.nn as nn
 
-__all__ = ["register_backbone", "build_backbone", "list_backbones"]
+__all__ = ["register_backbone", "build_backbone", "list_backbones", "head_defaults"]
 
 # name -> constructor(embedding_size: int) -> nn.Module
 _BACKBONES: dict[str, Callable[..., nn.Module]] = {}
+# name -> the margin heads' scale and margins that backbone trains with by default
+_HEAD_DEFAULTS: dict[str, dict] = {}
 
 
-def register_backbone(name: str) -> Callable:
+def register_backbone(name: str, head_defaults: dict | None = None) -> Callable:
     """Decorator registering ``fn(embedding_size=...) -> nn.Module`` under ``name``.
 
-    A name registered twice raises ``ValueError`` (two modules claiming one name is a bug).
+    ``head_defaults`` (e.g. ``{"scale": 30.0, "cosface": 0.2}``): the margin heads' scale
+    and per-head margin the trainer uses with this backbone when ``--scale`` / ``--margin``
+    are not given (a small network may not train at the heads' own 64 / 0.35). A name
+    registered twice raises ``ValueError`` (two modules claiming one name is a bug).
     """
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _BACKBONES:
             raise ValueError(f"backbone {name!r} is already registered (by "
                              f"{_BACKBONES[name].__module__}.{_BACKBONES[name].__name__})")
         _BACKBONES[name] = fn
+        if head_defaults:
+            _HEAD_DEFAULTS[name] = dict(head_defaults)
         return fn
     return wrap
+
+
+def head_defaults(name: str) -> dict:
+    """The margin heads' default ``scale`` and per-head margins (``cosface``, ``arcface``)
+    of backbone ``name``; empty where the heads' own defaults apply."""
+    _load_builtin()
+    return dict(_HEAD_DEFAULTS.get(name, {}))
 
 
 def list_backbones() -> list[str]:
