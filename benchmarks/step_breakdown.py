@@ -303,7 +303,8 @@ def project(m: dict, args, a: dict) -> dict:
     return {
         "config": {"backbone": bb["backbone"] if on_gpu and bb["batch"] == B
                    else "ir50 (its GPU time assumed)", "batch": B, "num_classes": N,
-                   "sample_num": S, "dim": D, "today_sampler": today_sampler, "recall_every": args.recall_every},
+                   "sample_num": S, "dim": D, "today_sampler": today_sampler,
+                   "recall_every": args.recall_every},
         "gpu_only_ms": round(gpu_only, 2), "today_ms": round(today, 2),
         "new_path_ms": round(new, 2), "today_vs_gpu_only": round(today / gpu_only, 2),
         "new_vs_gpu_only": round(new / gpu_only, 2), "target_ratio": 1.2,
