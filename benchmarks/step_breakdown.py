@@ -280,7 +280,6 @@ def project(m: dict, args, a: dict) -> dict:
     telemetry_today = scale(rw["telemetry_ms"], "linear", rw["rows"], N) / args.recall_every
     note = sel["note_ms"] if on_gpu else gpu_model.note_ms(S, D, a)
     push_today = copy("grad_d2h_pageable_ms", False, rows_bytes) + rw["push_ms"]
-    push_new = copy("grad_d2h_pinned_ms", True, rows_bytes) + rw["push_ms"] + note
     parts_today = {
         "forward": fwd, "features_to_host": feat_copy, "host_select": host_select,
         "pull": rw["pull_ms"], "rows_to_device_pageable": copy("rows_h2d_pageable_ms", False,
@@ -291,13 +290,23 @@ def project(m: dict, args, a: dict) -> dict:
     k_max = math.ceil(neighbour_slots(S, 1) / B * 1.25) + 1
     ids_copies = gpu_model.copy_ms(B * (1 + k_max) * 8, False, a) + \
         gpu_model.copy_ms((S + B) * 8, True, a)
-    parts_new = {
-        "forward": fwd, "device_select": select_dev, "host_rule_on_ids": sel["host_rule_target_ms"],
-        "ids_copies": ids_copies, "pull": rw["pull_ms"],
-        "rows_to_device_pinned": copy("rows_h2d_pinned_ms", True, rows_bytes), "head": head,
-        "max(backward_and_optimizer, push_and_note)": max(bwd, push_new),
-        "telemetry_amortised": select_dev / args.recall_every,
-        "syncs": a["sync_ms"] * args.syncs_new}
+
+    def new_path(pull: float, push: float) -> dict:
+        push_new = copy("grad_d2h_pinned_ms", True, rows_bytes) + push + note
+        return {
+            "forward": fwd, "device_select": select_dev,
+            "host_rule_on_ids": sel["host_rule_target_ms"], "ids_copies": ids_copies,
+            "pull": pull, "rows_to_device_pinned": copy("rows_h2d_pinned_ms", True, rows_bytes),
+            "head": head, "max(backward_and_optimizer, push_and_note)": max(bwd, push_new),
+            "telemetry_amortised": select_dev / args.recall_every,
+            "syncs": a["sync_ms"] * args.syncs_new}
+
+    parts_new = new_path(rw["pull_ms"], rw["push_ms"])
+    push_new = copy("grad_d2h_pinned_ms", True, rows_bytes) + rw["push_ms"] + note
+    # what the new path would be with other row-store figures: the issue's server (12 ms
+    # pull, ~47 ms push), and none on the critical path (rows kept on the devices)
+    what_if = {"issue_server_pull_12_push_47": sum(new_path(12.0, 47.0).values()),
+               "rows_on_the_devices_no_pull_no_push": sum(new_path(0.0, 0.0).values())}
     gpu_only = fwd + bwd + head
     today, new = sum(parts_today.values()), sum(parts_new.values())
     return {
@@ -311,6 +320,9 @@ def project(m: dict, args, a: dict) -> dict:
         "target_met": bool(new <= 1.2 * gpu_only),
         "today_parts_ms": _rounded(parts_today), "new_path_parts_ms": _rounded(parts_new),
         "push_and_note_ms": round(push_new, 2),
+        "new_path_if_ms": {k: round(v, 2) for k, v in what_if.items()},
+        "new_path_if_vs_gpu_only": {k: round(v / (fwd + bwd + head), 2)
+                                    for k, v in what_if.items()},
         "other_host_samplers_today_ms": {
             name: round(today - host_select + scale(max(h["select_ms"] - sel["host_rule_ms"], 0),
                                                     h["scale_rule"], n, N)

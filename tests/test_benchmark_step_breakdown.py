@@ -25,7 +25,8 @@ def test_quick_run_writes_the_projection(tmp_path):
     res = json.loads(out.read_text())
     assert res == json.loads(proc.stdout) and res["quick"] is True
     proj = res["projection"]
-    for key in ("gpu_only_ms", "today_ms", "new_path_ms", "target_met", "assumptions"):
+    for key in ("gpu_only_ms", "today_ms", "new_path_ms", "target_met", "assumptions",
+                "new_path_if_ms"):
         assert key in proj, key
     assert set(proj["today_parts_ms"]) == PARTS_TODAY
     assert proj["today_ms"] == pytest.approx(sum(proj["today_parts_ms"].values()), abs=0.05)
@@ -62,6 +63,10 @@ def test_projection_overlaps_the_push_with_the_backward_only_on_the_new_path():
     assert quiet["new_path_parts_ms"]["max(backward_and_optimizer, push_and_note)"] == 80.0
     assert slow["new_path_ms"] - quiet["new_path_ms"] == pytest.approx(
         slow["push_and_note_ms"] - 80.0, abs=0.05)
+    # the what-ifs replace only the row store's figures
+    assert slow["new_path_if_ms"] == quiet["new_path_if_ms"]
+    assert quiet["new_path_if_ms"]["rows_on_the_devices_no_pull_no_push"] == pytest.approx(
+        quiet["new_path_ms"] - 10.0, abs=0.05)  # the 10 ms pull gone; the push was hidden
     # today the push is serial: +180 ms of push is +180 ms of step
     assert slow["today_ms"] - quiet["today_ms"] == pytest.approx(180.0, abs=0.05)
     assert quiet["today_parts_ms"]["host_select"] == pytest.approx(298.0 + 3.0, abs=0.01)
