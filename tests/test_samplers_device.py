@@ -206,3 +206,38 @@ def test_options_and_errors_name_the_bad_value(caplog):
     huge = DeviceRows(2**40, 64, device="cpu")
     with pytest.raises(MemoryError, match=r"needs .* GB.*ANN sampler.*sharding"):
         huge._alloc()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_search_and_notes_never_sync_and_select_like_exact():
+    rows = clustered_rows(N, D, seed=11)
+    exact = build_sampler("exact", N, D, metric="cosine", seed=0, background=False)
+    dev = build_sampler("device", N, D, metric="cosine", seed=0, background=False)
+    exact.rebuild(rows)
+    dev.rebuild(rows)
+    assert dev.rows.device.type == "cuda" and dev.rows.values().dtype == torch.float16
+    x, y = queries_near(rows, B, seed=12)
+    xd, yd = torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda()
+    a = exact.select(xd, yd, S)
+    b = dev.select(xd, yd, S)
+    assert b[0].device.type == "cuda"
+    np.testing.assert_array_equal(a[1].cpu().numpy(), b[1].cpu().numpy())  # labels first
+    labels = np.unique(y).size
+    np.testing.assert_array_equal(a[0][:labels].cpu().numpy(), b[0][:labels].cpu().numpy())
+    n_near = exact.last_num_neighbours
+    assert dev.last_num_neighbours == n_near > 0
+    near_a = set(a[0][labels:labels + n_near].tolist())
+    near_b = set(b[0][labels:labels + n_near].tolist())
+    assert len(near_a & near_b) >= 0.97 * n_near  # a float16 copy: near-ties may flip
+    ids = torch.arange(0, N, 7, device="cuda")
+    vals = torch.randn(ids.numel(), D, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dev.rows.topk(xd, 40)
+        dev.note_rows(ids, vals)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got = dev.rows.values()[ids].float()
+    want = torch.nn.functional.normalize(vals, dim=1)
+    assert torch.allclose(got, want, atol=2e-3)

@@ -256,7 +256,9 @@ class DeviceRows:
         return buf
 
     def _begin(self) -> None:
-        """A refresh starts reading: mark the rows noted from now on."""
+        """A refresh starts reading: mark the rows noted from now on. (The device is
+        resolved here, on the caller's thread: CUDA's current device is per thread.)"""
+        self.device
         self.swap_ready()
         with self._lock:
             self._touched = (torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
