@@ -107,8 +107,9 @@ def test_random_topup_too_many_raises():
 
 # ---------------------------------------------------------------------- registry
 def test_registry_lists_and_rejects():
-    assert set(list_samplers()) >= {"annoy", "hnsw", "faiss", "exact", "random"}
-    with pytest.raises(ValueError, match="Unknown sampler 'nope'.*annoy, exact, faiss, hnsw"):
+    assert set(list_samplers()) >= {"annoy", "hnsw", "faiss", "exact", "device", "random"}
+    with pytest.raises(ValueError, match="Unknown sampler 'nope'.*annoy, device, exact, "
+                                         "faiss, hnsw, random"):
         build_sampler("nope", 10, 4)
     with pytest.raises(ValueError, match="already registered"):
         register_sampler("exact", lambda *a, **k: None)

@@ -1,8 +1,10 @@
 """Class samplers for HF-Softmax: which classes a minibatch's softmax runs over.
 
 Backends (``build_sampler(name, ...)``): ``annoy`` (the paper's hashing forest, default),
-``hnsw`` (hnswlib), ``faiss`` (IVF-Flat, or HNSW), ``exact`` (chunked torch matmul + top-k)
-and ``random`` (Partial FC's uniform negatives). The pieces: ``index.py`` (what a backend
+``hnsw`` (hnswlib), ``faiss`` (IVF-Flat, or HNSW), ``exact`` (chunked torch matmul + top-k),
+``device`` (exact top-k over a copy of the rows on the features' device, updated in place
+with every changed row: ``device.py``, ``device_rows.py``) and ``random`` (Partial FC's
+uniform negatives). The pieces: ``index.py`` (what a backend
 implements: metric preparation, build, search), ``handle.py`` (the index kept in this
 process, rebuilt in the background and swapped atomically), ``process.py`` (the same handle
 proxied to an index process), ``selector.py`` (the sampler: rebuild policy, fresh rows, the

@@ -13,11 +13,12 @@ from .index import Index
 __all__ = ["ExactIndex", "chunked_topk"]
 
 
-def chunked_topk(queries, rows, k: int, chunk_rows: int = 65536):
+def chunked_topk(queries, rows, k: int, chunk_rows: int = 65536, matmul=None):
     """Top-k row ids of ``queries @ rows.T`` (torch tensors, same device), best first.
 
     Returns ``(scores, ids)`` as (B, k) tensors; chunked so only (B, chunk_rows) logits exist
-    at once.
+    at once. ``matmul(queries, block)`` replaces ``queries @ block.T`` (the device sampler
+    scores half-precision rows into float32 this way).
     """
     import torch
     n = rows.shape[0]
@@ -25,7 +26,8 @@ def chunked_topk(queries, rows, k: int, chunk_rows: int = 65536):
     best_s = best_i = None
     for start in range(0, n, chunk_rows):
         block = rows[start:start + chunk_rows]
-        s, i = torch.topk(queries @ block.T, min(k, block.shape[0]), dim=1)
+        scores = queries @ block.T if matmul is None else matmul(queries, block)
+        s, i = torch.topk(scores, min(k, block.shape[0]), dim=1)
         i = i + start
         if best_s is None:
             best_s, best_i = s, i

@@ -9,10 +9,14 @@ imports annoy/hnswlib/faiss.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Callable
 
 __all__ = ["register_sampler", "build_sampler", "list_samplers", "build_index",
-           "index_backends", "DEFAULT_SAMPLER", "POLICY_OPTIONS", "PROCESS_OPTIONS"]
+           "index_backends", "DEFAULT_SAMPLER", "POLICY_OPTIONS", "PROCESS_OPTIONS",
+           "IN_TRAINER"]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SAMPLER = "annoy"  # the paper's hashing forest
 #: options of the sampler itself (the selector), not of its index backend
@@ -20,6 +24,9 @@ POLICY_OPTIONS = ("interval", "background", "neighbour_oversample", "random_shar
                   "fresh_rows")
 #: options of an index process (``process=True``), not of its backend
 PROCESS_OPTIONS = ("row_source", "threads", "timeout_s", "start_timeout_s", "tmp_dir")
+#: samplers that always run in the trainer: ``random`` keeps no index, ``device`` keeps its
+#: copy of the rows on the accelerator; ``process=True`` drops the process options for them
+IN_TRAINER = ("random", "device")
 _SAMPLERS: dict[str, Callable] = {}
 _INDEXES: dict[str, Callable] = {}
 
@@ -61,7 +68,8 @@ def build_index(name: str, num_classes: int, dim: int, **opts):
 
 def build_sampler(name: str, num_classes: int, dim: int, *, metric: str = "ip", seed: int = 0,
                   process: bool = False, **backend_opts):
-    """Build the class sampler ``name`` (``annoy``, ``hnsw``, ``faiss``, ``exact``, ``random``).
+    """Build the class sampler ``name`` (``annoy``, ``hnsw``, ``faiss``, ``exact``, ``device``,
+    ``random``).
 
     ``metric`` must match the head's logits: ``"ip"`` for the linear head, ``"cosine"`` for
     the margin heads. Common options: ``interval`` (rebuild period in steps),
@@ -71,7 +79,8 @@ def build_sampler(name: str, num_classes: int, dim: int, *, metric: str = "ip", 
     ``process=True`` runs the index in its own process
     (:class:`~hfsoftmax.samplers.process.ProcessSampler`: the trainer then never holds the
     index, and with a remote row store not the rows either; extra options ``row_source``,
-    ``threads``, ``timeout_s``). The ``random`` sampler keeps no index and stays in-process.
+    ``threads``, ``timeout_s``). The ``random`` sampler keeps no index and the ``device``
+    sampler keeps its copy of the rows on the accelerator: both stay in the trainer.
 
     >>> sampler = build_sampler("annoy", 100_000, 256, metric="cosine", ntrees=50)
     """
@@ -80,10 +89,14 @@ def build_sampler(name: str, num_classes: int, dim: int, *, metric: str = "ip", 
     except (KeyError, TypeError):
         raise ValueError(f"Unknown sampler {name!r}. Valid samplers: "
                          f"{', '.join(list_samplers())}") from None
-    if process and name != "random":
+    if process and name not in IN_TRAINER:
         from .process import ProcessSampler
         return ProcessSampler(name, num_classes, dim, metric=metric, seed=seed, **backend_opts)
     if process:  # no index to move: drop the process-only options
+        if name == "device":
+            logger.info(
+                "the device sampler keeps its copy of the rows on the accelerator, in the "
+                "trainer: process=True has no effect on it")
         for key in PROCESS_OPTIONS:
             backend_opts.pop(key, None)
     return factory(num_classes, dim, metric=metric, seed=seed, **backend_opts)
@@ -123,3 +136,5 @@ _register_index("annoy", ".annoy_forest", "AnnoyForest", "annoy", "annoy")
 _register_index("hnsw", ".hnsw", "HnswIndex", "hnswlib", "hnswlib")
 _register_index("faiss", ".faiss_index", "FaissIndex", "faiss", "faiss-cpu")
 register_sampler("random", _lazy(".uniform", "RandomSampler", "numpy", "numpy"))
+# exact selection over a copy of the rows on the features' device (the GPU's default)
+register_sampler("device", _lazy(".device", "DeviceSampler", "torch", "torch"))
