@@ -148,7 +148,7 @@ class SampledHead(nn.Module):
                              f"'sample' (per sample), got {logq!r}")
         self.logq = logq
         self.step = 0  # training steps taken (forward passes in training mode)
-        self._picks = np.zeros(self.num_classes, dtype=np.int64)  # see coverage()
+        self._picks: torch.Tensor | None = None  # negatives per class, see coverage()
         self.lr: float | None = None  # the rows' LR, once set_lr told it
         self.telemetry: dict = {"step": 0, "recall": None, "top1_all": None, "select_s": None,
                                 "pull_s": None,
@@ -191,13 +191,15 @@ class SampledHead(nn.Module):
         ``picks_top1pct``, the share of all such picks taken by the 1 % most picked classes
         (about 0.01 for uniform sampling; near 1 when a few "hub" rows are everybody's
         nearest). Counted on this rank's selections."""
-        picks = self._picks
+        if self._picks is None:
+            return {"coverage": 0.0, "picks_top1pct": None}
+        picks = self._picks.cpu().numpy()  # one copy per call (an epoch), not per step
         total = int(picks.sum())
         top = np.sort(picks)[::-1][:max(1, self.num_classes // 100)]
         out = {"coverage": float(np.count_nonzero(picks) / self.num_classes),
                "picks_top1pct": float(top.sum() / total) if total else None}
         if reset:
-            picks[:] = 0
+            self._picks.zero_()
         return out
 
     # -- index maintenance ---------------------------------------------------------------
@@ -303,9 +305,14 @@ class SampledHead(nn.Module):
         if ids_np.shape != (self.sample_num,):
             raise RuntimeError(f"sampler returned {ids_np.shape[0]} class ids, expected "
                                f"sample_num={self.sample_num}")
-        if training:  # negatives' coverage: every selected column but this rank's labels
-            self._picks[ids_np] += 1
-            self._picks[ids_np[target.numpy()]] -= 1  # (target: on the host here)
+        if training:  # negatives' coverage: every selected column but this rank's labels,
+            # counted where the ids are (no host sync: a 0/1 weight per column, no masking)
+            neg = torch.ones(self.sample_num, dtype=torch.int64, device=target.device)
+            neg[target] = 0
+            if self._picks is None or self._picks.device != target.device:
+                self._picks = torch.zeros(self.num_classes, dtype=torch.int64,
+                                          device=target.device)
+            self._picks.index_add_(0, ids_sel.to(target.device), neg)
         w_np = self.rowstore.pull(ids_np)
         t2 = time.perf_counter()
         dtype = features.dtype if features.is_floating_point() else torch.float32
