@@ -247,6 +247,12 @@ def run(args: argparse.Namespace) -> dict:
     except ValueError as e:
         raise UsageError(str(e)) from None
     head = head.to(device)
+    if args.init_from and not args.resume:  # a new run from pretrained backbone weights
+        from .engine.init_weights import init_backbone_from_args
+        try:
+            init_backbone_from_args(args, backbone)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--init-from {args.init_from}: {e}") from None
     model = TrainModel(backbone, head, amp=args.amp)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                 lr=args.lr, momentum=args.momentum,
@@ -268,6 +274,10 @@ def run(args: argparse.Namespace) -> dict:
             raise UsageError(f"the parameter server's table {args.ps_table!r} has already "
                              f"taken {tstep} steps (an earlier run?); pass --resume, a new "
                              "--ps-table name, or restart the server")
+    if args.freeze_backbone_steps:
+        from .engine.init_weights import BackboneFreeze
+        BackboneFreeze(backbone, optimizer, args.freeze_backbone_steps, step,
+                       skip_backward=world == 1)
     hd.barrier()  # every rank registered with the server before anyone pushes
     if world > 1:
         ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
