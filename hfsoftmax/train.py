@@ -43,6 +43,7 @@ from .engine.data import FlipDataset, ShardedBatchSampler, build_train_dataset
 from .engine.metrics import ProgressLog, SmoothedValue, format_eta
 from .engine.runtime import RunLock, pick_device, remove_handlers, setup_logging
 from .engine.schedule import StepSchedule
+from .engine.validate_top1 import HeldoutTop1
 from .engine.verify import Verifier
 from .fileio import write_json
 from .heads.base import correct_count
@@ -148,23 +149,25 @@ def train_one_epoch(model: nn.Module, head: nn.Module, optimizer: torch.optim.Op
 
 
 class AfterStep:
-    """What runs after a step: verification on ``--val-bins`` (``--val-every`` steps, else
-    each epoch's end, and at the end) and checkpoints (``--save-every``, else each epoch's
-    end, at the end, and whenever verification improved)."""
+    """What runs after a step: verification on ``--val-bins`` and the held-out top-1 of
+    ``--val-filelist`` / ``--val-rec`` (``--val-every`` steps, else each epoch's end, and at
+    the end) and checkpoints (``--save-every``, else each epoch's end, at the end, and
+    whenever verification improved)."""
 
     def __init__(self, args, ckpt: Checkpointer, verifier: Verifier | None,
                  progress: ProgressLog, backbone: nn.Module, device: torch.device,
-                 steps_per_epoch: int, total_steps: int):
+                 steps_per_epoch: int, total_steps: int, top1=None):
         self.args, self.ckpt, self.verifier, self.progress = args, ckpt, verifier, progress
-        self.backbone, self.device = backbone, device
+        self.backbone, self.device, self.top1 = backbone, device, top1
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.val: dict[str, float] = {}
 
     def __call__(self, s: int, epoch: int, end_of_epoch: bool) -> None:
         args, done = self.args, s >= self.total_steps
         is_best = False
-        if args.val_bins and ((args.val_every and s % args.val_every == 0)
-                              or (not args.val_every and end_of_epoch) or done):
+        due = (args.val_every and s % args.val_every == 0) or (not args.val_every
+                                                                and end_of_epoch) or done
+        if args.val_bins and due:
             if hd.is_main():
                 results = self.verifier(self.backbone, self.device, s)
                 mean = self.progress.val(s, epoch, results)
@@ -175,6 +178,8 @@ class AfterStep:
                             ", ".join(f"{k} {v:.4f}" for k, v in self.val.items()), mean,
                             self.ckpt.best)
             hd.barrier()
+        if self.top1 is not None and due:  # --val-filelist / --val-rec (rank 0 only)
+            self.val.update(self.top1(s, epoch, self.progress, self.backbone, self.device))
         if done or is_best or (args.save_every and s % args.save_every == 0) \
                 or (not args.save_every and end_of_epoch):
             self.ckpt.save(s, s // self.steps_per_epoch, is_best=is_best)
@@ -289,10 +294,11 @@ def run(args: argparse.Namespace) -> dict:
                    sort_keys=True)
     verifier = Verifier(args.val_bins, os.path.join(args.save_path, "val")) \
         if args.val_bins and hd.is_main() else None
+    top1 = HeldoutTop1.from_args(args, num_classes, head, store)
     _log_start(args, rule, len(dataset), num_classes, steps_per_epoch, step, total_steps,
                device)
     after = AfterStep(args, ckpt, verifier, progress, backbone, device, steps_per_epoch,
-                      total_steps)
+                      total_steps, top1)
     t0, start_step = time.perf_counter(), step
     try:
         for epoch in range(step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
