@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["hfsoftmax", "hfsoftmax.*", "paramserver", "paramserver.*",
                                     "evaluation", "evaluation.*"]),
     package_data={"paramserver": ["PROTOCOL.md"]},
-    install_requires=["numpy", "pyzmq"],
+    install_requires=["numpy", "pyzmq", "psutil"],
     extras_require={
         "train": ["torch", "torchvision", "annoy", "hnswlib", "faiss-cpu", "pillow", "tqdm",
                   "tensorboard", "pyyaml"],

@@ -94,7 +94,11 @@ class RowStore(abc.ABC):
 
     @abc.abstractmethod
     def restore(self, path: str | os.PathLike) -> None:
-        """Load what :meth:`snapshot` wrote."""
+        """Load what :meth:`snapshot` wrote (this store's table only)."""
+
+    @abc.abstractmethod
+    def delete_snapshot(self, path: str | os.PathLike) -> None:
+        """Remove a snapshot :meth:`snapshot` wrote (pruning old ones)."""
 
     def iter_chunks(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, rows[start:start+chunk_rows])`` over the whole table, so that a
@@ -182,14 +186,14 @@ class LocalRowStore(RowStore):
         logger.info("row store %r snapshot written to %s", self.table.name, path)
 
     def restore(self, path: str | os.PathLike) -> None:
-        from paramserver.snapshot import read_snapshot
+        from paramserver.snapshot import open_snapshot
 
-        tables, _ = read_snapshot(path)
         t = self.table
-        if t.name not in tables:
-            raise ValueError(f"snapshot {path} has no table {t.name!r}; it holds "
-                             f"{sorted(tables)}")
-        new = tables[t.name]
+        with open_snapshot(path) as snap:  # checks the whole file; loads only this table
+            if t.name not in snap.tables:
+                raise ValueError(f"snapshot {path} has no table {t.name!r}; it holds "
+                                 f"{sorted(snap.tables)}")
+            new = snap.load([t.name])[t.name]
         if (new.row_start, new.num_rows, new.dim) != (0, t.num_rows, t.dim):
             raise ValueError(f"snapshot {path}: table {t.name!r} holds rows [{new.row_start}, "
                              f"{new.row_start + new.num_rows}) x {new.dim}, this store is "
@@ -197,6 +201,9 @@ class LocalRowStore(RowStore):
                              "cannot be restored into one local store)")
         self.table = new
         logger.info("row store %r restored from %s (%d updates)", t.name, path, new.updates)
+
+    def delete_snapshot(self, path: str | os.PathLike) -> None:
+        os.unlink(path)
 
 
 class ParamRowSource:
@@ -361,10 +368,17 @@ class RemoteRowStore(RowStore):
         return self.client.table_info(self.name)
 
     def snapshot(self, path: str | os.PathLike) -> None:
-        self.client.snapshot(os.fspath(path))
+        """Have the server(s) write this store's table to ``path``, relative to their
+        snapshot folder."""
+        self.client.snapshot(os.fspath(path), tables=[self.name])
 
     def restore(self, path: str | os.PathLike) -> None:
-        self.client.restore(os.fspath(path))
+        """Restore this store's table (only) from ``path`` in the servers' snapshot folder."""
+        self.client.restore(os.fspath(path), tables=[self.name])
+
+    def delete_snapshot(self, path: str | os.PathLike) -> None:
+        """Delete the snapshot ``path`` (each shard's file) in the servers' snapshot folder."""
+        self.client.delete_snapshot(os.fspath(path))
 
     def close(self) -> None:
         if self.own_client:

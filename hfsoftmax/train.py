@@ -26,6 +26,7 @@ checkpoint's step; a server writes ``<table>/rows_step*`` in its own snapshot fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -139,6 +140,8 @@ def train_one_epoch(model: nn.Module, head: nn.Module, optimizer: torch.optim.Op
                    "acc": float(tot[1] / tot[2]), "lr": lr, "step_s": step_s,
                    "img_s": n * hd.world_size() / step_s if step_s > 0 else math.nan,
                    "data_s": meters["data_s"].avg}
+            if i + 1 == steps_in_epoch and hasattr(head, "coverage"):
+                row.update(head.coverage())  # the epoch's negatives: how many, how even
             progress.train(row, f"epoch {epoch} [{i + 1}/{steps_in_epoch}] step "
                                 f"{step}/{total_steps}",
                            format_eta(step_s * (total_steps - step)),
@@ -210,6 +213,31 @@ def _log_start(args, rule: SampledRule | None, num_images: int, num_classes: int
                 args.batch_size, steps_per_epoch, step, total_steps, device)
 
 
+def _close_head(head, store) -> None:
+    sampler = getattr(head, "sampler", None)
+    if sampler is not None and hasattr(sampler, "close"):
+        sampler.close()
+    if store is not None:
+        store.close()
+
+
+def _start_step(args, ckpt: Checkpointer, store, device) -> int:
+    """The step to start from: the checkpoint's with ``--resume``; else 0, refusing a
+    server table that has already been trained (another run's)."""
+    if args.resume:
+        try:
+            return ckpt.restore(resolve_resume_path(args.resume), device)[0]
+        except (ValueError, OSError) as e:  # its rows or state do not fit this run
+            raise UsageError(f"--resume {args.resume}: {e}") from None
+    if store is not None and args.ps:
+        tstep = store.info().get("step", 0)
+        if tstep:
+            raise UsageError(f"the parameter server's table {args.ps_table!r} has already "
+                             f"taken {tstep} steps (an earlier run?); pass --resume, a new "
+                             "--ps-table name, or restart the server")
+    return 0
+
+
 def run(args: argparse.Namespace) -> dict:
     """Train with parsed ``args``; returns a summary (steps, last figures, paths).
 
@@ -251,56 +279,46 @@ def run(args: argparse.Namespace) -> dict:
         head, store = build_head_from_args(args, num_classes, rule)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    head = head.to(device)
-    if args.init_from and not args.resume:  # a new run from pretrained backbone weights
-        from .engine.init_weights import init_backbone_from_args
-        try:
-            init_backbone_from_args(args, backbone)
-        except (ValueError, OSError) as e:
-            raise UsageError(f"--init-from {args.init_from}: {e}") from None
-    model = TrainModel(backbone, head, amp=args.amp)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                                lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    schedule = StepSchedule.from_epochs(args.lr, args.lr_steps, steps_per_epoch, args.gamma,
-                                        args.warmup_steps)
-    settings = stored_settings(args, rule)
-    ckpt = Checkpointer(args.save_path, settings, backbone, head, store, optimizer, schedule,
-                        remote=bool(args.ps))
-    step = 0
-    if args.resume:
-        try:
-            step, _ = ckpt.restore(resolve_resume_path(args.resume), device)
-        except (ValueError, OSError) as e:  # its rows or state do not fit this run
-            raise UsageError(f"--resume {args.resume}: {e}") from None
-    elif store is not None and args.ps:
-        tstep = store.info().get("step", 0)
-        if tstep:
-            raise UsageError(f"the parameter server's table {args.ps_table!r} has already "
-                             f"taken {tstep} steps (an earlier run?); pass --resume, a new "
-                             "--ps-table name, or restart the server")
-    if args.freeze_backbone_steps:
-        from .engine.init_weights import BackboneFreeze
-        BackboneFreeze(backbone, optimizer, args.freeze_backbone_steps, step,
-                       skip_backward=world == 1)
-    hd.barrier()  # every rank registered with the server before anyone pushes
-    if world > 1:
-        ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
-
-    progress = ProgressLog(args.save_path if hd.is_main() else None)
-    if hd.is_main():
-        write_json(os.path.join(args.save_path, "args.json"), settings, indent=2,
-                   sort_keys=True)
-    verifier = Verifier(args.val_bins, os.path.join(args.save_path, "val")) \
-        if args.val_bins and hd.is_main() else None
-    top1 = HeldoutTop1.from_args(args, num_classes, head, store)
-    _log_start(args, rule, len(dataset), num_classes, steps_per_epoch, step, total_steps,
-               device)
-    after = AfterStep(args, ckpt, verifier, progress, backbone, device, steps_per_epoch,
-                      total_steps, top1)
-    t0, start_step = time.perf_counter(), step
-    try:
+    with contextlib.ExitStack() as cleanup:  # the head's index and connections, always
+        cleanup.callback(_close_head, head, store)
+        head = head.to(device)
+        if args.init_from and not args.resume:  # a new run from pretrained backbone weights
+            from .engine.init_weights import init_backbone_from_args
+            try:
+                init_backbone_from_args(args, backbone)
+            except (ValueError, OSError) as e:
+                raise UsageError(f"--init-from {args.init_from}: {e}") from None
+        model = TrainModel(backbone, head, amp=args.amp)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                    lr=args.lr, momentum=args.momentum,
+                                    weight_decay=args.weight_decay)
+        schedule = StepSchedule.from_epochs(args.lr, args.lr_steps, steps_per_epoch,
+                                            args.gamma, args.warmup_steps)
+        settings = stored_settings(args, rule)
+        ckpt = Checkpointer(args.save_path, settings, backbone, head, store, optimizer,
+                            schedule, remote=bool(args.ps))
+        step = _start_step(args, ckpt, store, device)
+        if args.freeze_backbone_steps:
+            from .engine.init_weights import BackboneFreeze
+            BackboneFreeze(backbone, optimizer, args.freeze_backbone_steps, step,
+                           skip_backward=world == 1)
+        hd.barrier()  # every rank registered with the server before anyone pushes
+        if world > 1:
+            ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
+            model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
+        progress = ProgressLog(args.save_path if hd.is_main() else None)
+        cleanup.callback(progress.close)
+        if hd.is_main():
+            write_json(os.path.join(args.save_path, "args.json"), settings, indent=2,
+                       sort_keys=True)
+        verifier = Verifier(args.val_bins, os.path.join(args.save_path, "val")) \
+            if args.val_bins and hd.is_main() else None
+        top1 = HeldoutTop1.from_args(args, num_classes, head, store)
+        _log_start(args, rule, len(dataset), num_classes, steps_per_epoch, step,
+                   total_steps, device)
+        after = AfterStep(args, ckpt, verifier, progress, backbone, device, steps_per_epoch,
+                          total_steps, top1)
+        t0, start_step = time.perf_counter(), step
         for epoch in range(step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
             batches.set_epoch(epoch, step - epoch * steps_per_epoch)
             step = train_one_epoch(model, head, optimizer, loader, device, epoch, step,
@@ -308,13 +326,6 @@ def run(args: argparse.Namespace) -> dict:
                                    rule.row_lr_mult if rule else 1.0, progress, after)
             if step >= total_steps:
                 break
-    finally:
-        progress.close()
-        sampler = getattr(head, "sampler", None)
-        if sampler is not None and hasattr(sampler, "close"):
-            sampler.close()
-        if store is not None:
-            store.close()
     elapsed = time.perf_counter() - t0
     summary = {"val": after.val, "steps": step, "start_step": start_step, "seconds": elapsed,
                "save_path": os.path.abspath(args.save_path),

@@ -361,41 +361,67 @@ class ParamClient:
         return out
 
     # ------------------------------------------------------------------ snapshots
+    # Paths are relative to each server's snapshot folder (its --snapshot-dir; `ping` tells
+    # where it is): a server refuses absolute paths, '..' and symbolic links.
     def shard_paths(self, path: str | os.PathLike) -> list[str]:
         """Files a snapshot at ``path`` consists of: ``path`` itself for one server, else
         ``path.00000-of-00003`` ... one per shard."""
         n = len(self._conns)
-        path = str(path)
+        path = os.fspath(path)
         return [path] if n == 1 else [f"{path}.{i:05d}-of-{n:05d}" for i in range(n)]
 
-    def snapshot(self, path: str | os.PathLike, timeout_s: float | None = None) -> list[dict]:
-        """Each shard writes its tables atomically to its file (see :meth:`shard_paths`;
-        paths are on the servers' machines). Returns the shards' replies."""
+    @staticmethod
+    def _tables_field(tables: Sequence[str] | None) -> dict:
+        if tables is None:
+            return {}
+        if isinstance(tables, str):
+            raise ValueError(f"tables must be a list of table names, got the string {tables!r}")
+        return {"tables": [str(t) for t in tables]}
+
+    def snapshot(self, path: str | os.PathLike, tables: Sequence[str] | None = None,
+                 timeout_s: float | None = None) -> list[dict]:
+        """Each shard writes its tables (``tables``: only these; default all) atomically to
+        its file (see :meth:`shard_paths`), ``path`` being relative to the servers' snapshot
+        folder (sub-folders are created). Returns the shards' replies."""
         paths = self.shard_paths(path)
         n = len(paths)
-        headers = [{"op": "snapshot", "path": p, "shard_index": i, "shard_count": n}
-                   for i, p in enumerate(paths)]
+        headers = [{"op": "snapshot", "path": p, "shard_index": i, "shard_count": n,
+                    **self._tables_field(tables)} for i, p in enumerate(paths)]
         return [r for r, _ in self._request(range(n), headers, [()] * n,
                                             timeout_s or max(self.timeout_s, 600.0))]
 
-    def restore(self, path: str | os.PathLike, timeout_s: float | None = None) -> list[dict]:
-        """Each shard replaces all its tables with those of its snapshot file (which must be
-        that shard's: index and count are checked before anything changes). Refused while a
-        step is pending. With several shards, every shard first reads and checks its file
-        (``check``: nothing changes); only when all would succeed do they restore, so a
-        missing, corrupt or misplaced file of one shard leaves every shard as it was."""
+    def restore(self, path: str | os.PathLike, tables: Sequence[str] | None = None,
+                timeout_s: float | None = None) -> list[dict]:
+        """Each shard restores the tables of its snapshot file (``tables``: only these, which
+        must be in the file; default every table in it), replacing those tables and leaving
+        every other table as it is. The file must be that shard's (index and count are
+        checked before anything changes). Refused for a table with a step pending. With
+        several shards, every shard first reads and checks its file (``check``: nothing
+        changes); only when all would succeed do they restore, so a missing, corrupt or
+        misplaced file of one shard leaves every shard as it was."""
         paths = self.shard_paths(path)
         n = len(paths)
         timeout = timeout_s or max(self.timeout_s, 600.0)
-        headers = [{"op": "restore", "path": p, "shard_index": i, "shard_count": n}
-                   for i, p in enumerate(paths)]
+        headers = [{"op": "restore", "path": p, "shard_index": i, "shard_count": n,
+                    **self._tables_field(tables)} for i, p in enumerate(paths)]
         if n > 1:
             self._request(range(n), [{**h, "check": True} for h in headers], [()] * n, timeout)
         replies = [r for r, _ in self._request(range(n), headers, [()] * n, timeout)]
-        self._bounds.clear()
-        self._dims.clear()
-        self._steps.clear()
+        for name in {t for r in replies for t in r["tables"]}:  # restored: routing may differ
+            self._bounds.pop(name, None)
+            self._dims.pop(name, None)
+            self._steps.pop(name, None)
         return replies
+
+    def delete_snapshot(self, path: str | os.PathLike, timeout_s: float | None = None
+                        ) -> list[dict]:
+        """Delete a snapshot (each shard its file, see :meth:`shard_paths`): how a trainer
+        prunes old snapshots on a server it cannot reach by file system. Each file must be a
+        snapshot inside the server's snapshot folder."""
+        paths = self.shard_paths(path)
+        n = len(paths)
+        headers = [{"op": "delete_snapshot", "path": p} for p in paths]
+        return [r for r, _ in self._request(range(n), headers, [()] * n, timeout_s)]
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

@@ -12,7 +12,10 @@ One file per server (shard)::
               to the first byte after the header)
 
 So the file is readable by the ``safetensors`` library (``safe_open(path, "numpy")``) and can
-be memory-mapped (``np.memmap`` at ``8 + N + a``). Writes are atomic: a temp file in the same
+be memory-mapped (``np.memmap`` at ``8 + N + a``). Reading checks the whole file before
+returning anything (:func:`open_snapshot`): header size and nesting, names, shapes, data
+offsets inside the file and not overlapping, settings, step counters, finite values. Writes
+are atomic: a temp file in the same
 folder, fsync, ``os.replace``, fsync of the folder; a crash mid-write leaves the previous
 file intact. Content is deterministic (no timestamps), so equal state gives equal bytes.
 
@@ -20,7 +23,9 @@ The temp file is ``.<name>.<pid>@<host>.<random>.tmp``: it names the writing pro
 temp file left by a writer that was killed (``kill -9`` mid-write) can be told from one
 being written. :func:`remove_stale_temp_files` deletes the former (the server runs it at
 start-up on ``--snapshot-dir`` and the ``--restore`` file's folder; every
-:func:`write_snapshot` runs it on its folder).
+:func:`write_snapshot` runs it on its folder). Files are written and cleaned relative to an
+open folder handle where the caller gives one (the server's confined folder,
+:mod:`paramserver.snapdir`).
 """
 from __future__ import annotations
 
@@ -28,32 +33,29 @@ import json
 import logging
 import os
 import re
+import secrets
 import socket
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .optim import SGDConfig
+from .snapcheck import (FORMAT, FORMAT_VERSION, MAX_SNAPSHOT_HEADER, SnapshotError,
+                        SnapshotFile, open_snapshot, read_snapshot)
 from .table import Table
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "write_snapshot", "read_snapshot", "SnapshotError",
-           "remove_stale_temp_files", "temp_prefix"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "write_snapshot", "read_snapshot", "open_snapshot",
+           "SnapshotError", "SnapshotFile", "remove_stale_temp_files", "temp_prefix",
+           "MAX_SNAPSHOT_HEADER"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = "hfsoftmax-paramserver-snapshot"
-FORMAT_VERSION = "1"
-# A header larger than this is not one of ours (the safetensors library uses 100 MB too).
-_MAX_HEADER = 100 * 1024 * 1024
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
-class SnapshotError(ValueError):
-    """A snapshot file that is missing, truncated, or not in the documented format."""
-
-
-# ".<name>.<pid>@<host>.<random>.tmp"; <random> is mkstemp's (letters, digits, "_").
+# ".<name>.<pid>@<host>.<random>.tmp"; <random> is letters, digits and "_".
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]{1,10})@(?P<host>[A-Za-z0-9-]{1,64})"
                         r"\.[A-Za-z0-9_]+\.tmp$")
 
@@ -65,7 +67,7 @@ def _host_tag() -> str:
 
 def temp_prefix(name: str) -> str:
     """The prefix of the temp file a snapshot to ``name`` is written to from this process:
-    ``.<name>.<pid>@<host>.`` (``mkstemp`` appends ``<random>.tmp``)."""
+    ``.<name>.<pid>@<host>.`` (a random ``<random>.tmp`` follows)."""
     return f".{name}.{os.getpid()}@{_host_tag()}."
 
 
@@ -83,8 +85,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temp_files(folder: str | os.PathLike, *,
-                            own_pid_is_stale: bool = False) -> list[Path]:
+def remove_stale_temp_files(folder: str | os.PathLike, *, own_pid_is_stale: bool = False,
+                            dir_fd: int | None = None) -> list[Path]:
     """Delete the snapshot temp files in ``folder`` whose writer is gone; return their paths.
 
     A temp file ``.<name>.<pid>@<host>.<random>.tmp`` (see :func:`temp_prefix`) is stale
@@ -94,12 +96,13 @@ def remove_stale_temp_files(folder: str | os.PathLike, *,
     every file not named like that. ``own_pid_is_stale``: count this process's own pid as
     gone, for a caller that knows it is writing no snapshot (a server starting up: a file
     with its pid is from an earlier process that had the same pid, e.g. pid 1 in a
-    restarted container). Each removal is logged at WARNING; errors are logged, never
-    raised (a missing or unreadable folder removes nothing).
+    restarted container). ``dir_fd``: an open handle on ``folder`` to work in (``folder``
+    then only names it in the log). Each removal is logged at WARNING; errors are logged,
+    never raised (a missing or unreadable folder removes nothing).
     """
     folder = Path(folder)
     try:
-        names = os.listdir(folder)
+        names = os.listdir(dir_fd if dir_fd is not None else folder)
     except OSError:
         return []
     host = _host_tag()
@@ -116,19 +119,19 @@ def remove_stale_temp_files(folder: str | os.PathLike, *,
                 continue
         elif _pid_alive(pid):
             continue
-        path = folder / name
+        target = name if dir_fd is not None else folder / name
         try:
-            size = path.stat().st_size
-            path.unlink()
+            size = os.stat(target, dir_fd=dir_fd, follow_symlinks=False).st_size
+            os.unlink(target, dir_fd=dir_fd)
         except FileNotFoundError:  # another process cleaned it up first
             continue
         except OSError as exc:
-            log.warning("cannot remove stale snapshot temp file %s: %s", path, exc)
+            log.warning("cannot remove stale snapshot temp file %s: %s", folder / name, exc)
             continue
-        removed.append(path)
+        removed.append(folder / name)
         log.warning("removed stale snapshot temp file %s (%d bytes): its writer, pid %d on "
-                    "this host, is gone (killed mid-write; %s was left as it was)", path,
-                    size, pid, folder / m.group("name"))
+                    "this host, is gone (killed mid-write; %s was left as it was)",
+                    folder / name, size, pid, folder / m.group("name"))
     return removed
 
 
@@ -140,16 +143,29 @@ def _table_meta(t: Table) -> dict:
 
 
 def write_snapshot(path: str | os.PathLike, tables: dict[str, Table],
-                   extra_meta: dict[str, str] | None = None) -> int:
+                   extra_meta: dict[str, str] | None = None, *,
+                   dir_fd: int | None = None, folder_label: str | os.PathLike = ".") -> int:
     """Atomically write ``tables`` to ``path``; returns the file size in bytes.
 
-    First removes the temp files that killed writers left in the folder
+    ``dir_fd``: an open handle on the target folder, ``path`` then being a file name in it
+    (how the server writes inside its confined folder; ``folder_label`` names that folder in
+    log lines). First removes the temp files that killed writers left in the folder
     (:func:`remove_stale_temp_files`)."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise SnapshotError(f"snapshot folder {str(folder)!r} does not exist; create it first")
-    remove_stale_temp_files(folder)
+    if dir_fd is None:
+        path = Path(path)
+        folder = path.parent if str(path.parent) else Path(".")
+        try:
+            fd = os.open(folder, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise SnapshotError(f"snapshot folder {str(folder)!r} does not exist; create it "
+                                "first") from None
+        try:
+            return write_snapshot(path.name, tables, extra_meta, dir_fd=fd,
+                                  folder_label=folder)
+        finally:
+            os.close(fd)
+    name = os.fspath(path)
+    remove_stale_temp_files(folder_label, dir_fd=dir_fd)
     names = sorted(tables)
     for n in names:  # the file holds values: write any weight decay still owed into them
         tables[n].settle()
@@ -170,85 +186,32 @@ def write_snapshot(path: str | os.PathLike, tables: dict[str, Table],
             arrays.append(arr)
     hbytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     hbytes += b" " * (-len(hbytes) % 8)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=folder)
+    for _ in range(100):
+        tmp = f"{temp_prefix(name)}{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC,
+                         0o644, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 random names taken
+        raise SnapshotError(f"cannot create a temp file for snapshot {name!r}")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # whatever the umask: the group's eval jobs read it
             f.write(struct.pack("<Q", len(hbytes)))
             f.write(hbytes)
             for arr in arrays:
                 f.write(memoryview(arr).cast("B"))
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the rows from the group's eval jobs
-        os.replace(tmp, path)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         try:
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
         raise
-    dfd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    os.fsync(dir_fd)
     return 8 + len(hbytes) + offset
 
-
-def read_snapshot(path: str | os.PathLike) -> tuple[dict[str, Table], dict[str, str]]:
-    """Load every table of a snapshot file (weights and momentum copied into memory).
-
-    Raises ``SnapshotError`` naming what is wrong; never returns a partial result.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise SnapshotError(f"snapshot {str(path)!r} is truncated ({size} bytes)")
-            (hlen,) = struct.unpack("<Q", head)
-            if hlen > _MAX_HEADER or 8 + hlen > size:
-                raise SnapshotError(f"snapshot {str(path)!r}: header length {hlen} does not "
-                                    f"fit the file ({size} bytes)")
-            header = json.loads(f.read(hlen).decode("utf-8"))
-    except FileNotFoundError:
-        raise SnapshotError(f"snapshot {str(path)!r} not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SnapshotError(f"snapshot {str(path)!r}: header is not JSON ({exc})") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise SnapshotError(f"{str(path)!r} is not a {FORMAT} file")
-    if meta.get("version") != FORMAT_VERSION:
-        raise SnapshotError(f"snapshot {str(path)!r} has format version "
-                            f"{meta.get('version')!r}; this server reads {FORMAT_VERSION!r}")
-    data_start = 8 + hlen
-    try:
-        table_meta = json.loads(meta["tables"])
-        tables = {}
-        for name, tm in table_meta.items():
-            arrays = {}
-            for field in ("weight", "momentum"):
-                spec = header[f"{name}/{field}"]
-                shape = tuple(spec["shape"])
-                a, b = spec["data_offsets"]
-                if (spec["dtype"] != "F32" or shape != (tm["num_rows"], tm["dim"])
-                        or b - a != 4 * tm["num_rows"] * tm["dim"] or data_start + b > size):
-                    raise SnapshotError(f"snapshot {str(path)!r}: tensor {name}/{field} "
-                                        f"{spec} does not match table metadata {tm} or the "
-                                        f"file size {size}")
-                mm = np.memmap(path, dtype="<f4", mode="r", offset=data_start + a,
-                               shape=shape) if b > a else np.zeros(shape, "<f4")
-                arrays[field] = np.array(mm, dtype=np.float32)  # writable copy
-                del mm
-            t = Table(name, tm["num_rows"], tm["dim"], init=tm["init"], std=tm["std"],
-                      seed=tm["seed"], row_start=tm["row_start"],
-                      optim=SGDConfig.from_dict(tm["optim"]), weight=arrays["weight"],
-                      momentum=arrays["momentum"], global_rows=int(tm["global_rows"]))
-            t.updates = int(tm["step"])
-            tables[name] = t
-    except SnapshotError:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SnapshotError(f"snapshot {str(path)!r}: bad table metadata ({exc!r})") from None
-    return tables, meta

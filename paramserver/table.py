@@ -10,14 +10,30 @@ client's job.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
 from .optim import NonFiniteUpdateError, SGDConfig, check_summed_grads, sgd_rows
 
-__all__ = ["Table", "INITS", "init_rows"]
+__all__ = ["Table", "INITS", "init_rows", "TABLE_NAME", "MAX_STEP", "MAX_DIM", "check_name"]
 
 INITS = ("zeros", "normal", "uniform")
+# Table names: what the wire, the snapshot files and the logs accept (fullmatch: no "\n").
+TABLE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+# Largest step counter (2**53 - 1: exact in a JSON number in every language); a push of
+# step MAX_STEP is the last a table takes.
+MAX_STEP = (1 << 53) - 1
+MAX_DIM = 1 << 16
+
+
+def check_name(name: object) -> str:
+    """``name`` if it is a valid table name, else ``ValueError`` naming the rule."""
+    if not isinstance(name, str) or TABLE_NAME.fullmatch(name) is None:
+        text = repr(name)
+        raise ValueError(f"table name {text[:60] + '...' if len(text) > 60 else text} must be "
+                         "1-128 letters, digits, '_', '.' or '-'")
+    return name
 # Rows are initialised in blocks of this many global rows, each from its own seeded stream,
 # so any shard can generate its rows without generating the rows before it.
 _INIT_BLOCK = 4096
@@ -85,6 +101,12 @@ class Table:
             raise ValueError(f"table {name!r}: momentum must be float32 {(num_rows, dim)}, "
                              f"got {self.momentum.dtype} {self.momentum.shape}")
         self.updates = 0  # number of SGD steps applied to this table
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the table's arrays take (weights, momentum, catch-up marks)."""
+        return self.weight.nbytes + self.momentum.nbytes + \
+            (0 if self._mark is None else self._mark.nbytes)
 
     @property
     def optim(self) -> SGDConfig:

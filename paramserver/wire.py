@@ -16,13 +16,19 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["PROTOCOL_VERSION", "DTYPES", "ProtocolError", "encode", "decode_header",
-           "decode_arrays", "array_spec"]
+           "decode_arrays", "array_spec", "json_depth", "MAX_JSON_DEPTH"]
 
 PROTOCOL_VERSION = 1
 # The only dtypes on the wire; always little-endian.
 DTYPES = {"int64": np.dtype("<i8"), "float32": np.dtype("<f4")}
 # Bound on any shape entry / element count we are willing to believe from a header.
 MAX_ELEMENTS = 1 << 40
+# Deepest JSON nesting a header may have: requests need 4 ({"arrays": [{"shape": [..]}]}),
+# replies 4 ({"info": {"pending": {"workers": [..]}}}). Checked before parsing, so a header
+# of nested lists costs neither a deep recursion nor an object per bracket.
+MAX_JSON_DEPTH = 8
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_OPENS, _CLOSES = (ord("["), ord("{")), (ord("]"), ord("}"))
 
 
 class ProtocolError(ValueError):
@@ -53,14 +59,52 @@ def encode(header: dict, arrays: Sequence[np.ndarray] = ()) -> list:
     return [json.dumps(header, separators=(",", ":"), allow_nan=False).encode()] + bufs
 
 
-def decode_header(frame: Any) -> dict:
-    """Parse a header frame (bytes or zmq.Frame) into a dict, or raise ``ProtocolError``."""
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of ``[`` / ``{`` in the JSON text ``raw``, brackets inside strings
+    not counted; computed with numpy in a few passes over the bytes, without parsing.
+
+    A quote preceded by an odd number of backslashes is escaped (inside a string); outside
+    strings a backslash is not valid JSON, which the parser refuses later anyway."""
+    b = np.frombuffer(raw, dtype=np.uint8)
+    if b.size == 0:
+        return 0
+    pos = np.arange(b.size)
+    # Length of the run of backslashes right before each byte: i - 1 - (last non-backslash).
+    last_other = np.maximum.accumulate(np.where(b != _BACKSLASH, pos, -1))
+    run = np.empty(b.size, dtype=np.int64)
+    run[0] = 0
+    run[1:] = pos[:-1] - last_other[:-1]
+    quote = (b == _QUOTE) & (run % 2 == 0)
+    in_string = (np.cumsum(quote) - quote) % 2 == 1   # after an odd number of real quotes
+    step = (np.isin(b, _OPENS).astype(np.int64) - np.isin(b, _CLOSES)) * ~in_string
+    return int(max(0, np.cumsum(step).max()))
+
+
+def decode_header(frame: Any, max_bytes: int | None = None,
+                  max_depth: int = MAX_JSON_DEPTH) -> dict:
+    """Parse a header frame (bytes or zmq.Frame) into a dict, or raise ``ProtocolError``.
+
+    Its size (``max_bytes``, when given) and nesting depth are checked before parsing, so a
+    hostile header costs at most its own bytes: a parsed JSON list of empty lists takes ~20x
+    the memory of its text."""
+    size = len(frame)  # checked before the bytes are copied out of a zmq.Frame
+    if max_bytes is not None and size > max_bytes:
+        raise ProtocolError(f"header frame of {size} bytes exceeds the limit of "
+                            f"{max_bytes} bytes (--max-header-bytes); send row ids and "
+                            "values as array frames, not in the header")
     raw = frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+    # Fewer brackets than the limit cannot nest past it: the usual header skips the scan.
+    opens = raw.count(b"[") + raw.count(b"{")
+    depth = json_depth(raw) if opens > max_depth else opens
+    if depth > max_depth:
+        raise ProtocolError(f"header nests {depth} levels of JSON lists/objects; at most "
+                            f"{max_depth} are accepted")
     try:
-        header = json.loads(raw.decode("utf-8"),
-                            parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"header frame is not UTF-8 JSON: {exc}") from None
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except ProtocolError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError too
+        raise ProtocolError(f"header frame is not UTF-8 JSON: {_short(str(exc), 200)}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a JSON object, got {type(header).__name__}")
     return header

@@ -7,7 +7,9 @@
 or, as a context manager that always stops it: ``with running_server() as (proc, addr):``.
 The server binds ``tcp://127.0.0.1:*`` (the OS picks a free port, so no races between
 parallel tests) and reports the bound address through ``--ready-file``. Its log goes to a
-file whose path is ``proc.log_path`` (shown when a start fails).
+file whose path is ``proc.log_path`` (shown when a start fails). Unless the arguments give
+``--snapshot-dir``, its snapshot folder is a fresh temp folder, ``proc.snapshot_dir`` (never
+the default ``./paramserver-snapshots`` in the repository).
 """
 from __future__ import annotations
 
@@ -27,20 +29,28 @@ __all__ = ["start_server", "stop_server", "running_server", "server_log", "ps_se
 
 
 def start_server(*extra_args: str, timeout_s: float = 30.0, bind: str = "tcp://127.0.0.1:*",
-                 log_level: str = "INFO") -> tuple[subprocess.Popen, str]:
+                 log_level: str = "INFO", preexec_fn=None) -> tuple[subprocess.Popen, str]:
     """Run ``python paramserver/paramserver.py`` as a subprocess; return ``(process,
     address)`` once it serves. Raises ``RuntimeError`` with the server's log if it exits or
-    does not come up within ``timeout_s``."""
+    does not come up within ``timeout_s``. ``preexec_fn``: run in the child before the
+    server starts (e.g. to lower a resource limit)."""
     workdir = Path(tempfile.mkdtemp(prefix="ps-test-"))
     ready = workdir / "address"
     log_path = workdir / "server.log"
     log = open(log_path, "wb")
+    extra = [str(a) for a in extra_args]
+    snapshot_dir = next((Path(b) for a, b in zip(extra, extra[1:]) if a == "--snapshot-dir"),
+                        None)
+    if snapshot_dir is None:
+        snapshot_dir = workdir / "snapshots"
+        extra += ["--snapshot-dir", str(snapshot_dir)]
     cmd = [sys.executable, str(SERVER_SCRIPT), "--bind", bind, "--ready-file", str(ready),
-           "--log-level", log_level, *map(str, extra_args)]
+           "--log-level", log_level, *extra]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=preexec_fn)
     log.close()
     proc.log_path = log_path  # type: ignore[attr-defined]
+    proc.snapshot_dir = snapshot_dir  # type: ignore[attr-defined]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready.exists():

@@ -33,6 +33,9 @@ def _check_run(key, run, cfg):
     assert len(ver["fold_accuracies"]) == 10
     for kind in ("same", "lookalike", "other"):
         assert 0.0 <= ver[f"accuracy_{kind}"] <= 1.0
+    for proto in ("lookalike_pairs", "random_pairs"):  # half the same pairs each + 10 pairs
+        assert run[proto]["pairs"] == cfg["pairs"] // 2
+        assert len(run[proto]["fold_accuracies"]) == 10
     assert 0.0 <= ver["threshold"] <= 4.0
     assert -1.0 <= ver["cos_lookalike"] <= 1.0 and -1.0 <= ver["cos_same"] <= 1.0
     assert -1.0 <= run["best_other_row_cos"] <= 1.0 and -1.0 <= run["own_row_cos"] <= 1.0
@@ -89,6 +92,9 @@ def test_quick_run_writes_one_json_with_every_method(tmp_path):
         d = cmp[f"{hf}_minus_{ref}"]
         a, b = written["runs"][hf], written["runs"][ref]
         assert d["top1_pts"] == pytest.approx(100 * (a["top1"] - b["top1"]), abs=0.01)
+        assert d["lookalike_pairs_pts"] == pytest.approx(
+            100 * (a["lookalike_pairs"]["accuracy"] - b["lookalike_pairs"]["accuracy"]),
+            abs=0.01)
         assert d["lookalike_pts"] == pytest.approx(
             100 * (a["verification"]["accuracy_lookalike"] -
                    b["verification"]["accuracy_lookalike"]), abs=0.01)
@@ -99,7 +105,7 @@ def test_quick_run_writes_one_json_with_every_method(tmp_path):
         assert d["verification_se_pts"] == pytest.approx(se, abs=0.006)
     for hf in ("annoy", "faiss"):
         assert set(cmp[f"{hf}_meets_target"]) == {"verification", "top1",
-                                                  "above_random_every_kind"}
+                                                  "above_random_both_protocols"}
 
     # --resume with the same configuration measures nothing again
     again = _run(*work, "--out", str(out), "--resume")
@@ -207,6 +213,15 @@ def test_pair_kind_accuracy_reads_each_pairs_kind():
                    "accuracy_other": 1.0,
                    # cosine = 1 - squared L2 / 2 of unit vectors, averaged per kind
                    "cos_same": 0.8, "cos_lookalike": 0.5, "cos_other": 0.275}
+
+
+def test_the_two_protocols_split_the_same_pairs_and_keep_their_kind():
+    ev = import_benchmark("accuracy_eval")
+    kinds = np.array(["same", "lookalike", "same", "other"] * 5)
+    got = ev.protocol_pairs(kinds)
+    assert got["lookalike_pairs"].tolist() == [0, 1, 4, 5, 8, 9, 12, 13, 16, 17]
+    assert got["random_pairs"].tolist() == [2, 3, 6, 7, 10, 11, 14, 15, 18, 19]
+    assert set(got["lookalike_pairs"]) | set(got["random_pairs"]) == set(range(20))
 
 
 def test_own_row_cosines_takes_the_best_row_that_is_not_the_label():

@@ -375,3 +375,36 @@ def test_index_rebuilt_from_current_rows_every_interval():
     assert not np.array_equal(snapshots[0], snapshots[2])
     stats = head.stats()
     assert stats["rebuilds"] == 2 and stats["index_age"] == 0 and stats["step"] == 3
+
+
+def test_coverage_counts_the_negatives_and_how_unevenly_they_fall():
+    """Every selected column but the batch's labels is a negative pick: the share of classes
+    picked at least once, and the share of picks the 1 % most picked classes took (uniform
+    sampling: near 1 %; the same few classes every step: 100 %)."""
+    n, s, b = 1000, 40, 8
+    store = LocalRowStore(n, D, seed=2)
+    head = SampledHead(store, build_sampler("random", n, D, seed=0), sample_num=s)
+    labels = torch.arange(b)
+    for _ in range(50):
+        head(torch.randn(b, D), labels).loss.backward()
+    picks = head._picks.copy()
+    cov = head.coverage()
+    assert picks.sum() == 50 * (s - b) and picks[:b].sum() == 0  # labels are not negatives
+    assert cov["coverage"] == pytest.approx(np.count_nonzero(picks) / n)
+    assert 0.6 < cov["coverage"] < 0.9                  # 1600 uniform picks of 992 classes
+    assert cov["picks_top1pct"] < 0.05
+    assert head.coverage()["coverage"] == 0.0 and head._picks.sum() == 0  # reset by default
+
+    class SameNegatives(PermutingSampler):  # the batch's labels + the same classes always
+        def select(self, features, labels, sample_num):
+            uniq = np.unique(labels.cpu().numpy())
+            rest = np.setdiff1d(np.arange(self.num_classes), uniq)[:sample_num - uniq.size]
+            ids = np.concatenate([uniq, rest])
+            return torch.from_numpy(ids), torch.from_numpy(np.searchsorted(uniq, labels))
+
+    fixed = SampledHead(store, SameNegatives(n), sample_num=s)
+    for _ in range(5):
+        fixed(torch.randn(b, D), labels).loss.backward()
+    cov = fixed.coverage(reset=False)
+    assert cov["coverage"] == pytest.approx((s - b) / n)
+    assert cov["picks_top1pct"] == pytest.approx(10 / (s - b))  # 10 of the 32 classes

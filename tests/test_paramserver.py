@@ -208,8 +208,11 @@ def test_client_api_and_error_replies(tmp_path):
             ps.push("emb", [1], np.ones((1, 6)), step=1)
         full = ps.read_all("emb", chunk_rows=9)
         assert full.shape == (100, 6) and full[7, 1] == 1.0
-        with pytest.raises(ParamServerError, match="does not exist"):
+        with pytest.raises(ParamServerError, match="is absolute; give a path relative"):
             ps.snapshot(tmp_path / "nope" / "snap")
+        assert ps.snapshot("nope/snap")[0]["path"] == "nope/snap"  # sub-folders are made
+        assert (proc.snapshot_dir / "nope" / "snap").is_file()
+        assert not (tmp_path / "nope").exists()
     assert "refused" in server_log(proc)
 
 

@@ -94,13 +94,13 @@ def test_kill_9_during_snapshot_keeps_previous_snapshot(tmp_path):
     a server restarted on the folder removes it (logged), keeping other files."""
     rows, dim = 300_000, 128  # ~300 MB of weights + momentum: the write takes a while
     snap = tmp_path / "ps.safetensors"
-    proc, addr = start_server()
+    proc, addr = start_server("--snapshot-dir", str(tmp_path))
     try:
         with ParamClient(addr, timeout_s=60) as ps:
             ps.create_table("big", rows, dim, init="normal", std=0.01, seed=1)
             ps.set_optimizer("big", lr=0.1, momentum=0.9)
             ps.push("big", np.arange(0, rows, 1000), np.ones((rows // 1000, dim), np.float32))
-            ps.snapshot(snap)
+            ps.snapshot(snap.name)
             first_hash = _sha(snap)
             first = ps.pull("big", np.arange(0, rows, 997))
             ps.push("big", np.arange(0, rows, 1000), np.ones((rows // 1000, dim), np.float32))
@@ -112,7 +112,7 @@ def test_kill_9_during_snapshot_keeps_previous_snapshot(tmp_path):
             s = ctx.socket(zmq.DEALER)
             s.linger = 0
             s.connect(addr)
-            s.send_multipart([b""] + encode({"op": "snapshot", "path": str(snap)}))
+            s.send_multipart([b""] + encode({"op": "snapshot", "path": snap.name}))
             deadline = time.monotonic() + 30
             tmp_seen = []
             while time.monotonic() < deadline and not tmp_seen:
@@ -189,7 +189,8 @@ def test_completed_snapshot_restores_to_identical_bytes(tmp_path):
     from safetensors import safe_open
 
     a, b, c = tmp_path / "a.st", tmp_path / "b.st", tmp_path / "c.st"
-    with running_server() as (_, addr), ParamClient(addr, timeout_s=30) as ps:
+    folder = ("--snapshot-dir", str(tmp_path))
+    with running_server(*folder) as (_, addr), ParamClient(addr, timeout_s=30) as ps:
         ps.create_table("w", 1000, 16, init="uniform", std=0.1, seed=3)
         ps.create_table("bias", 1000, 1, init="zeros")
         ps.set_optimizer("w", lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -198,13 +199,13 @@ def test_completed_snapshot_restores_to_identical_bytes(tmp_path):
             r = rng.integers(0, 1000, 64)
             ps.push("w", r, rng.standard_normal((64, 16)).astype(np.float32))
             ps.push("bias", r, rng.standard_normal((64, 1)).astype(np.float32))
-        ps.snapshot(a)
+        ps.snapshot(a.name)
         weights = ps.read_all("w")
         momentum = ps.read_all("w", field="momentum")
 
-    # Restore via the --restore flag into a fresh process ...
-    with running_server("--restore", str(a)) as (_, addr), ParamClient(addr) as ps:
-        ps.snapshot(b)
+    # Restore via the --restore flag (an absolute path: the operator's) into a fresh process ...
+    with running_server(*folder, "--restore", str(a)) as (_, addr), ParamClient(addr) as ps:
+        ps.snapshot(b.name)
         np.testing.assert_array_equal(ps.read_all("w"), weights)
         info = ps.table_info("w")
         assert info["step"] == 3 and info["optimizer"] == {
@@ -212,11 +213,11 @@ def test_completed_snapshot_restores_to_identical_bytes(tmp_path):
             "max_norm": 0.0, "catchup_decay": False}
         # ... and the next step continues exactly where the original would have.
     # ... and via the restore op into another fresh process.
-    with running_server() as (_, addr), ParamClient(addr) as ps:
-        ps.create_table("other", 5, 2)  # replaced by the restore
-        ps.restore(a)
-        assert ps.ping()[0]["tables"] == {"w": 3, "bias": 3}
-        ps.snapshot(c)
+    with running_server(*folder) as (_, addr), ParamClient(addr) as ps:
+        ps.create_table("other", 5, 2)  # not in the file: left as it is by the restore
+        ps.restore(a.name)
+        assert ps.ping()[0]["tables"] == {"other": 0, "w": 3, "bias": 3}
+        ps.snapshot(c.name, tables=["w", "bias"])
     assert a.read_bytes() == b.read_bytes() == c.read_bytes()
     assert oct(a.stat().st_mode & 0o777) == "0o644"  # not mkstemp's 0600
     # The format is plain safetensors, readable (memory-mapped) by the safetensors library.
@@ -230,13 +231,13 @@ def test_bad_snapshot_files_are_refused(tmp_path):
     junk = tmp_path / "junk.st"
     junk.write_bytes(os.urandom(1000))
     trunc = tmp_path / "trunc.st"
-    with running_server() as (_, addr), ParamClient(addr) as ps:
+    with running_server("--snapshot-dir", str(tmp_path)) as (_, addr), ParamClient(addr) as ps:
         ps.create_table("w", 100, 4)
-        ps.snapshot(tmp_path / "good.st")
+        ps.snapshot("good.st")
         trunc.write_bytes((tmp_path / "good.st").read_bytes()[:-17])
         before = ps.table_info("w", checksum=True)["shards"][0]["checksum"]
         from paramserver import ParamServerError
         for bad in (junk, trunc, tmp_path / "missing.st"):
             with pytest.raises(ParamServerError, match=str(bad.name)):
-                ps.restore(bad)
+                ps.restore(bad.name)
         assert ps.table_info("w", checksum=True)["shards"][0]["checksum"] == before

@@ -40,8 +40,9 @@ def test_three_shards_equal_one_server(tmp_path):
             probe = np.random.default_rng(1).integers(0, n, 500)
             one_pull = ps.pull("w", probe)
 
+    folder = ("--snapshot-dir", str(tmp_path))
     with contextlib.ExitStack() as stack:
-        addrs = [stack.enter_context(running_server())[1] for _ in range(3)]
+        addrs = [stack.enter_context(running_server(*folder))[1] for _ in range(3)]
         with ParamClient(addrs, timeout_s=30) as ps:
             assert ps.create_table("w", n, d, init="normal", std=0.1, seed=7) is True
             ps.set_optimizer("w", lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -54,7 +55,7 @@ def test_three_shards_equal_one_server(tmp_path):
             assert info["num_rows"] == n and info["step"] == steps
             assert [(s["row_start"], s["row_stop"]) for s in info["shards"]] == \
                 [(0, 333), (333, 667), (667, 1001)]
-            ps.snapshot(tmp_path / "snap")
+            ps.snapshot("snap")
             files = sorted(p.name for p in tmp_path.iterdir())
             assert files == [f"snap.{i:05d}-of-00003" for i in range(3)]
         # A second client that did not create the table learns the routing from the shards.
@@ -66,14 +67,14 @@ def test_three_shards_equal_one_server(tmp_path):
 
     # The 3 shard files restore into 3 fresh servers.
     with contextlib.ExitStack() as stack:
-        addrs = [stack.enter_context(running_server())[1] for _ in range(3)]
+        addrs = [stack.enter_context(running_server(*folder))[1] for _ in range(3)]
         with ParamClient(addrs) as ps:
-            ps.restore(tmp_path / "snap")
+            ps.restore("snap")
             np.testing.assert_array_equal(ps.read_all("w"), one)
             assert ps.table_info("w")["step"] == steps
             with pytest.raises(ParamServerError, match="is shard 1 of 3, not 0 of 1"):
                 with ParamClient(addrs[0]) as single:
-                    single.restore(tmp_path / "snap.00001-of-00003")
+                    single.restore("snap.00001-of-00003")
             np.testing.assert_array_equal(ps.read_all("w"), one)  # refused before changing
             # One shard's file is bad: no shard restores (each checks its file first).
             _train(ps, np.random.default_rng(2), n, d, 2)
@@ -82,7 +83,7 @@ def test_three_shards_equal_one_server(tmp_path):
             bad = tmp_path / "snap.00001-of-00003"
             bad.write_bytes(bad.read_bytes()[:-16])  # truncated
             with pytest.raises(ParamServerError, match="snap.00001-of-00003"):
-                ps.restore(tmp_path / "snap")
+                ps.restore("snap")
             np.testing.assert_array_equal(ps.read_all("w"), moved)
             np.testing.assert_array_equal(ps.read_all("w", field="momentum"), moved_mom)
             assert ps.table_info("w")["step"] == steps + 2

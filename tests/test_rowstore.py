@@ -164,25 +164,37 @@ def test_snapshots_move_between_local_and_remote(tmp_path):
     from safetensors.numpy import load_file
     tensors = load_file(str(tmp_path / "local.safetensors"))
     np.testing.assert_array_equal(tensors["classifier/weight"], local.read_all())
-    with running_server() as (_, address), ParamClient(address, timeout_s=20) as client:
+    # The server's snapshot folder is tmp_path: the remote store names files relative to it.
+    with running_server("--snapshot-dir", str(tmp_path)) as (_, address), \
+            ParamClient(address, timeout_s=20) as client:
+        client.create_table("other", 10, 2, seed=4)  # another run's table on the same server
+        other = client.table_info("other", checksum=True)["shards"][0]["checksum"]
         remote = RemoteRowStore(client, "classifier", **a)
-        remote.restore(tmp_path / "local.safetensors")
+        remote.restore("local.safetensors")
         np.testing.assert_array_equal(remote.read_all(), local.read_all())
         assert remote.info()["step"] == 3
         # continue both for 4 steps: identical
         _train(remote, 4, seed=1)
         _train(local, 4, seed=1)
         np.testing.assert_array_equal(remote.read_all(), local.read_all())
-        remote.snapshot(tmp_path / "remote.safetensors")
+        remote.snapshot("runs/remote.safetensors")
+        remote.snapshot("runs/old.safetensors")
+        remote.delete_snapshot("runs/old.safetensors")
+        assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["remote.safetensors"]
+        # only the store's own table was written, and the other table was left as it was
+        remote.restore("runs/remote.safetensors")
+        assert client.table_info("other", checksum=True)["shards"][0]["checksum"] == other
     fresh = LocalRowStore(N, D, SGDConfig(lr=1.0), std=a["std"], seed=99)
-    fresh.restore(tmp_path / "remote.safetensors")
+    fresh.restore(tmp_path / "runs" / "remote.safetensors")
     np.testing.assert_array_equal(fresh.read_all(), local.read_all())
     np.testing.assert_array_equal(fresh.table.momentum, local.table.momentum)
     assert fresh.optim == local.optim and fresh.table.updates == 7
     with pytest.raises(ValueError, match="no table 'other'"):
-        LocalRowStore(N, D, name="other").restore(tmp_path / "remote.safetensors")
+        LocalRowStore(N, D, name="other").restore(tmp_path / "runs" / "remote.safetensors")
     with pytest.raises(ValueError, match="this store is"):
-        LocalRowStore(N + 1, D).restore(tmp_path / "remote.safetensors")
+        LocalRowStore(N + 1, D).restore(tmp_path / "runs" / "remote.safetensors")
+    from paramserver.snapshot import read_snapshot
+    assert list(read_snapshot(tmp_path / "runs" / "remote.safetensors")[0]) == ["classifier"]
 
 
 def test_local_store_refuses_a_push_whose_duplicate_rows_overflow():

@@ -254,7 +254,7 @@ def test_train_dist_hf_sh_two_workers_of_one_server(tiny_rec, tmp_path):
     log = open(os.path.join(save, "paramserver.log")).read()
     assert "live workers [0, 1]" in log or "workers [0, 1]" in log
     ckpt = ckpt_of(save)
-    assert ckpt["step"] == 3 and os.path.isfile(ckpt["ps_snapshot"])
+    assert ckpt["step"] == 3 and os.path.isfile(os.path.join(save, ckpt["ps_snapshot"]))
     assert_gone(server_pid(save))
 
 

@@ -190,14 +190,15 @@ def test_resume_continues_exactly(tiny_rec, tmp_path, store):
     """12 steps straight == 6 steps, stop, --resume, 6 more (across an epoch end at step 10):
     backbone, SGD momentum, and the classifier rows + momentum (the parameter server's
     snapshot) are bit-identical. Exact needs a reproducible index: synchronous rebuilds
-    every 3 steps, the checkpoint at a multiple of that."""
+    every 3 steps, the checkpoint at a multiple of that. The rows take the paper's lazy
+    momentum here, so that a momentum buffer is restored too."""
     hf = ["--sampled", "--sampler", "exact", "--sample-num", "24", "--interval", "3",
-          "--no-background-rebuild", "--recall-every", "0", "--row-momentum", "0.9"]
+          "--no-background-rebuild", "--recall-every", "0", "--sampled-rule", "paper"]
     runs = {}
     for name in ("straight", "split"):
         out = str(tmp_path / name)
         if store == "paramserver":
-            with running_server() as (_, address):
+            with running_server() as (proc, address):
                 ps = ["--ps", address]
                 if name == "straight":
                     assert main(["--train-rec", str(tiny_rec), *TINY, *hf, *ps,
@@ -205,10 +206,12 @@ def test_resume_continues_exactly(tiny_rec, tmp_path, store):
                 else:
                     assert main(["--train-rec", str(tiny_rec), *TINY, *hf, *ps,
                                  "--max-steps", "6", "--save-path", out]) == 0
-                    assert _state(out)[0]["step"] == 6
-                    # Stored args rebuild the run; only the new --max-steps is given.
-                    assert main(["--resume", out, "--max-steps", "12"]) == 0
-                runs[name] = _state(out)
+                    assert _state(out, proc.snapshot_dir)[0]["step"] == 6
+                    # Stored args rebuild the run; the new --max-steps and the runtime
+                    # flags (--ps: never taken from a checkpoint) are given.
+                    assert main(["--resume", out, "--max-steps", "12", *ps, "--threads",
+                                 "1", "--workers", "0"]) == 0
+                runs[name] = _state(out, proc.snapshot_dir)
         else:
             if name == "straight":
                 assert main(["--train-rec", str(tiny_rec), *TINY, *hf, "--max-steps", "12",
@@ -217,7 +220,7 @@ def test_resume_continues_exactly(tiny_rec, tmp_path, store):
                 assert main(["--train-rec", str(tiny_rec), *TINY, *hf, "--max-steps", "6",
                              "--save-path", out]) == 0
                 assert main(["--resume", os.path.join(out, "last.pth"), "--max-steps",
-                             "12"]) == 0
+                             "12", "--threads", "1", "--workers", "0"]) == 0
             runs[name] = _state(out)
     _assert_same_training_state(runs["straight"], runs["split"])
     # The split run's metrics continue where it stopped.
@@ -240,7 +243,7 @@ def test_fresh_run_refuses_a_server_table_with_history(tiny_rec, tmp_path):
     with running_server() as (_, address):
         assert main(["--train-rec", str(tiny_rec), *TINY, *hf, "--ps", address,
                      "--max-steps", "2", "--save-path", str(tmp_path / "a")]) == 0
-        with pytest.raises(RuntimeError, match="already taken 2 steps.*--ps-table"):
+        with pytest.raises(ValueError, match="already taken 2 steps.*--ps-table"):
             run(parse_args(["--train-rec", str(tiny_rec), *TINY, *hf, "--ps", address,
                             "--max-steps", "2", "--save-path", str(tmp_path / "b")]))
         # A new table name on the same server is a fresh run.
@@ -348,8 +351,8 @@ def test_index_runs_in_its_own_process_with_a_parameter_server(tiny_rec):
     hf = ["--sampled", "--sampler", "exact", "--sample-num", "24"]
     with running_server() as (_, address):
         for extra, expect_process in (([], True), (["--no-sampler-process"], False)):
-            head, _ = build(["--train-rec", str(tiny_rec), *TINY, *hf, "--ps", address,
-                             "--ps-table", f"t{int(expect_process)}", *extra])
+            head, store = build(["--train-rec", str(tiny_rec), *TINY, *hf, "--ps", address,
+                                 "--ps-table", f"t{int(expect_process)}", *extra])
             try:
                 assert isinstance(head.sampler, ProcessSampler) is expect_process
                 feats, labels = torch.randn(8, 32), torch.arange(8)
@@ -358,6 +361,7 @@ def test_index_runs_in_its_own_process_with_a_parameter_server(tiny_rec):
                 assert len(set(ids.tolist())) == 24 and torch.equal(ids[target], labels)
             finally:
                 head.sampler.close()
+                store.close()  # worker id 0 belongs to this store's connection
     # Without a server the rows are in the trainer anyway: no index process by default.
     head, _ = build(["--train-rec", str(tiny_rec), *TINY, *hf])
     assert not isinstance(head.sampler, ProcessSampler)

@@ -33,9 +33,9 @@ COMMON = ["--arch", "convnet-s-gn", "--embedding-size", "32", "--workers", "0",
           "--threads", "1", "--print-freq", "2", "--head", "linear", "--lr", "0.05",
           "--no-augment", "--seed", "3",
           "--max-steps", str(STEPS)]
-# --row-momentum 0.9: the rows' (lazy) momentum buffers are compared too
+# --sampled-rule paper: the rows' (lazy) momentum buffers are compared too
 HF = ["--sampled", "--sampler", "exact", "--sample-num", "24", "--interval", "3",
-      "--no-background-rebuild", "--recall-every", "4", "--row-momentum", "0.9"]
+      "--no-background-rebuild", "--recall-every", "4", "--sampled-rule", "paper"]
 
 
 def free_port() -> int:
@@ -64,11 +64,13 @@ def tiny_rec(tmp_path_factory):
                          per_class=4, seed=1)
 
 
-def load(out):
+def load(out, rows_dir=None):
+    """The checkpoint and its rows (a server's snapshot lies in its ``rows_dir``)."""
     ckpt = torch.load(os.path.join(out, "last.pth"), weights_only=True)
     rows = None
     if ckpt["ps_snapshot"]:
-        rows = read_snapshot(ckpt["ps_snapshot"])[0]["classifier"]
+        rows = read_snapshot(os.path.join(rows_dir or out, ckpt["ps_snapshot"]))[0][
+            "classifier"]
     return ckpt, rows
 
 
@@ -102,14 +104,14 @@ def assert_close_runs(a, b, tol=1e-4, steps=STEPS):
 def test_two_ranks_with_a_parameter_server_equal_one_process_at_twice_the_batch(
         tiny_rec, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    with running_server("--workers", "1") as (_, address):
+    with running_server("--workers", "1") as (server1, address):
         assert main(["--train-rec", str(tiny_rec), *COMMON, *HF, "--batch-size", "16",
                      "--ps", address, "--save-path", one]) == 0
-    with running_server("--workers", "2") as (_, address):
+    with running_server("--workers", "2") as (server2, address):
         proc = torchrun(2, ["--train-rec", str(tiny_rec), *COMMON, *HF, "--batch-size", "8",
                             "--ps", address, "--save-path", two, "--dist-backend", "gloo"])
     assert "2 process(es) x batch 8" in proc.stderr
-    assert_close_runs(load(one), load(two))
+    assert_close_runs(load(one, server1.snapshot_dir), load(two, server2.snapshot_dir))
     # Only rank 0 writes files.
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.suffix == ".pth") == \
         ["last.pth"]

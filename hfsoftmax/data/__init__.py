@@ -3,7 +3,10 @@
 Modules: ``recordio`` (MXNet indexed RecordIO reader/writer, the one place for the layout),
 ``insightface`` (``InsightFaceRecDataset``), ``filelist`` (``ImageListDataset``, train/val
 split), ``verification`` (``load_bin`` through a restricted unpickler, ``decode_pairs``),
-``transforms`` (112x112, InsightFace normalisation), ``synthetic`` (``make_synthetic``).
+``transforms`` (112x112, InsightFace normalisation), ``synthetic`` (``make_synthetic``: the
+synthetic face-like set and its long-tailed variant), ``hangul`` (``make_hangul``: rendered
+Hangul syllables), ``accuracy_set`` (``read_set_info``: the layout and metadata those sets
+share).
 Names are imported on first use so ``import hfsoftmax.data`` stays cheap.
 """
 import importlib
@@ -21,6 +24,8 @@ _EXPORTS = {
     "train_transform": "transforms", "eval_transform": "transforms",
     "normalize_uint8": "transforms",
     "make_synthetic": "synthetic",
+    "make_hangul": "hangul",
+    "read_set_info": "accuracy_set", "prepare_set": "accuracy_set",
 }
 
 __all__ = sorted(_EXPORTS)

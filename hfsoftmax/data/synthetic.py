@@ -1,73 +1,73 @@
-"""The built-in synthetic face-like dataset, written in InsightFace's layout.
+"""The built-in synthetic face-like dataset and its long-tailed variant, in InsightFace's layout.
 
 Deterministic from a seed (same arguments -> byte-identical files, whatever the number of
 worker processes). Identities come in *families* of look-alikes so that hard negatives exist:
+a family draws a colour code, colours and a face geometry, and each identity is its family's
+parameters plus a small deviation (:mod:`hfsoftmax.data.synthetic_render` renders them), so
+identities of one family are each other's nearest classes and a nearest-class sampler finds
+harder negatives than a random one. The identity signal lives in large colour regions, so it
+survives downsampling and a small CNN learns it in minutes on a CPU.
 
-- a family draws a coarse 4x4 colour code for the face region, skin/hair/background colours
-  and a face geometry (face ellipse, hairline, eyes, mouth);
-- an identity is its family's parameters plus a small identity-specific deviation (colour
-  code, skin, hair, eye spacing/height, mouth width), so identities of one family are each
-  other's nearest classes and a nearest-class sampler finds harder negatives than a random
-  one;
-- each image is the identity's template under a random pose (rotation, scale, shift),
-  illumination (gain per channel, a linear light gradient) and pixel noise, JPEG-encoded at a
-  fixed quality (no timestamps or metadata, so bytes are reproducible).
+Class sizes (``size_law``): ``constant`` (the set ``synthetic``: ``images_per_class`` each) or
+``powerlaw`` (the set ``longtail``): sizes follow the truncated discrete power law
+``P(k) ~ k^-size_alpha`` on ``[min_images, images_per_class]``, as real face sets have many
+identities with few images and few with many (:func:`class_sizes`).
 
-The identity signal lives in large colour regions, so it survives downsampling and a small
-CNN learns it in minutes on a CPU.
-
-Files written to ``out_dir``: ``train.rec``/``train.idx`` (K images per identity),
-``heldout.rec``/``heldout.idx`` (other images of the same identities, for closed-set top-1),
-``property`` (``num_classes,112,112``), ``synthetic.bin`` (verification pairs of identities
-*not* in training, in the Python-2 pickle layout of InsightFace's ``lfw.bin``: pair i is a
-same pair when i is even; odd pairs are different, alternately from one family and from two
-families) and ``synthetic.json`` (parameters, counts, each class's family, timing).
+Files written to ``out_dir`` follow :mod:`hfsoftmax.data.accuracy_set`: ``train.rec/idx``,
+``heldout.rec/idx`` (``heldout_per_class`` other images of every identity, for closed-set
+top-1), ``property``, ``<set>.bin`` (verification pairs of identities *not* in training: pair
+i is a same pair when i is even; odd pairs are different, from one family when i % 4 == 1 and
+from two families when i % 4 == 3) and ``<set>.json`` (parameters, counts, ``class_family``,
+``class_size``, ``pair_kind``, timing).
 
 >>> make_synthetic("datasets/data/synthetic", num_classes=2000, images_per_class=20, seed=0)
 """
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
-import multiprocessing
 import os
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image
 
-from ..fileio import write_json, write_text
-
-from .recordio import IRHeader, RecordIOWriter, pack
+from ..fileio import write_json
+from .accuracy_set import (SetWriter, check_meta, claim_folder, folder_conflict,
+                           pair_kind_of_index, prepared_meta, read_meta, files_present,
+                           summary_of, worker_map, write_set)
+from .synthetic_render import _LAYOUT, _PAIR, render_identity_images
 from .verification import dump_bin
 
-__all__ = ["SyntheticConfig", "make_synthetic", "render_identity_images", "main"]
+__all__ = ["SyntheticConfig", "make_synthetic", "render_identity_images", "class_sizes",
+           "pair_kinds", "rewrite_pairs", "main", "main_longtail"]
 
 logger = logging.getLogger(__name__)
 
-SIZE = 112
-JPEG_QUALITY = 90
-FORMAT_VERSION = 1  # bump when the rendering changes (synthetic.json records it)
-
-# seed-stream tags: each random quantity has its own stream, keyed by (seed, tag, id)
-_FAMILY, _IDENTITY, _IMAGES, _PAIR, _LAYOUT = 1, 2, 3, 4, 5
+FORMAT_VERSION = 1  # bump when the rendering changes (<set>.json records it)
+GENERATOR = "hfsoftmax.data.synthetic"
+_SIZES = 6  # seed-stream tag of the class-size assignment (1..5: synthetic_render)
+SIZE_LAWS = ("constant", "powerlaw")
+_SIZE_FIELDS = ("size_law", "size_alpha", "min_images")
+_MAX_CLASS_SIZE = 100_000  # the power law's support is materialised
 
 
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Parameters of the synthetic set (all of them determine the bytes)."""
     num_classes: int = 2000
-    images_per_class: int = 20
+    images_per_class: int = 20        # powerlaw: the largest class size
     heldout_per_class: int = 2
     family_size: int = 10
     num_pairs: int = 1000
     seed: int = 0
     identity_deviation: float = 0.18  # std of an identity's colour-code offset from its family
     noise: float = 6.0                # max std of pixel noise (0..255 scale)
+    size_law: str = "constant"        # "constant" or "powerlaw" (see class_sizes)
+    size_alpha: float = 2.0           # powerlaw: P(k) ~ k^-size_alpha
+    min_images: int = 2               # powerlaw: the smallest class size
 
     def validate(self) -> None:
         for name in ("num_classes", "images_per_class", "family_size"):
@@ -80,128 +80,67 @@ class SyntheticConfig:
                              f"got {self.num_pairs}")
         if self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
+        if self.size_law not in SIZE_LAWS:
+            raise ValueError(f"Invalid size_law {self.size_law!r}. Only {SIZE_LAWS} exist")
+        d = SyntheticConfig()
+        if self.size_law == "constant" and (self.size_alpha, self.min_images) != (
+                d.size_alpha, d.min_images):
+            raise ValueError("size_alpha and min_images apply to size_law='powerlaw' only "
+                             f"(got size_alpha={self.size_alpha}, min_images={self.min_images} "
+                             "with 'constant')")
+        if self.size_law == "powerlaw":
+            if self.images_per_class > _MAX_CLASS_SIZE:
+                raise ValueError(f"images_per_class (the largest class) must be <= "
+                                 f"{_MAX_CLASS_SIZE}, got {self.images_per_class}")
+            if not 1 <= self.min_images <= self.images_per_class:
+                raise ValueError(f"min_images must lie in [1, images_per_class="
+                                 f"{self.images_per_class}], got {self.min_images}")
+            if not 0 < self.size_alpha <= 10:
+                raise ValueError(f"size_alpha must lie in (0, 10], got {self.size_alpha}")
 
 
-# -- rendering ----------------------------------------------------------------------------------
-
-_YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-_C = (SIZE - 1) / 2.0
-_RAMP = ((np.arange(SIZE) - _C) / SIZE).astype(np.float32)
-_NOISE_BANK: np.ndarray | None = None
+def set_name(cfg: SyntheticConfig) -> str:
+    """``synthetic`` for constant class sizes, ``longtail`` for the power law."""
+    return "synthetic" if cfg.size_law == "constant" else "longtail"
 
 
-def _noise_bank() -> np.ndarray:
-    # Standard normal noise drawn once per process from a fixed seed; images take random
-    # windows of it (drawing 37K normals per image would cost more than the rest together).
-    global _NOISE_BANK
-    if _NOISE_BANK is None:
-        _NOISE_BANK = np.random.default_rng(20180117).standard_normal(1 << 20, dtype=np.float32)
-    return _NOISE_BANK
-
-
-def _family_params(seed: int, family: int) -> dict:
-    r = np.random.default_rng([seed, _FAMILY, family])
-    return {
-        "bg": r.uniform(0.05, 0.95, 3), "skin": r.uniform(0.25, 0.95, 3),
-        "hair": r.uniform(0.0, 0.7, 3), "code": r.uniform(0.0, 1.0, (4, 4, 3)),
-        "face_a": r.uniform(30, 40), "face_b": r.uniform(40, 50),
-        "hairline": r.uniform(22, 42), "eye_dx": r.uniform(13, 21),
-        "eye_y": r.uniform(44, 54), "eye_r": r.uniform(4, 7), "eye": r.uniform(0, 0.35, 3),
-        "mouth_y": r.uniform(76, 86), "mouth_w": r.uniform(9, 18),
-    }
-
-
-def _identity_params(seed: int, fam: dict, cls: int, dev: float) -> dict:
-    r = np.random.default_rng([seed, _IDENTITY, cls])
-    p = dict(fam)
-    p["code"] = np.clip(fam["code"] + r.normal(0, dev, (4, 4, 3)), 0, 1)
-    p["skin"] = np.clip(fam["skin"] + r.normal(0, dev / 2, 3), 0, 1)
-    p["hair"] = np.clip(fam["hair"] + r.normal(0, dev / 2, 3), 0, 1)
-    p["eye_dx"] = fam["eye_dx"] + r.normal(0, 1.5)
-    p["eye_y"] = fam["eye_y"] + r.normal(0, 1.5)
-    p["mouth_w"] = fam["mouth_w"] + r.normal(0, 2.0)
-    p["hairline"] = fam["hairline"] + r.normal(0, 3.0)
-    # float32 throughout the rendering (float64 would double its cost)
-    return {k: (np.float32(v) if np.ndim(v) == 0 else np.asarray(v, np.float32))
-            for k, v in p.items()}
-
-
-_MOUTH = np.float32([0.55, 0.12, 0.15])
-
-
-def _soft(d: np.ndarray, sharp: float = 6.0) -> np.ndarray:
-    # 1 inside (d < 1), 0 outside, a soft edge of ~1/sharp of the radius
-    return np.clip((np.float32(1) - d) * np.float32(sharp), np.float32(0), np.float32(1))
-
-
-def _template(p: dict) -> np.ndarray:
-    """The identity's canonical image, float32 (S, S, 3) in [0, 1]."""
-    code = Image.fromarray((p["code"] * 255).astype(np.uint8)).resize((SIZE, SIZE),
-                                                                      Image.BILINEAR)
-    code = np.asarray(code, dtype=np.float32) / 255.0
-    face_d = ((_XX - _C) / p["face_a"]) ** 2 + ((_YY - _C - 4) / p["face_b"]) ** 2
-    img = np.broadcast_to(p["bg"].astype(np.float32), (SIZE, SIZE, 3)).copy()
-    face = _soft(face_d)[..., None]
-    img = img * (1 - face) + (0.35 * p["skin"] + 0.65 * code) * face
-    hair = (_soft(face_d / 1.25) * np.clip((p["hairline"] - _YY) / 3.0, 0, 1))[..., None]
-    img = img * (1 - hair) + p["hair"] * hair
-    for sx in (-1, 1):
-        ex = _C + sx * p["eye_dx"]
-        eye = _soft(((_XX - ex) ** 2 + (_YY - p["eye_y"]) ** 2) / p["eye_r"] ** 2, 3)[..., None]
-        img = img * (1 - eye) + p["eye"] * eye
-    mouth = _soft(((_XX - _C) / p["mouth_w"]) ** 2 + ((_YY - p["mouth_y"]) / 3.0) ** 2, 3)
-    img = img * (1 - mouth[..., None]) + _MOUTH * mouth[..., None]
-    return img
-
-
-def _augment(template_u8: Image.Image, bg: tuple, r: np.random.Generator,
-             noise: float) -> bytes:
-    """One image of an identity: pose, illumination and noise variation; JPEG bytes."""
-    angle = math.radians(r.normal(0, 6))
-    scale = math.exp(r.normal(0, 0.05))
-    tx, ty = r.normal(0, 3, 2)
-    # PIL's AFFINE maps output pixel (x, y) to input (a x + b y + c, d x + e y + f)
-    ca, sa = math.cos(angle) / scale, math.sin(angle) / scale
-    cx, cy = _C + tx, _C + ty
-    coeffs = (ca, sa, _C - ca * cx - sa * cy, -sa, ca, _C + sa * cx - ca * cy)
-    img = template_u8.transform((SIZE, SIZE), Image.AFFINE, coeffs, resample=Image.BILINEAR,
-                                fillcolor=bg)
-    x = np.array(img, dtype=np.float32)  # a writable copy: the arithmetic below is in place
-    gain = (r.uniform(0.7, 1.2) * (1 + r.normal(0, 0.05, 3))).astype(np.float32)
-    phi = r.uniform(0, 2 * math.pi)
-    amp = r.uniform(0, 0.3)
-    light = 1 + amp * (_RAMP[:, None] * math.sin(phi) + _RAMP[None, :] * math.cos(phi))
-    x *= light[..., None]
-    x *= gain
-    bank = _noise_bank()
-    start = int(r.integers(bank.size - x.size))
-    x += bank[start:start + x.size].reshape(x.shape) * np.float32(r.uniform(1, noise))
-    x += np.float32(0.5)
-    np.clip(x, 0, 255, out=x)
-    out = Image.fromarray(x.astype(np.uint8))
-    buf = io.BytesIO()
-    out.save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue()
-
-
-def _identity_render_state(cfg: SyntheticConfig, family: int, cls: int):
-    p = _identity_params(cfg.seed, _family_params(cfg.seed, family), cls,
-                         cfg.identity_deviation)
-    t = _template(p)
-    bg = tuple(int(v) for v in np.clip(p["bg"] * 255 + 0.5, 0, 255))
-    return Image.fromarray(np.clip(t * 255 + 0.5, 0, 255).astype(np.uint8)), bg
-
-
-def render_identity_images(cfg: SyntheticConfig, family: int, cls: int, n: int,
-                           stream: int = 0) -> list[bytes]:
-    """JPEG bytes of ``n`` images of identity ``cls`` (of ``family``); deterministic in
-    (cfg, family, cls, stream). Exposed for tests and for rendering extra samples."""
-    tpl, bg = _identity_render_state(cfg, family, cls)
-    r = np.random.default_rng([cfg.seed, _IMAGES, cls, stream])
-    return [_augment(tpl, bg, r, cfg.noise) for _ in range(n)]
+def config_dict(cfg: SyntheticConfig) -> dict:
+    """The parameters as recorded in ``<set>.json``; a constant-size set leaves the size-law
+    fields out, so its record is the one sets made before they existed carry."""
+    d = asdict(cfg)
+    if cfg.size_law == "constant":
+        for k in _SIZE_FIELDS:
+            d.pop(k)
+    return d
 
 
 # -- layout -------------------------------------------------------------------------------------
+
+def size_law_pmf(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Class sizes k and their probabilities under ``cfg``'s power law."""
+    k = np.arange(cfg.min_images, cfg.images_per_class + 1)
+    p = k.astype(np.float64) ** -cfg.size_alpha
+    return k, p / p.sum()
+
+
+def class_sizes(cfg: SyntheticConfig) -> np.ndarray:
+    """Training images of each class.
+
+    ``constant``: ``images_per_class`` each. ``powerlaw``: a stratified draw from the
+    truncated discrete power law (:func:`size_law_pmf`): the sizes at the C quantiles
+    ``(i + 0.5) / C`` of its CDF, so each size's count is within one of ``C * P(k)`` (no
+    sampling noise between seeds), then a seeded permutation assigns them to classes,
+    independently of the families.
+    """
+    C = cfg.num_classes
+    if cfg.size_law == "constant":
+        return np.full(C, cfg.images_per_class, dtype=np.int64)
+    k, p = size_law_pmf(cfg)
+    cdf = np.cumsum(p)
+    idx = np.searchsorted(cdf, (np.arange(C) + 0.5) / C, side="right")
+    sizes = k[np.minimum(idx, k.size - 1)]
+    return np.random.default_rng([cfg.seed, _SIZES]).permutation(sizes).astype(np.int64)
+
 
 def class_families(cfg: SyntheticConfig) -> np.ndarray:
     """Family id of each training class: a seeded shuffle of ``class // family_size``, so
@@ -237,10 +176,18 @@ def _pair_spec(cfg: SyntheticConfig, i: int) -> tuple[tuple[int, int], tuple[int
     return (f0 + fa, cls(fa, ia)), (f0 + fb, cls(fb, ib))
 
 
+def pair_kinds(cfg: SyntheticConfig, num_pairs: int | None = None) -> list[str]:
+    """The kind of each verification pair (:func:`_pair_spec`'s rule): with families of one
+    identity, the look-alike slots hold pairs from two families."""
+    n = cfg.num_pairs if num_pairs is None else num_pairs
+    kinds = [pair_kind_of_index(i) for i in range(n)]
+    return kinds if cfg.family_size > 1 else [k.replace("lookalike", "other") for k in kinds]
+
+
 def _render_classes(task):
-    cfg, classes, families = task
-    n = cfg.images_per_class + cfg.heldout_per_class
-    return [render_identity_images(cfg, int(f), int(c), n) for c, f in zip(classes, families)]
+    cfg, classes, families, sizes = task
+    return [render_identity_images(cfg, int(f), int(c), int(n) + cfg.heldout_per_class)
+            for c, f, n in zip(classes, families, sizes)]
 
 
 def _render_pairs(task):
@@ -255,225 +202,236 @@ def _render_pairs(task):
     return out
 
 
-def _render_all_pairs(cfg: SyntheticConfig, imap, bar=None) -> tuple[list, list]:
-    """Images and same/different flags of all ``cfg.num_pairs`` verification pairs."""
+def _render_all_pairs(cfg: SyntheticConfig, imap, bar=None) -> list[bytes]:
+    """Images of all ``cfg.num_pairs`` verification pairs (pair i: images 2i, 2i+1)."""
     chunk = 50
     tasks = [(cfg, list(range(s, min(cfg.num_pairs, s + chunk))))
              for s in range(0, cfg.num_pairs, chunk)]
-    bins, issame = [], []
+    bins = []
     for result in imap(_render_pairs, tasks):
         for a, b in result:
             bins += [a, b]
-            issame.append(len(issame) % 2 == 0)
         if bar is not None:
             bar.update(2 * len(result))
-    return bins, issame
+    return bins
+
+
+def _progress(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="img", desc=desc)
 
 
 def rewrite_pairs(out_dir: str | os.PathLike, num_pairs: int, *, workers: int | None = None,
                   progress: bool = False) -> dict:
-    """Replace the verification pairs of a prepared set (``synthetic.bin``) by ``num_pairs``
+    """Replace the verification pairs of a prepared set (``<set>.bin``) by ``num_pairs``
     pairs; the training and held-out records stay as they are (their bytes do not depend on
     the pairs), so a set gets more pairs without rendering its identities again.
 
     Pairs are drawn as :func:`make_synthetic` would for ``num_pairs``: the same bytes as a
-    set made with that count from the start. Returns the updated summary (``synthetic.json``).
+    set made with that count from the start. Returns the updated summary (``<set>.json``).
     """
     out_dir = os.fspath(out_dir)
-    path = os.path.join(out_dir, "synthetic.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{out_dir} holds no prepared synthetic set ({path}: {e}); prepare it "
-                         "with datasets/prepare_synthetic.py first") from None
+    metas = {k: v for k, v in read_meta(out_dir).items() if k in ("synthetic", "longtail")}
+    if not metas:
+        raise ValueError(f"{out_dir} holds no prepared synthetic set (no synthetic.json or "
+                         "longtail.json); prepare it with datasets/prepare_synthetic.py or "
+                         "datasets/prepare_longtail.py first")
+    name, meta = next(iter(metas.items()))
+    path = os.path.join(out_dir, f"{name}.json")
     cfg = SyntheticConfig(**dict(meta["config"], num_pairs=num_pairs))
     cfg.validate()
     workers = max(1, workers or os.cpu_count() or 1)
     t0 = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=2 * num_pairs, unit="img", desc="pairs")
-    pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
+    bar = _progress(progress, 2 * num_pairs, "pairs")
     try:
-        bins, issame = _render_all_pairs(cfg, pool.imap if pool is not None else map, bar)
+        with worker_map(workers) as imap:
+            bins = _render_all_pairs(cfg, imap, bar)
     finally:
-        if pool is not None:
-            pool.terminate()
         if bar is not None:
             bar.close()
-    # synthetic.json first says "some pairs count" (-1), so a crash between the two writes
-    # leaves a set that matches no count exactly and gets its pairs rewritten again
-    write_json(path, dict(meta, config=dict(meta["config"], num_pairs=-1)))
-    dump_bin(os.path.join(out_dir, "synthetic.bin"), bins, issame)
-    meta.update(config=asdict(cfg), pairs=num_pairs, same_pairs=sum(issame),
+    # <set>.json first says "pairs being rewritten" (some pair count, -1), so a crash between
+    # the two writes leaves a set that matches no count exactly and gets its pairs rewritten
+    write_json(path, dict(meta, complete=False, stage="pairs",
+                          config=dict(meta["config"], num_pairs=-1)))
+    kinds = pair_kinds(cfg)
+    dump_bin(os.path.join(out_dir, meta.get("bin") or f"{name}.bin"), bins,
+             [k == "same" for k in kinds])
+    meta = dict(meta, complete=True, config=config_dict(cfg), pairs=num_pairs,
+                same_pairs=kinds.count("same"), pair_kind=kinds,
                 pairs_rewritten_s=round(time.perf_counter() - t0, 3))
+    meta.pop("stage", None)
+    if "set" not in meta:  # a synthetic.json made before the accuracy-set contract
+        meta.update(set=name, generator=GENERATOR, bin=f"{name}.bin", num_classes=cfg.num_classes,
+                    class_size=class_sizes(cfg).tolist())
+    check_meta(meta, path)
     write_json(path, meta)
     logger.info("%s: %d verification pairs written in %.1f s (training records kept)", out_dir,
                 num_pairs, time.perf_counter() - t0)
-    return {k: v for k, v in meta.items() if k != "class_family"}
+    return summary_of(meta)
 
 
 def make_synthetic(out_dir: str | os.PathLike, num_classes: int = 2000,
                    images_per_class: int = 20, seed: int = 0, *, heldout_per_class: int = 2,
                    family_size: int = 10, num_pairs: int = 1000, workers: int | None = None,
-                   progress: bool = False, **render_opts) -> dict:
+                   progress: bool = False, force: bool = False, **opts) -> dict:
     """Write the synthetic set to ``out_dir`` (see the module docstring); returns the summary
-    also written to ``synthetic.json`` (counts, parameters, seconds taken, images/s).
+    also written to ``<set>.json`` (counts, parameters, seconds taken, images/s).
 
     ``workers`` processes render identities in parallel (default: all cores); the bytes do
-    not depend on it. ``render_opts``: ``identity_deviation``, ``noise``.
+    not depend on it. ``opts``: ``identity_deviation``, ``noise`` and the size law
+    (``size_law``, ``size_alpha``, ``min_images``). A folder holding another set is refused
+    unless ``force`` (:func:`~.accuracy_set.claim_folder`).
     """
     cfg = SyntheticConfig(num_classes=num_classes, images_per_class=images_per_class,
                           heldout_per_class=heldout_per_class, family_size=family_size,
-                          num_pairs=num_pairs, seed=seed, **render_opts)
+                          num_pairs=num_pairs, seed=seed, **opts)
     cfg.validate()
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir, name = os.fspath(out_dir), set_name(cfg)
+    claim_folder(out_dir, name, GENERATOR, config_dict(cfg), force=force)
     workers = max(1, workers or os.cpu_count() or 1)
     t0 = time.perf_counter()
-    C, K, H = cfg.num_classes, cfg.images_per_class, cfg.heldout_per_class
-    fams = class_families(cfg)
+    C, H = cfg.num_classes, cfg.heldout_per_class
+    fams, sizes = class_families(cfg), class_sizes(cfg)
     chunk = max(1, min(64, C // (4 * workers) or 1))
-    tasks = [(cfg, list(range(s, min(C, s + chunk))), fams[s:s + chunk].tolist())
-             for s in range(0, C, chunk)]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=C * (K + H) + 2 * cfg.num_pairs, unit="img", desc="synthetic")
-
-    def _open(name, per_class):
-        w = RecordIOWriter(os.path.join(out_dir, f"{name}.rec"),
-                           os.path.join(out_dir, f"{name}.idx"))
-        first = C * per_class + 1
-        w.write_idx(0, pack(IRHeader(2, [first, first + C], 0, 0), b""))
-        return w
-
-    pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
-    imap = pool.imap if pool is not None else map
-    train = _open("train", K)
-    held = _open("heldout", H) if H else None
+    tasks = [(cfg, list(range(s, min(C, s + chunk))), fams[s:s + chunk].tolist(),
+              sizes[s:s + chunk].tolist()) for s in range(0, C, chunk)]
+    n_images = int(sizes.sum()) + C * H + 2 * cfg.num_pairs
+    bar = _progress(progress, n_images, name)
+    writer = SetWriter(out_dir, sizes, H)
     try:
-        cls = 0
-        for result in imap(_render_classes, tasks):
-            for images in result:
-                for k in range(K):
-                    key = 1 + cls * K + k
-                    train.write_idx(key, pack(IRHeader(0, float(cls), key, 0), images[k]))
-                for k in range(H):
-                    key = 1 + cls * H + k
-                    held.write_idx(key, pack(IRHeader(0, float(cls), key, 0), images[K + k]))
-                cls += 1
-                if bar is not None:
-                    bar.update(K + H)
-        for w, per in ((train, K), (held, H)):
-            if w is None:
-                continue
-            first = C * per + 1
-            for c in range(C):  # identity records: label = [a, b) of the class's images
-                a = 1 + c * per
-                w.write_idx(first + c, pack(IRHeader(2, [a, a + per], 0, 0), b""))
-        bins, issame = _render_all_pairs(cfg, imap, bar)
+        with worker_map(workers) as imap:
+            for result in imap(_render_classes, tasks):
+                for images in result:
+                    writer.add(images)
+                    if bar is not None:
+                        bar.update(len(images))
+            bins = _render_all_pairs(cfg, imap, bar)
+        writer.close()
     except BaseException:
-        train.abort()
-        if held is not None:
-            held.abort()
+        writer.abort()
         raise
     finally:
-        if pool is not None:
-            pool.terminate()
         if bar is not None:
             bar.close()
-    train.close()
-    if held is not None:
-        held.close()
-    dump_bin(os.path.join(out_dir, "synthetic.bin"), bins, issame)
-    write_text(os.path.join(out_dir, "property"), f"{C},{SIZE},{SIZE}")
     seconds = time.perf_counter() - t0
-    n_images = C * (K + H) + 2 * cfg.num_pairs
-    summary = {
-        "format_version": FORMAT_VERSION, "config": asdict(cfg), "workers": workers,
-        "train_images": C * K, "heldout_images": C * H, "pairs": cfg.num_pairs,
-        "same_pairs": sum(issame), "families": _num_train_families(cfg),
+    kinds = pair_kinds(cfg)
+    meta = {
+        "set": name, "generator": GENERATOR, "format_version": FORMAT_VERSION,
+        "config": config_dict(cfg), "workers": workers, "num_classes": C,
+        "train_images": int(sizes.sum()), "heldout_images": C * H, "pairs": cfg.num_pairs,
+        "same_pairs": kinds.count("same"), "families": _num_train_families(cfg),
+        "bin": f"{name}.bin", "class_size_min": int(sizes.min()),
+        "class_size_max": int(sizes.max()), "class_size_mean": round(float(sizes.mean()), 3),
         "seconds": round(seconds, 3), "images_per_s": round(n_images / seconds, 1),
+        "class_family": fams.tolist(), "class_size": sizes.tolist(), "pair_kind": kinds,
     }
-    meta = dict(summary, class_family=fams.tolist())
-    write_json(os.path.join(out_dir, "synthetic.json"), meta)
-    logger.info("synthetic set: %d classes x %d images (+%d held out) and %d pairs written to "
-                "%s in %.1f s (%.0f images/s, %d workers)", C, K, H, cfg.num_pairs, out_dir,
-                seconds, n_images / seconds, workers)
-    return summary
+    write_set(out_dir, meta, bins)
+    logger.info("%s set: %d classes, %d training images (+%d held out) and %d pairs written to "
+                "%s in %.1f s (%.0f images/s, %d workers)", name, C, int(sizes.sum()), C * H,
+                cfg.num_pairs, out_dir, seconds, n_images / seconds, workers)
+    return summary_of(meta)
 
 
 def _already_prepared(out_dir: str, cfg: SyntheticConfig, *, but_pairs: bool = False) -> bool:
     """Whether ``out_dir`` holds the set of ``cfg`` (``but_pairs``: in all but the number of
-    verification pairs)."""
-    path = os.path.join(out_dir, "synthetic.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
+    verification pairs, or with its pairs being rewritten)."""
+    want = config_dict(cfg)
+    if not but_pairs:
+        return prepared_meta(out_dir, set_name(cfg), FORMAT_VERSION, want,
+                             heldout=cfg.heldout_per_class > 0) is not None
+    meta = read_meta(out_dir).get(set_name(cfg))
+    if meta is None or not (meta.get("complete", True) is True or meta.get("stage") == "pairs"):
         return False
-    needed = ["train.rec", "train.idx", "property", "synthetic.bin"]
-    if cfg.heldout_per_class:
-        needed += ["heldout.rec", "heldout.idx"]
-    want, got = asdict(cfg), dict(meta.get("config") or {})
-    if but_pairs:
-        got["num_pairs"] = want["num_pairs"]
+    got = dict(meta.get("config") or {}, num_pairs=want["num_pairs"])
     return (meta.get("format_version") == FORMAT_VERSION and got == want
-            and all(os.path.isfile(os.path.join(out_dir, n)) for n in needed))
+            and files_present(out_dir, meta, set_name(cfg), cfg.heldout_per_class > 0))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Command line of ``datasets/prepare_synthetic.py``."""
-    d = SyntheticConfig()
-    ap = argparse.ArgumentParser(description="Write the built-in synthetic face-like dataset in "
-                                 "InsightFace's layout (train.rec/idx, property, heldout.rec/"
-                                 "idx, synthetic.bin).")
-    ap.add_argument("--out", default="datasets/data/synthetic", help="output folder")
+def _parser(longtail: bool) -> argparse.ArgumentParser:
+    d = LONGTAIL_DEFAULTS if longtail else SyntheticConfig()
+    name = set_name(d)
+    ap = argparse.ArgumentParser(description=(
+        "Write the " + ("long-tailed synthetic" if longtail else "built-in synthetic face-like")
+        + f" dataset in InsightFace's layout (train.rec/idx, property, heldout.rec/idx, "
+        f"{name}.bin, {name}.json); see datasets/README.md."))
+    ap.add_argument("--out", default=f"datasets/data/{name}", help="output folder")
     ap.add_argument("--num-classes", type=int, default=d.num_classes)
-    ap.add_argument("--images-per-class", type=int, default=d.images_per_class)
+    if longtail:
+        ap.add_argument("--max-images", dest="images_per_class", type=int,
+                        default=d.images_per_class, help="the largest class size")
+        ap.add_argument("--min-images", type=int, default=d.min_images,
+                        help="the smallest class size")
+        ap.add_argument("--size-alpha", type=float, default=d.size_alpha,
+                        help="power-law exponent: P(k) ~ k^-alpha")
+    else:
+        ap.add_argument("--images-per-class", type=int, default=d.images_per_class)
     ap.add_argument("--heldout-per-class", type=int, default=d.heldout_per_class)
     ap.add_argument("--family-size", type=int, default=d.family_size,
                     help="identities per family of look-alikes")
     ap.add_argument("--pairs", type=int, default=d.num_pairs,
-                    help="verification pairs in synthetic.bin (even; half same)")
+                    help=f"verification pairs in {name}.bin (even; half same)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--identity-deviation", type=float, default=d.identity_deviation)
     ap.add_argument("--noise", type=float, default=d.noise)
     ap.add_argument("--workers", type=int, default=None, help="default: all cores")
-    ap.add_argument("--force", action="store_true",
-                    help="rewrite even if the folder already holds this exact set")
+    ap.add_argument("--force", action="store_true", help="rewrite even if the folder already "
+                    "holds this exact set; replace a folder holding another set")
     ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+LONGTAIL_DEFAULTS = SyntheticConfig(num_classes=5000, images_per_class=50, size_law="powerlaw",
+                                    size_alpha=2.0, min_images=2)
+
+
+def _main(argv: list[str] | None, longtail: bool) -> dict:
+    ap = _parser(longtail)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    size = (dict(size_law="powerlaw", size_alpha=args.size_alpha, min_images=args.min_images)
+            if longtail else {})
     cfg = SyntheticConfig(args.num_classes, args.images_per_class, args.heldout_per_class,
                           args.family_size, args.pairs, args.seed, args.identity_deviation,
-                          args.noise)
+                          args.noise, **size)
     try:
         cfg.validate()
     except ValueError as e:
         ap.error(str(e))
+    name = set_name(cfg)
+    conflict = folder_conflict(args.out, name)
+    if conflict and not args.force:
+        ap.error(conflict)
     if not args.force and _already_prepared(args.out, cfg):
-        logger.info("%s already holds this synthetic set (synthetic.json matches); use --force "
-                    "to rewrite", args.out)
-        with open(os.path.join(args.out, "synthetic.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-        meta.pop("class_family", None)
+        logger.info("%s already holds this %s set (%s.json matches); use --force to rewrite",
+                    args.out, name, name)
+        meta = summary_of(read_meta(args.out)[name])
         print(json.dumps(meta))
         return meta
     if not args.force and _already_prepared(args.out, cfg, but_pairs=True):
-        logger.info("%s holds this synthetic set with other verification pairs: rewriting "
-                    "synthetic.bin only", args.out)
+        logger.info("%s holds this %s set with other verification pairs: rewriting %s.bin only",
+                    args.out, name, name)
         summary = rewrite_pairs(args.out, cfg.num_pairs, workers=args.workers,
                                 progress=not args.no_progress)
         print(json.dumps(summary))
         return summary
+    opts = {k: v for k, v in config_dict(cfg).items()
+            if k in ("identity_deviation", "noise") + _SIZE_FIELDS}
     summary = make_synthetic(args.out, cfg.num_classes, cfg.images_per_class, cfg.seed,
                              heldout_per_class=cfg.heldout_per_class,
                              family_size=cfg.family_size, num_pairs=cfg.num_pairs,
                              workers=args.workers, progress=not args.no_progress,
-                             identity_deviation=cfg.identity_deviation, noise=cfg.noise)
+                             force=args.force, **opts)
     print(json.dumps(summary))
     return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command line of ``datasets/prepare_synthetic.py`` (constant class sizes)."""
+    return _main(argv, longtail=False)
+
+
+def main_longtail(argv: list[str] | None = None) -> dict:
+    """Command line of ``datasets/prepare_longtail.py`` (power-law class sizes)."""
+    return _main(argv, longtail=True)

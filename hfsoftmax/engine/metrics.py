@@ -95,7 +95,8 @@ class ScalarWriter:
 
 
 TRAIN_FIELDS = ["step", "epoch", "loss", "acc", "lr", "img_s", "data_s", "step_s", "recall",
-                "top1_all", "rebuild_s", "select_s", "pull_s", "push_s"]
+                "top1_all", "coverage", "picks_top1pct", "rebuild_s", "select_s", "pull_s",
+                "push_s"]
 VAL_FIELDS = ["step", "epoch", "name", "acc", "acc_std", "threshold", "val_far", "mean_acc"]
 _SAMPLER_KEYS = ("recall", "top1_all", "rebuild_s", "select_s", "pull_s", "push_s")
 
@@ -124,6 +125,9 @@ class ProgressLog:
             extra += f"  recall {tel['recall']:.3f}"
         if tel.get("rebuild_s") is not None:
             extra += f"  rebuild {tel['rebuild_s']:.2f}s"
+        if row.get("coverage") is not None:
+            extra += (f"  epoch's negatives: {100 * row['coverage']:.1f}% of classes, top 1% "
+                      f"of them {100 * (row['picks_top1pct'] or 0):.1f}% of picks")
         logger.info("%s  eta %s  lr %.5g  loss %.4f  acc%s %.3f%s  %.1f img/s  data %.3fs",
                     where, eta, row["lr"], row["loss"], "(sampled)" if sampled else "",
                     row["acc"], extra, row["img_s"], row["data_s"])
@@ -134,6 +138,8 @@ class ProgressLog:
         self.tb.add({"train/loss": row["loss"],
                      "train/acc_sampled" if "select_s" in tel else "train/acc": row["acc"],
                      "train/top1_all": tel.get("top1_all"), "train/lr": row["lr"],
+                     "sampler/coverage": row.get("coverage"),
+                     "sampler/picks_top1pct": row.get("picks_top1pct"),
                      "train/img_per_s": row["img_s"], "train/data_s": row["data_s"],
                      **{f"sampler/{k}": tel.get(k) for k in _SAMPLER_KEYS}}, row["step"])
 

@@ -148,6 +148,7 @@ class SampledHead(nn.Module):
                              f"'sample' (per sample), got {logq!r}")
         self.logq = logq
         self.step = 0  # training steps taken (forward passes in training mode)
+        self._picks = np.zeros(self.num_classes, dtype=np.int64)  # see coverage()
         self.lr: float | None = None  # the rows' LR, once set_lr told it
         self.telemetry: dict = {"step": 0, "recall": None, "top1_all": None, "select_s": None,
                                 "pull_s": None,
@@ -181,6 +182,22 @@ class SampledHead(nn.Module):
         out = dict(self.telemetry)
         if hasattr(self.sampler, "stats"):
             out.update(self.sampler.stats())
+        return out
+
+    def coverage(self, reset: bool = True) -> dict:
+        """How the negatives spread over the classes since the last reset (an epoch, as the
+        trainer calls it): ``coverage``, the share of classes that were a selected
+        non-label column at least once (so received a negative gradient), and
+        ``picks_top1pct``, the share of all such picks taken by the 1 % most picked classes
+        (about 0.01 for uniform sampling; near 1 when a few "hub" rows are everybody's
+        nearest). Counted on this rank's selections."""
+        picks = self._picks
+        total = int(picks.sum())
+        top = np.sort(picks)[::-1][:max(1, self.num_classes // 100)]
+        out = {"coverage": float(np.count_nonzero(picks) / self.num_classes),
+               "picks_top1pct": float(top.sum() / total) if total else None}
+        if reset:
+            picks[:] = 0
         return out
 
     # -- index maintenance ---------------------------------------------------------------
@@ -286,6 +303,9 @@ class SampledHead(nn.Module):
         if ids_np.shape != (self.sample_num,):
             raise RuntimeError(f"sampler returned {ids_np.shape[0]} class ids, expected "
                                f"sample_num={self.sample_num}")
+        if training:  # negatives' coverage: every selected column but this rank's labels
+            self._picks[ids_np] += 1
+            self._picks[ids_np[target.numpy()]] -= 1  # (target: on the host here)
         w_np = self.rowstore.pull(ids_np)
         t2 = time.perf_counter()
         dtype = features.dtype if features.is_floating_point() else torch.float32
