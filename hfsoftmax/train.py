@@ -298,6 +298,13 @@ def run(args: argparse.Namespace) -> dict:
         ckpt = Checkpointer(args.save_path, settings, backbone, head, store, optimizer,
                             schedule, remote=bool(args.ps))
         step = _start_step(args, ckpt, store, device)
+        if args.init_rows and not args.resume and (store is None or not args.ps
+                                                   or hd.is_main()):
+            from .engine.init_weights import init_rows
+            try:
+                init_rows(head, store, args.init_rows)
+            except (ValueError, OSError) as e:
+                raise UsageError(f"--init-rows {args.init_rows}: {e}") from None
         if args.freeze_backbone_steps:
             from .engine.init_weights import BackboneFreeze
             BackboneFreeze(backbone, optimizer, args.freeze_backbone_steps, step,

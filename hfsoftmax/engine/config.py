@@ -39,9 +39,9 @@ STRUCTURAL = ("arch", "embedding_size", "head", "sampled", "num_classes")
 # Where and how this process runs: never taken from a checkpoint (see the module doc).
 RUNTIME = ("config", "resume", "save_path", "ps", "ps_timeout", "device", "amp", "workers",
            "threads", "dist_backend", "index_threads", "sampler_process", "print_freq")
-# How a new run starts (``--init-from``): never taken from a checkpoint either, so a resumed
-# run continues itself and is not re-initialised from its source (hfsoftmax/engine/init_weights.py).
-START_ONLY = ("init_from", "init_strict")
+# How a new run starts (``--init-from``, ``--init-rows``): never taken from a checkpoint, so
+# a resumed run continues itself, not re-initialised from its source (engine/init_weights.py).
+START_ONLY = ("init_from", "init_strict", "init_rows")
 # Sampled-head settings without a meaning for the full softmax: an error there, not ignored.
 SAMPLED_ONLY = ("sampler", "sample_num", *sampled_config.FIELDS)
 SAMPLED_DEFAULTS = {"sampler": "annoy", "sample_num": 1000}

@@ -262,6 +262,10 @@ def _add_workflow_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init-strict", type=_bool, default=True, metavar="BOOL",
                    help="with --init-from: an error if any key is missing, unexpected or of "
                         "another shape (each named); false: load what fits, log the rest")
+    g.add_argument("--init-rows", metavar="FILE", default=None,
+                   help="start a new run's classifier from these rows: a .npy or "
+                        ".safetensors matrix (num_classes x embedding_size, float32) as "
+                        "`python -m paramserver.export` writes it; not restored on --resume")
     g.add_argument("--freeze-backbone-steps", type=_nonneg_int, default=0, metavar="N",
                    help="keep the backbone's weights and BatchNorm statistics fixed for the "
                         "first N steps (the classifier trains alone), e.g. after --init-from")

@@ -11,7 +11,9 @@
 - arcface_torch's ``backbone.pth`` of an IResNet or MobileFaceNet, renamed by the documented
   tables of :mod:`hfsoftmax.models.keymap`,
 
-and starts a new run at step 0 with a fresh classifier (or ``--init-rows``). Every file is
+and starts a new run at step 0 with a fresh classifier, or with the rows of ``--init-rows
+FILE`` (:func:`init_rows`: a ``.npy`` or ``.safetensors`` matrix of all rows, as
+``python -m paramserver.export`` writes it, or a one-file row snapshot). Every file is
 read with ``torch.load(weights_only=True)``. What does not fit is reported by name: keys the
 model has and the file lacks (missing), keys the file has and the model lacks (unexpected),
 and tensors whose shapes differ (with both shapes and the file's own key name); any of them
@@ -36,7 +38,7 @@ from torch import nn
 from ..models.keymap import detect_layout, mobilefacenet_scale, strip_prefix, to_ours
 
 __all__ = ["InitReport", "read_backbone_state", "load_backbone_weights", "BackboneFreeze",
-           "init_backbone_from_args"]
+           "init_backbone_from_args", "rows_file_reader", "init_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -249,3 +251,69 @@ class BackboneFreeze:
             self.frozen = False
             for p in self.params:
                 p.requires_grad_(True)
+
+
+_ROW_CHUNK = 65536
+
+
+def rows_file_reader(path: str | os.PathLike, shape: tuple[int, int]):
+    """``read(a, b) -> float32 rows [a, b)`` of a rows file whose matrix must have exactly
+    ``shape`` (checked from the file's header before any row is read): a ``.npy`` array, or
+    a ``.safetensors`` tensor named ``weight`` (``paramserver.export``) or ``<table>/weight``
+    (a one-file parameter-server snapshot)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init-rows file not found: {path}")
+    if path.endswith(".npy"):
+        import numpy as np
+
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"{path}: not a numeric .npy array ({e})") from None
+        got, dtype, read = tuple(arr.shape), str(arr.dtype), lambda a, b: arr[a:b]
+    elif path.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            f = safe_open(path, framework="numpy")
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        keys = [k for k in f.keys() if k == "weight" or k.endswith("/weight")]
+        if len(keys) != 1:
+            raise ValueError(f"{path}: expected one tensor 'weight' (or '<table>/weight'), "
+                             f"found {sorted(f.keys())[:10]}")
+        sl = f.get_slice(keys[0])
+        got, dtype = tuple(sl.get_shape()), {"F32": "float32"}.get(sl.get_dtype(),
+                                                                     sl.get_dtype())
+        read = lambda a, b: sl[a:b]  # noqa: E731
+    else:
+        raise ValueError(f"--init-rows {path}: expected a .npy or .safetensors file")
+    if got != tuple(shape) or dtype != "float32":
+        raise ValueError(f"{path} holds {dtype} {got}; this run's classifier is float32 "
+                         f"{tuple(shape)} (--num-classes x --embedding-size)")
+    return read
+
+
+def init_rows(head: nn.Module, store, path: str | os.PathLike) -> int:
+    """Copy every row of ``path`` into the classifier (the row store's ``set_rows``, or the
+    full head's weight) in chunks; momentum stays zero. Returns the number of rows. A
+    non-finite value is refused naming its row."""
+    import numpy as np
+
+    rows = store.num_rows if store is not None else head.weight.shape[0]
+    dim = store.dim if store is not None else head.weight.shape[1]
+    read = rows_file_reader(path, (rows, dim))
+    for a in range(0, rows, _ROW_CHUNK):
+        b = min(rows, a + _ROW_CHUNK)
+        block = np.ascontiguousarray(read(a, b), dtype=np.float32)
+        if not np.isfinite(block).all():
+            bad = a + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise ValueError(f"{os.fspath(path)}: row {bad} is not finite (NaN or inf)")
+        if store is not None:
+            store.set_rows(np.arange(a, b, dtype=np.int64), block)
+        else:
+            with torch.no_grad():
+                head.weight[a:b].copy_(torch.from_numpy(block))
+    logger.info("--init-rows %s: %d x %d classifier rows loaded", os.fspath(path), rows, dim)
+    return rows

@@ -1,4 +1,4 @@
-"""Checks of the trainer's workflow flags (``--init-from``, ``--freeze-backbone-steps``,
+"""Checks of the trainer's workflow flags (``--init-from``, ``--init-rows``,
 ``--val-filelist`` / ``--val-rec``, ``--train-folder``), called by
 :func:`hfsoftmax.engine.config.validate_args`; each error names the flag, the value and the
 fix (:class:`~hfsoftmax.engine.config.UsageError`, exit code 2).
@@ -32,6 +32,13 @@ def validate_workflow_args(args: argparse.Namespace) -> None:
                              "weights): give one of them")
         if not os.path.isfile(args.init_from):
             raise UsageError(f"--init-from file not found: {args.init_from}")
+    if args.init_rows:
+        if args.resume:
+            raise UsageError(f"--init-rows {args.init_rows} starts a new run's classifier; "
+                             f"--resume {args.resume} continues a run with its own rows: give "
+                             "one of them")
+        if not os.path.isfile(args.init_rows):
+            raise UsageError(f"--init-rows file not found: {args.init_rows}")
     if args.train_folder and not os.path.isdir(args.train_folder):
         raise UsageError(f"--train-folder {args.train_folder} is not a folder; expected "
                          "DIR/<class>/<image> files")
