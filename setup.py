@@ -23,5 +23,6 @@ setup(
         "hfsoftmax-eval=hfsoftmax.eval:main",
         "hfsoftmax-extract=hfsoftmax.extract:main",
         "hfsoftmax-export=hfsoftmax.export:main",
+        "hfsoftmax-eval-ijb=hfsoftmax.eval_ijb:main",
     ]},
 )

@@ -232,3 +232,17 @@ def test_the_trainer_takes_an_image_folder(folder, tmp_path):
             "--head", "linear", "--save-path", str(tmp_path / "run")]
     assert main(args) == 0
     assert main([*args[:2], "--train-rec", str(folder), *args[2:]]) == 2
+
+
+def test_val_ratio_holds_images_out_for_the_trainers_val_filelist(folder, tmp_path):
+    from hfsoftmax.data.filelist import ImageListDataset, read_list
+
+    out = tmp_path / "rec"
+    r = tool("img2rec", "--image-folder", folder, "--out-folder", out, "--val-ratio", "0.4")
+    assert r.returncode == 0, r.stderr
+    val = read_list(out / "val.lst")
+    packed = read_list(out / "img2rec.lst")
+    assert len(val) == 3 and len(packed) == 5  # round(0.4 * n) per class: 1 of 3, 1 of 2, 1 of 3
+    assert {lab for _, lab in val} == {0, 1, 2} and not set(val) & set(packed)
+    assert len(InsightFaceRecDataset(out)) == 5 and InsightFaceRecDataset(out).num_classes == 3
+    assert len(ImageListDataset(out / "val.lst", prefix=folder)) == 3

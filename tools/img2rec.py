@@ -17,6 +17,8 @@ training folder: ``train.rec``, ``train.idx``, ``property`` (no MXNet needed).
   an image). Class ids must be below 2^24 either way (float32 labels).
 - Besides: ``img2rec.lst`` (line i = key i of the identity layout, key i-1 of the flat one:
   ``relative/path label`` of each packed image, an image list of the source),
+  ``val.lst`` with ``--val-ratio`` (images held out of the .rec, per class by the rule of
+  ``tools/split_train_val.py``; paths relative to the source, for ``--val-filelist``),
   ``classes.txt`` (an image folder's class names, line i = label i) and ``img2rec.json``
   (the manifest: source, options, progress, counts).
 - Multi-process: ``--workers`` processes read and check the files (an image's magic bytes,
@@ -46,7 +48,7 @@ if __package__ in (None, ""):  # run as `python tools/img2rec.py` from a checkou
     if _root not in sys.path:
         sys.path.insert(0, _root)
 
-from hfsoftmax.data.filelist import read_list  # noqa: E402
+from hfsoftmax.data.filelist import read_list, split_train_val, write_list  # noqa: E402
 from hfsoftmax.data.folder import scan_image_folder  # noqa: E402
 from hfsoftmax.data.recordio import IRHeader, frame_record, image_format, pack  # noqa: E402
 from hfsoftmax.fileio import write_json, write_text  # noqa: E402
@@ -54,7 +56,8 @@ from hfsoftmax.fileio import write_json, write_text  # noqa: E402
 logger = logging.getLogger("img2rec")
 
 MANIFEST = "img2rec.json"
-OUTPUTS = ("train.rec", "train.idx", "property", "img2rec.lst", "classes.txt", MANIFEST)
+OUTPUTS = ("train.rec", "train.idx", "property", "img2rec.lst", "classes.txt", "val.lst",
+           MANIFEST)
 PARTIAL = {"rec": ".img2rec.partial.rec", "idx": ".img2rec.partial.idx",
            "lst": ".img2rec.partial.lst"}
 FLOAT32_EXACT = 1 << 24  # integers above this are not all representable in float32
@@ -198,7 +201,8 @@ def _prepare(out: str, source: dict, options: dict, overwrite: bool) -> dict | N
 def run(out: str, *, image_folder: str | None = None, list_path: str | None = None,
         prefix: str | None = None, workers: int = 1, image_size=(112, 112),
         skip_corrupt: bool = False, verify: bool = False, overwrite: bool = False,
-        commit_every: int = 1000, progress: bool = True, on_commit=None) -> dict:
+        commit_every: int = 1000, progress: bool = True, on_commit=None,
+        val_ratio: float = 0.0, seed: int = 0) -> dict:
     """Pack the source into ``out`` (see the module docstring); returns the counts.
     ``on_commit(manifest)`` is called after every commit (progress reporting)."""
     if (image_folder is None) == (list_path is None):
@@ -207,6 +211,9 @@ def run(out: str, *, image_folder: str | None = None, list_path: str | None = No
         raise ValueError(f"--workers and --commit-every must be >= 1, got {workers}, "
                          f"{commit_every}")
     items, classes, root, num_classes = plan(image_folder, list_path, prefix)
+    val: list[tuple[str, int]] = []
+    if val_ratio:  # held-out images of the training identities, not packed (--val-filelist)
+        items, val = split_train_val(items, val_ratio, seed)
     out = os.path.abspath(out)
     if image_folder is not None and (out == root or out.startswith(root + os.sep)):
         raise ValueError(f"--out-folder {out} is inside --image-folder {root}: it would be "
@@ -220,7 +227,8 @@ def run(out: str, *, image_folder: str | None = None, list_path: str | None = No
               "items": len(items), "num_classes": num_classes,
               "fingerprint": fingerprint(items)}
     options = {"layout": "flat" if flat else "identity", "image_size": list(image_size),
-               "skip_corrupt": bool(skip_corrupt)}
+               "skip_corrupt": bool(skip_corrupt), "val_ratio": float(val_ratio),
+               "seed": int(seed)}
     os.makedirs(out, exist_ok=True)
     man = _prepare(out, source, options, overwrite)
     if man is not None and man.get("complete"):
@@ -301,7 +309,10 @@ def run(out: str, *, image_folder: str | None = None, list_path: str | None = No
             pool.terminate()
         for f in files.values():
             f.close()
+    if val_ratio:
+        write_list(os.path.join(out, "val.lst"), val)
     counts = _finish(out, man, classes, num_classes, image_size, flat)
+    counts["val"] = len(val)
     logger.info("packed %d images of %d classes into %s (%d skipped, %d not %dx%d)",
                 counts["records"], num_classes, out, counts["skipped"], counts["other_size"],
                 *image_size)
@@ -372,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-corrupt", action="store_true",
                     help="leave unreadable images out (counted) instead of stopping")
     ap.add_argument("--verify", action="store_true", help="also decode every image")
+    ap.add_argument("--val-ratio", type=float, default=0.0,
+                    help="hold this fraction of each class's images out of the .rec and list "
+                         "them in val.lst (paths relative to the source, for the trainer's "
+                         "--val-filelist with --val-prefix); default 0")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the --val-ratio split")
     ap.add_argument("--commit-every", type=int, default=1000,
                     help="images between commits (what a killed run redoes at most)")
     ap.add_argument("--overwrite", action="store_true",
@@ -389,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                      list_path=args.list_path, prefix=args.prefix, workers=args.workers,
                      image_size=tuple(args.image_size), skip_corrupt=args.skip_corrupt,
                      verify=args.verify, overwrite=args.overwrite,
-                     commit_every=args.commit_every, progress=not args.no_progress)
+                     commit_every=args.commit_every, progress=not args.no_progress,
+                     val_ratio=args.val_ratio, seed=args.seed)
     except (PackError, FileNotFoundError, ValueError) as e:
         print(f"img2rec: error: {e}", file=sys.stderr)
         return 2
