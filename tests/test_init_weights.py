@@ -216,3 +216,30 @@ def test_init_from_errors_exit_2_and_strict_false_trains(tiny_rec, tmp_path, cap
     assert main(["--train-rec", tiny_rec, *TINY, "--init-from", str(tmp_path / "nope.pth"),
                  "--save-path", str(tmp_path / "c")]) == 2
     assert "--init-from file not found" in capsys.readouterr().err
+
+
+def test_freeze_under_ddp_equals_one_process(tmp_path):
+    """2 gloo ranks at batch 8 = 1 process at batch 16 with --init-from and 2 frozen steps
+    of 4 (the backbone's grads are all-reduced and dropped, then trained after step 2)."""
+    from tests.test_train_dist import COMMON, assert_close_runs, load, torchrun
+
+    rec = make_tiny_rec(tmp_path / "data", num_classes=40, per_class=4, seed=1)
+    src = str(tmp_path / "src")
+    assert main(["--train-rec", str(rec), *COMMON, "--batch-size", "16", "--max-steps", "2",
+                 "--save-path", src]) == 0
+    source = backbone_of(os.path.join(src, "last.pth"))
+    init = ["--init-from", os.path.join(src, "last.pth"), "--freeze-backbone-steps", "2",
+            "--max-steps", "4"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert main(["--train-rec", str(rec), *COMMON, *init, "--batch-size", "16",
+                 "--save-path", one]) == 0
+    torchrun(2, ["--train-rec", str(rec), *COMMON, *init, "--batch-size", "8",
+                 "--save-path", two])
+    assert_close_runs(load(one), load(two), steps=4)
+    trained = backbone_of(os.path.join(two, "last.pth"))
+    assert not torch.equal(trained["fc.weight"], source["fc.weight"])
+    frozen = str(tmp_path / "frozen")
+    torchrun(2, ["--train-rec", str(rec), *COMMON, *init, "--max-steps", "2", "--batch-size",
+                 "8", "--save-path", frozen])
+    assert all(torch.equal(v, source[k]) for k, v in
+               backbone_of(os.path.join(frozen, "last.pth")).items())
