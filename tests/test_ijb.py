@@ -260,3 +260,10 @@ def test_ijb_metrics_never_import_torch():
             "[0, 1, 2, 3], [1, 2, 3, 4], [1, 0, 1, 0]); "
             "bad = [m for m in ('torch', 'hfsoftmax') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+def test_eval_ijb_sh_without_arguments_prints_its_usage():
+    r = subprocess.run(["sh", os.path.join(ROOT, "scripts", "eval_ijb.sh"), "a", "b"],
+                       capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PYTHON": "false"})
+    assert r.returncode == 2 and r.stdout == "" and "usage:" in r.stderr
