@@ -128,7 +128,7 @@ class InitReport:
         return "\n".join(lines)
 
 
-def _hint(state: dict, layout: str, info: dict, model: nn.Module, mismatched) -> str:
+def _hint(state: dict, layout: str, info: dict, mismatched) -> str:
     """What a mismatch probably means, for the message."""
     args = info.get("args") or {}
     if layout == "arcface-mbf":
@@ -174,7 +174,7 @@ def load_backbone_weights(model: nn.Module, source: str | os.PathLike | dict, *,
         else:
             fit[key] = value
     report.missing = [k for k in own if k not in renamed]
-    report.hint = _hint(state, layout, info, model, report.mismatched)
+    report.hint = _hint(state, layout, info, report.mismatched)
     if strict and not report.ok:
         raise ValueError("backbone weights do not fit: " + report.describe()
                          + "\n  (--init-strict false loads the tensors that fit)")
