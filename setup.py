@@ -15,11 +15,14 @@ setup(
         "train": ["torch", "torchvision", "annoy", "hnswlib", "faiss-cpu", "pillow", "tqdm",
                   "tensorboard", "pyyaml"],
         "eval": ["scikit-learn", "scipy", "matplotlib"],
+        "export": ["onnx", "onnxruntime"],
     },
     entry_points={"console_scripts": [
         "hfsoftmax-paramserver=paramserver.paramserver:main",
         "hfsoftmax-train=hfsoftmax.train:main",
         "hfsoftmax-eval=hfsoftmax.eval:main",
         "hfsoftmax-extract=hfsoftmax.extract:main",
+        "hfsoftmax-export=hfsoftmax.export:main",
+        "hfsoftmax-eval-ijb=hfsoftmax.eval_ijb:main",
     ]},
 )

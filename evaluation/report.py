@@ -115,3 +115,42 @@ def format_table(results: Mapping[str, VerificationResult]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def write_ijb_report(result, out_dir: str | os.PathLike, name: str, **extra) -> dict[str, Path]:
+    """An IJB result (:class:`evaluation.ijb.IJBResult`): ``<name>.json`` (the TPR@FPR
+    table, counts, AUC, modes, a log-spaced ROC sample and ``extra``) and ``<name>_roc.png``
+    (TPR against log FPR from 1e-6, as InsightFace plots it), both written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out_dir = Path(out_dir)
+    json_path = out_dir / f"{name}.json"
+    atomic_write_bytes(json_path, (json.dumps({"name": name, **extra, **result.to_dict()},
+                                              indent=2) + "\n").encode())
+    fpr, tpr = np.asarray(result.fpr), np.asarray(result.tpr)
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    try:
+        keep = fpr > 0
+        ax.plot(fpr[keep], tpr[keep], lw=1.5, drawstyle="steps-post",
+                label=f"{name} (AUC {100 * result.auc:.2f}%)")
+        ax.set_xscale("log")
+        ax.set_xlim(1e-6, 1.0)
+        ax.set_ylim(0.0, 1.01)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title(f"ROC: {name} ({result.num_pairs} pairs)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        png_path = out_dir / f"{name}_roc.png"
+        atomic_write_bytes(png_path, png.getvalue())
+    finally:
+        plt.close(fig)
+    logger.info("wrote %s and %s", json_path, png_path)
+    return {"json": json_path, "roc": png_path}

@@ -112,11 +112,14 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device | None = N
 
     The architecture and embedding size come from ``ckpt['args']``; ``arch`` /
     ``embedding_size`` must agree with them when both are present and are needed for a bare
-    state_dict.
+    state_dict (ours, or arcface_torch's IResNet / MobileFaceNet ``backbone.pth``, whose
+    keys :mod:`hfsoftmax.models.keymap` renames).
     """
     from hfsoftmax.models import build_backbone
+    from hfsoftmax.models.keymap import to_ours
 
     state, args = load_checkpoint_args(path)
+    state, _ = to_ours(state)  # arcface_torch's backbone.pth: keys renamed (models/keymap.py)
     ck_arch, ck_dim = args.get("arch"), args.get("embedding_size")
     if arch is not None and ck_arch is not None and arch != ck_arch:
         raise ValueError(f"{path}: the checkpoint was trained with arch {ck_arch!r} but "

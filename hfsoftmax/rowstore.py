@@ -186,19 +186,21 @@ class LocalRowStore(RowStore):
         logger.info("row store %r snapshot written to %s", self.table.name, path)
 
     def restore(self, path: str | os.PathLike) -> None:
+        """Load this store's table from ``path``: one snapshot file, or the shard files
+        ``path.IIIII-of-SSSSS`` of a sharded server (joined: :mod:`paramserver.reshard`);
+        every file checked in full."""
+        from paramserver.reshard import find_snapshot_files, load_tables
         from paramserver.snapshot import open_snapshot
 
         t = self.table
-        with open_snapshot(path) as snap:  # checks the whole file; loads only this table
+        with open_snapshot(find_snapshot_files(path)[0]) as snap:  # its header only
             if t.name not in snap.tables:
                 raise ValueError(f"snapshot {path} has no table {t.name!r}; it holds "
                                  f"{sorted(snap.tables)}")
-            new = snap.load([t.name])[t.name]
-        if (new.row_start, new.num_rows, new.dim) != (0, t.num_rows, t.dim):
-            raise ValueError(f"snapshot {path}: table {t.name!r} holds rows [{new.row_start}, "
-                             f"{new.row_start + new.num_rows}) x {new.dim}, this store is "
-                             f"[0, {t.num_rows}) x {t.dim} (a shard of a sharded server "
-                             "cannot be restored into one local store)")
+        new = load_tables(path, [t.name])[t.name]
+        if (new.num_rows, new.dim) != (t.num_rows, t.dim):
+            raise ValueError(f"snapshot {path}: table {t.name!r} is {new.num_rows} x "
+                             f"{new.dim}, this store is {t.num_rows} x {t.dim}")
         self.table = new
         logger.info("row store %r restored from %s (%d updates)", t.name, path, new.updates)
 
@@ -370,8 +372,21 @@ class RemoteRowStore(RowStore):
         self.client.snapshot(os.fspath(path), tables=[self.name])
 
     def restore(self, path: str | os.PathLike) -> None:
-        """Restore this store's table (only) from ``path`` in the servers' snapshot folder."""
-        self.client.restore(os.fspath(path), tables=[self.name])
+        """Restore this store's table (only) from ``path`` in the servers' snapshot folder.
+        A snapshot written by another number of shards is rewritten for this one first
+        with ``python -m paramserver.reshard`` (the message says so)."""
+        from paramserver import ParamServerError
+
+        try:
+            self.client.restore(os.fspath(path), tables=[self.name])
+        except ParamServerError as e:
+            if "No such file" not in str(e) and "not found" not in str(e):
+                raise
+            n = len(self.client.addresses)
+            raise ParamServerError(e.address, e.op, f"{e.server_message}. If the snapshot was "
+                                   f"written by another number of shards, rewrite it for {n}: "
+                                   f"python -m paramserver.reshard <snapshot folder>/"
+                                   f"{os.fspath(path)} --shards {n}") from None
 
     def delete_snapshot(self, path: str | os.PathLike) -> None:
         """Delete the snapshot ``path`` (each shard's file) in the servers' snapshot folder."""

@@ -44,6 +44,7 @@ from .engine.data import FlipDataset, ShardedBatchSampler, build_train_dataset
 from .engine.metrics import ProgressLog, SmoothedValue, format_eta, log_start
 from .engine.runtime import RunLock, pick_device, remove_handlers, setup_logging
 from .engine.schedule import StepSchedule
+from .engine.validate_top1 import HeldoutTop1
 from .engine.verify import Verifier
 from .fileio import write_json
 from .heads.base import correct_count
@@ -158,23 +159,25 @@ def train_one_epoch(model: nn.Module, head: nn.Module, optimizer: torch.optim.Op
 
 
 class AfterStep:
-    """What runs after a step: verification on ``--val-bins`` (``--val-every`` steps, else
-    each epoch's end, and at the end) and checkpoints (``--save-every``, else each epoch's
-    end, at the end, and whenever verification improved)."""
+    """What runs after a step: verification on ``--val-bins`` and the held-out top-1 of
+    ``--val-filelist`` / ``--val-rec`` (``--val-every`` steps, else each epoch's end, and at
+    the end) and checkpoints (``--save-every``, else each epoch's end, at the end, and
+    whenever verification improved)."""
 
     def __init__(self, args, ckpt: Checkpointer, verifier: Verifier | None,
                  progress: ProgressLog, backbone: nn.Module, device: torch.device,
-                 steps_per_epoch: int, total_steps: int):
+                 steps_per_epoch: int, total_steps: int, top1=None):
         self.args, self.ckpt, self.verifier, self.progress = args, ckpt, verifier, progress
-        self.backbone, self.device = backbone, device
+        self.backbone, self.device, self.top1 = backbone, device, top1
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.val: dict[str, float] = {}
 
     def __call__(self, s: int, epoch: int, end_of_epoch: bool) -> None:
         args, done = self.args, s >= self.total_steps
         is_best = False
-        if args.val_bins and ((args.val_every and s % args.val_every == 0)
-                              or (not args.val_every and end_of_epoch) or done):
+        due = (args.val_every and s % args.val_every == 0) or (not args.val_every
+                                                                and end_of_epoch) or done
+        if args.val_bins and due:
             if hd.is_main():
                 results = self.verifier(self.backbone, self.device, s)
                 mean = self.progress.val(s, epoch, results)
@@ -185,6 +188,8 @@ class AfterStep:
                             ", ".join(f"{k} {v:.4f}" for k, v in self.val.items()), mean,
                             self.ckpt.best)
             hd.barrier()
+        if self.top1 is not None and due:  # --val-filelist / --val-rec (rank 0 only)
+            self.val.update(self.top1(s, epoch, self.progress, self.backbone, self.device))
         if done or is_best or (args.save_every and s % args.save_every == 0) \
                 or (not args.save_every and end_of_epoch):
             self.ckpt.save(s, s // self.steps_per_epoch, is_best=is_best)
@@ -259,6 +264,12 @@ def run(args: argparse.Namespace) -> dict:
     with contextlib.ExitStack() as cleanup:  # the head's index and connections, always
         cleanup.callback(_close_head, head, store)
         head = head.to(device)
+        if args.init_from and not args.resume:  # a new run from pretrained backbone weights
+            from .engine.init_weights import init_backbone_from_args
+            try:
+                init_backbone_from_args(args, backbone)
+            except (ValueError, OSError) as e:
+                raise UsageError(f"--init-from {args.init_from}: {e}") from None
         model = TrainModel(backbone, head, amp=args.amp)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                     lr=args.lr, momentum=args.momentum,
@@ -269,6 +280,17 @@ def run(args: argparse.Namespace) -> dict:
         ckpt = Checkpointer(args.save_path, settings, backbone, head, store, optimizer,
                             schedule, remote=bool(args.ps))
         step = _start_step(args, ckpt, store, device)
+        if args.init_rows and not args.resume and (store is None or not args.ps
+                                                   or hd.is_main()):
+            from .engine.init_weights import init_rows
+            try:
+                init_rows(head, store, args.init_rows)
+            except (ValueError, OSError) as e:
+                raise UsageError(f"--init-rows {args.init_rows}: {e}") from None
+        if args.freeze_backbone_steps:
+            from .engine.init_weights import BackboneFreeze
+            BackboneFreeze(backbone, optimizer, args.freeze_backbone_steps, step,
+                           skip_backward=world == 1)
         hd.barrier()  # every rank registered with the server before anyone pushes
         if world > 1:
             ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
@@ -280,10 +302,11 @@ def run(args: argparse.Namespace) -> dict:
                        sort_keys=True)
         verifier = Verifier(args.val_bins, os.path.join(args.save_path, "val")) \
             if args.val_bins and hd.is_main() else None
+        top1 = HeldoutTop1.from_args(args, num_classes, head, store)
         log_start(args, rule, len(dataset), num_classes, steps_per_epoch, step,
                    total_steps, device)
         after = AfterStep(args, ckpt, verifier, progress, backbone, device, steps_per_epoch,
-                          total_steps)
+                          total_steps, top1)
         t0, start_step = time.perf_counter(), step
         for epoch in range(step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
             batches.set_epoch(epoch, step - epoch * steps_per_epoch)

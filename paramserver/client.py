@@ -362,9 +362,9 @@ class ParamClient:
     def shard_paths(self, path: str | os.PathLike) -> list[str]:
         """Files a snapshot at ``path`` consists of: ``path`` itself for one server, else
         ``path.00000-of-00003`` ... one per shard."""
-        n = len(self._conns)
-        path = os.fspath(path)
-        return [path] if n == 1 else [f"{path}.{i:05d}-of-{n:05d}" for i in range(n)]
+        from .reshard import shard_file_names
+
+        return shard_file_names(path, len(self._conns))
 
     @staticmethod
     def _tables_field(tables: Sequence[str] | None) -> dict:

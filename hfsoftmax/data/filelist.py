@@ -96,16 +96,24 @@ class ImageListDataset(SkipsCorrupt):
     :func:`~hfsoftmax.data.image.skip_none_collate`) and counts it in :attr:`num_skipped`.
     """
 
-    def __init__(self, filelist: str | os.PathLike, prefix: str | os.PathLike | None = None,
+    def __init__(self, filelist: str | os.PathLike | Sequence[tuple[str, int]],
+                 prefix: str | os.PathLike | None = None,
                  transform: Callable | None = None, *, num_classes: int | None = None,
                  skip_corrupt: bool = False,
                  image_size: tuple[int, int] | None = IMAGE_SIZE):
-        self.filelist = os.fspath(filelist)
+        if isinstance(filelist, (str, os.PathLike)):
+            self.filelist = os.fspath(filelist)
+            items = read_list(self.filelist)
+        else:  # (relative path, label) items already read (an image folder's scan)
+            if prefix is None:
+                raise ValueError("ImageListDataset of items needs the folder (prefix) they "
+                                 "are relative to")
+            self.filelist, items = os.fspath(prefix), list(filelist)
         self.prefix = os.fspath(prefix) if prefix is not None else os.path.dirname(
             os.path.abspath(self.filelist))
         if not os.path.isdir(self.prefix):
             raise FileNotFoundError(f"image folder (prefix) not found: {self.prefix}")
-        self.items = read_list(self.filelist)
+        self.items = items
         if not self.items:
             raise ValueError(f"{self.filelist}: the image list is empty")
         max_label = max(label for _, label in self.items)

@@ -34,7 +34,7 @@ from typing import Iterator, NamedTuple, Sequence, Union
 import numpy as np
 
 __all__ = ["MAGIC", "IRHeader", "RecordIOError", "RecordIOReader", "RecordIOWriter", "pack",
-           "unpack", "read_index", "image_format", "IR_SIZE", "MIN_RECORD"]
+           "unpack", "read_index", "image_format", "frame_record", "IR_SIZE", "MIN_RECORD"]
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +290,33 @@ class RecordIOReader:
             pos, n = nxt, n + 1
 
 
+def frame_record(payload: bytes) -> list:
+    """The bytes of one record as they go into a ``.rec`` (framing, continuation parts at
+    aligned magic words, padding), as a list of chunks to write in order. What
+    :class:`RecordIOWriter` writes; a resumable writer (``tools/img2rec.py``) appends them
+    itself."""
+    raw = bytes(payload)
+    data = memoryview(raw)
+    n = len(raw)
+    if n >= (1 << 29):
+        raise RecordIOError(f"record of {n} bytes is too large for RecordIO (< 2^29 bytes)")
+    out = []
+    dptr = 0
+    # positions of the magic word at 4-byte aligned offsets inside the payload
+    if n >= 4 and _MAGIC_BYTES in raw:
+        words = np.frombuffer(raw, dtype="<u4", count=n >> 2)
+        for i in (np.flatnonzero(words == MAGIC) * 4).tolist():
+            out.append(_FRAME.pack(MAGIC, ((1 if dptr == 0 else 2) << 29) | (i - dptr)))
+            out.append(data[dptr:i])
+            dptr = i + 4
+    out.append(_FRAME.pack(MAGIC, ((3 if dptr else 0) << 29) | (n - dptr)))
+    out.append(data[dptr:])
+    pad = (-n) & 3
+    if pad:
+        out.append(b"\0" * pad)
+    return out
+
+
 class RecordIOWriter:
     """Writes an indexed RecordIO file as MXNet's ``MXIndexedRecordIO(..., 'w')`` does.
 
@@ -312,27 +339,8 @@ class RecordIOWriter:
 
     def write(self, payload: bytes) -> int:
         """Append one record; returns its offset. Splits at aligned magic words as dmlc does."""
-        raw = bytes(payload)
-        data = memoryview(raw)
-        n = len(raw)
-        if n >= (1 << 29):
-            raise RecordIOError(f"record of {n} bytes is too large for RecordIO (< 2^29 bytes)")
         offset = self._pos
-        out = []
-        dptr = 0
-        # positions of the magic word at 4-byte aligned offsets inside the payload
-        if n >= 4 and _MAGIC_BYTES in raw:
-            words = np.frombuffer(raw, dtype="<u4", count=n >> 2)
-            for i in (np.flatnonzero(words == MAGIC) * 4).tolist():
-                out.append(_FRAME.pack(MAGIC, ((1 if dptr == 0 else 2) << 29) | (i - dptr)))
-                out.append(data[dptr:i])
-                dptr = i + 4
-        out.append(_FRAME.pack(MAGIC, ((3 if dptr else 0) << 29) | (n - dptr)))
-        out.append(data[dptr:])
-        pad = (-n) & 3
-        if pad:
-            out.append(b"\0" * pad)
-        for chunk in out:
+        for chunk in frame_record(payload):
             self._f.write(chunk)
             self._pos += len(chunk)
         return offset

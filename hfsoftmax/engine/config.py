@@ -31,7 +31,7 @@ from .flags import (DEFAULT_SAVE_PATH, HEADS, SAMPLERS, _ps_addresses, build_par
                     parse_key_values)
 
 __all__ = ["build_parser", "parse_args", "validate_args", "args_to_dict", "STRUCTURAL",
-           "RUNTIME", "HEADS", "SAMPLERS", "UsageError", "DEFAULT_SAVE_PATH",
+           "RUNTIME", "START_ONLY", "HEADS", "SAMPLERS", "UsageError", "DEFAULT_SAVE_PATH",
            "parse_key_values", "resolve_resume_path"]
 
 # Settings that shape the model or the classifier table: a resumed run must keep them.
@@ -39,6 +39,9 @@ STRUCTURAL = ("arch", "embedding_size", "head", "sampled", "num_classes")
 # Where and how this process runs: never taken from a checkpoint (see the module doc).
 RUNTIME = ("config", "resume", "save_path", "ps", "ps_timeout", "device", "amp", "workers",
            "threads", "dist_backend", "index_threads", "sampler_process", "print_freq")
+# How a new run starts (``--init-from``, ``--init-rows``): never taken from a checkpoint, so
+# a resumed run continues itself, not re-initialised from its source (engine/init_weights.py).
+START_ONLY = ("init_from", "init_strict", "init_rows")
 # Sampled-head settings without a meaning for the full softmax: an error there, not ignored.
 SAMPLED_ONLY = ("sampler", "sample_num", *sampled_config.FIELDS)
 SAMPLED_DEFAULTS = {"sampler": "annoy", "sample_num": 1000}
@@ -145,7 +148,7 @@ def _stored_args(resume: str, dests: dict[str, argparse.Action]) -> dict[str, An
         stored = {k: v for k, v in stored.items() if k not in SAMPLED_ONLY}
     out = {}
     for key, value in stored.items():
-        if key in dests and key not in RUNTIME:
+        if key in dests and key not in RUNTIME and key not in START_ONLY:
             out[key] = _coerce(dests[key], key, value, f"--resume {path}")
     return out
 
@@ -182,11 +185,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def validate_args(args: argparse.Namespace) -> None:
     """Raise :class:`UsageError` naming the first bad or inconsistent setting and the fix;
     fill the sampled head's defaults (``--sampler``, ``--sample-num``) where it is on."""
-    if args.train_rec and args.train_filelist:
-        raise UsageError("give --train-rec or --train-filelist, not both")
-    if not args.train_rec and not args.train_filelist:
-        raise UsageError("no training data: give --train-rec DIR (InsightFace .rec folder) or "
-                         "--train-filelist FILE --train-prefix DIR")
+    sources = [f for f in ("train_rec", "train_filelist", "train_folder") if getattr(args, f)]
+    if len(sources) > 1:
+        raise UsageError(f"give one of --train-rec, --train-filelist, --train-folder, not "
+                         f"{'both' if len(sources) == 2 else 'all three'} "
+                         f"({' and '.join('--' + f.replace('_', '-') for f in sources)})")
+    if not sources:
+        raise UsageError("no training data: give --train-rec DIR (InsightFace .rec folder), "
+                         "--train-filelist FILE --train-prefix DIR, or --train-folder DIR "
+                         "(DIR/<class>/<image>)")
+    from .workflow_args import validate_workflow_args
+
+    validate_workflow_args(args)
     if os.path.exists(args.save_path) and not os.path.isdir(args.save_path):
         raise UsageError(f"--save-path {args.save_path} is a file, not a folder; pick a "
                          "folder for the run's outputs")

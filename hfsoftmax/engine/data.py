@@ -90,14 +90,20 @@ class FlipDataset(torch.utils.data.Dataset):
 
 
 def build_train_dataset(args: argparse.Namespace):
-    """The training dataset named by ``--train-rec`` or ``--train-filelist``/``--train-prefix``
-    (images as normalised float tensors; flips are applied by :class:`FlipDataset`)."""
+    """The training dataset named by ``--train-rec``, ``--train-filelist``/``--train-prefix``
+    or ``--train-folder`` (images as normalised float tensors; flips are applied by
+    :class:`FlipDataset`)."""
     from ..data.transforms import eval_transform
 
     if args.train_rec:
         from ..data.insightface import InsightFaceRecDataset
 
         return InsightFaceRecDataset(args.train_rec, transform=eval_transform())
+    if getattr(args, "train_folder", None):
+        from ..data.folder import ImageFolderDataset
+
+        return ImageFolderDataset(args.train_folder, transform=eval_transform(),
+                                  num_classes=args.num_classes)
     from ..data.filelist import ImageListDataset
 
     return ImageListDataset(args.train_filelist, args.train_prefix, transform=eval_transform(),

@@ -63,6 +63,15 @@ def _unit_float(s: str) -> float:
     return v
 
 
+def _bool(s: str) -> bool:
+    low = str(s).strip().lower()
+    if low in ("true", "yes", "on", "1"):
+        return True
+    if low in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false, got {s!r}")
+
+
 def _key_value(s: str) -> str:
     key, sep, value = s.partition("=")
     if not sep or not key.strip() or not value.strip():
@@ -221,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--print-freq", type=_positive_int, default=20,
                    help="log a progress line every this many steps")
 
+    _add_workflow_arguments(p)
+
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
@@ -234,3 +245,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=_nonneg_int, default=0,
                    help="torch CPU threads per process (0: torch's default)")
     return p
+
+
+def _add_workflow_arguments(p: argparse.ArgumentParser) -> None:
+    """Around training: pretrained weights, held-out top-1, image folders
+    (``docs/workflow.md``)."""
+    g = p.add_argument_group("workflow (pretrained weights, held-out top-1, image folders)")
+    g.add_argument("--train-folder", metavar="DIR", default=None,
+                   help="training images as DIR/<class>/<image> (classes sorted: by number "
+                        "where every class name is a number, else by name; label i = the "
+                        "i-th class); instead of --train-rec / --train-filelist")
+    g.add_argument("--init-from", metavar="PATH", default=None,
+                   help="start a new run from these backbone weights only: a checkpoint of "
+                        "this project, a plain state_dict, or arcface_torch's IResNet / "
+                        "MobileFaceNet backbone.pth (keys renamed, see "
+                        "hfsoftmax/models/keymap.py); the classifier starts fresh. Not "
+                        "--resume: never restored from a checkpoint, and refused with it")
+    g.add_argument("--init-strict", type=_bool, default=True, metavar="BOOL",
+                   help="with --init-from: an error if any key is missing, unexpected or of "
+                        "another shape (each named); false: load what fits, log the rest")
+    g.add_argument("--init-rows", metavar="FILE", default=None,
+                   help="start a new run's classifier from these rows: a .npy or "
+                        ".safetensors matrix (num_classes x embedding_size, float32) as "
+                        "`python -m paramserver.export` writes it; not restored on --resume")
+    g.add_argument("--freeze-backbone-steps", type=_nonneg_int, default=0, metavar="N",
+                   help="keep the backbone's weights and BatchNorm statistics fixed for the "
+                        "first N steps (the classifier trains alone), e.g. after --init-from")
+    g.add_argument("--val-filelist", metavar="FILE", default=None,
+                   help="held-out images of the *training* identities ('relative/path "
+                        "label' lines): their closed-set top-1 against the current classifier "
+                        "rows is logged when verification runs (--val-every)")
+    g.add_argument("--val-prefix", metavar="DIR", default=None,
+                   help="folder the --val-filelist paths are relative to (default: the list "
+                        "file's folder)")
+    g.add_argument("--val-rec", metavar="PATH", default=None,
+                   help="held-out images as RecordIO: an InsightFace folder (its train.rec) or "
+                        "a .rec file with its .idx beside it (the synthetic set's "
+                        "heldout.rec); as --val-filelist")

@@ -154,6 +154,14 @@ class ProgressLog:
         self.val_csv.write({"step": step, "epoch": epoch, "name": "mean", "mean_acc": mean})
         return mean
 
+    def top1(self, step: int, epoch: int, name: str, value: float) -> None:
+        """Write the held-out top-1 (``--val-filelist`` / ``--val-rec``) as a row ``name``
+        of ``val.csv`` (its ``acc``) and the TensorBoard scalar ``val/<name>``."""
+        if self.val_csv is None:
+            return
+        self.val_csv.write({"step": step, "epoch": epoch, "name": name, "acc": value})
+        self.tb.add({f"val/{name}": value}, step)
+
     def close(self) -> None:
         for w in (self.csv, self.val_csv, self.tb):
             if w is not None:
