@@ -41,6 +41,7 @@ from . import distributed as hd
 from .engine.checkpoint import Checkpointer
 from .engine.config import UsageError, args_to_dict, parse_args, resolve_resume_path
 from .engine.data import FlipDataset, ShardedBatchSampler, build_train_dataset
+from .engine.init_weights import apply_start_weights
 from .engine.metrics import ProgressLog, SmoothedValue, format_eta, log_start
 from .engine.runtime import RunLock, pick_device, remove_handlers, setup_logging
 from .engine.schedule import StepSchedule
@@ -264,12 +265,6 @@ def run(args: argparse.Namespace) -> dict:
     with contextlib.ExitStack() as cleanup:  # the head's index and connections, always
         cleanup.callback(_close_head, head, store)
         head = head.to(device)
-        if args.init_from and not args.resume:  # a new run from pretrained backbone weights
-            from .engine.init_weights import init_backbone_from_args
-            try:
-                init_backbone_from_args(args, backbone)
-            except (ValueError, OSError) as e:
-                raise UsageError(f"--init-from {args.init_from}: {e}") from None
         model = TrainModel(backbone, head, amp=args.amp)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                     lr=args.lr, momentum=args.momentum,
@@ -280,17 +275,7 @@ def run(args: argparse.Namespace) -> dict:
         ckpt = Checkpointer(args.save_path, settings, backbone, head, store, optimizer,
                             schedule, remote=bool(args.ps))
         step = _start_step(args, ckpt, store, device)
-        if args.init_rows and not args.resume and (store is None or not args.ps
-                                                   or hd.is_main()):
-            from .engine.init_weights import init_rows
-            try:
-                init_rows(head, store, args.init_rows)
-            except (ValueError, OSError) as e:
-                raise UsageError(f"--init-rows {args.init_rows}: {e}") from None
-        if args.freeze_backbone_steps:
-            from .engine.init_weights import BackboneFreeze
-            BackboneFreeze(backbone, optimizer, args.freeze_backbone_steps, step,
-                           skip_backward=world == 1)
+        apply_start_weights(args, backbone, head, store, optimizer, step, world)
         hd.barrier()  # every rank registered with the server before anyone pushes
         if world > 1:
             ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}

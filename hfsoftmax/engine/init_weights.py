@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import distributed as hd
 from ..models.keymap import detect_layout, mobilefacenet_scale, strip_prefix, to_ours
 
 __all__ = ["InitReport", "read_backbone_state", "load_backbone_weights", "BackboneFreeze",
@@ -317,3 +318,27 @@ def init_rows(head: nn.Module, store, path: str | os.PathLike) -> int:
                 head.weight[a:b].copy_(torch.from_numpy(block))
     logger.info("--init-rows %s: %d x %d classifier rows loaded", os.fspath(path), rows, dim)
     return rows
+
+
+def apply_start_weights(args, backbone: nn.Module, head: nn.Module, store, optimizer,
+                        step: int, world: int) -> None:
+    """What a run starts from besides its checkpoint: ``--init-from`` (backbone weights) and
+    ``--init-rows`` (classifier rows) for a new run (never on ``--resume``: a resumed run
+    continues itself), and ``--freeze-backbone-steps`` (counted from ``step``). Errors are
+    the user's to fix: :class:`~hfsoftmax.engine.config.UsageError` naming the flag."""
+    from .config import UsageError
+
+    if not args.resume:
+        for flag, value, load in (
+                ("--init-from", args.init_from, lambda: init_backbone_from_args(args, backbone)),
+                ("--init-rows", args.init_rows, lambda: init_rows(head, store, args.init_rows))):
+            if not value or (flag == "--init-rows" and store is not None and args.ps
+                             and not hd.is_main()):  # a shared server: rank 0 sets the rows
+                continue
+            try:
+                load()
+            except (ValueError, OSError) as e:
+                raise UsageError(f"{flag} {value}: {e}") from None
+    if args.freeze_backbone_steps:
+        BackboneFreeze(backbone, optimizer, args.freeze_backbone_steps, step,
+                       skip_backward=world == 1)
