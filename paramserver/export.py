@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .fileio import atomic_write
 from .reshard import load_tables
 from .snapcheck import SnapshotError
 
@@ -34,19 +35,8 @@ __all__ = ["export_rows", "write_safetensors", "main"]
 
 
 def _atomic(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        write(f)
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> None:

@@ -33,6 +33,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from . import limits
+from .fileio import atomic_write
 from .ops import Request, RequestError, TableOps, short
 from .snapcheck import open_snapshot
 from .snapdir import DEFAULT_SNAPSHOT_DIR, SnapshotDir
@@ -153,10 +154,8 @@ class ParamServer(TableOps, SyncOps):
                  "folder %s)", self.address, sorted(self.live), self.worker_timeout,
                  "on" if curve_secret_key else "off", self.snapdir.root)
         if ready_file:
-            tmp = f"{ready_file}.tmp"
-            with open(tmp, "w") as f:
+            with atomic_write(ready_file, "w") as f:
                 f.write(self.address + "\n")
-            os.replace(tmp, ready_file)
 
         self.handlers: dict[str, Callable] = {
             "ping": self.op_ping, "register": self.op_register,

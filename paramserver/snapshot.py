@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .fileio import atomic_write
 from .snapcheck import (FORMAT, FORMAT_VERSION, MAX_SNAPSHOT_HEADER, SnapshotError,
                         SnapshotFile, open_snapshot, read_snapshot)
 from .table import Table
@@ -186,32 +187,10 @@ def write_snapshot(path: str | os.PathLike, tables: dict[str, Table],
             arrays.append(arr)
     hbytes = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     hbytes += b" " * (-len(hbytes) % 8)
-    for _ in range(100):
-        tmp = f"{temp_prefix(name)}{secrets.token_hex(6)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC,
-                         0o644, dir_fd=dir_fd)
-            break
-        except FileExistsError:
-            continue
-    else:  # pragma: no cover - 100 random names taken
-        raise SnapshotError(f"cannot create a temp file for snapshot {name!r}")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # whatever the umask: the group's eval jobs read it
-            f.write(struct.pack("<Q", len(hbytes)))
-            f.write(hbytes)
-            for arr in arrays:
-                f.write(memoryview(arr).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
-        raise
-    os.fsync(dir_fd)
+    with atomic_write(name, "wb", dir_fd=dir_fd, temp_prefix=temp_prefix(name)) as f:
+        f.write(struct.pack("<Q", len(hbytes)))
+        f.write(hbytes)
+        for arr in arrays:
+            f.write(memoryview(arr).cast("B"))
     return 8 + len(hbytes) + offset
 

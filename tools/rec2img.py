@@ -51,15 +51,17 @@ from hfsoftmax.data.filelist import read_list, split_train_val, write_list  # no
 from hfsoftmax.data.image import CorruptImageError, decode_image  # noqa: E402
 from hfsoftmax.data.insightface import InsightFaceRecDataset  # noqa: E402
 from hfsoftmax.data.recordio import RecordIOError, image_format  # noqa: E402
-from hfsoftmax.fileio import write_json  # noqa: E402
+from hfsoftmax.fileio import atomic_write, write_json  # noqa: E402
 
 logger = logging.getLogger("rec2img")
 
 MANIFEST = "rec2img.json"
 _MIB = 1 << 20
 _CLASS_DIR = re.compile(r"[0-9]+")
-# what _extract writes under a class folder: <record>.<ext> and its temporary name
-_OUR_FILE = re.compile(r"[0-9]+\.(jpg|png|bmp|gif|webp)(\.tmp-[0-9]+)?")
+# what _extract writes under a class folder: <record>.<ext>, its temporary name
+# (atomic_write's .<record>.<ext>.<random>.tmp) and an older version's <record>.<ext>.tmp-<pid>
+_OUR_FILE = re.compile(r"[0-9]+\.(jpg|png|bmp|gif|webp)(\.tmp-[0-9]+)?|"
+                       r"\.[0-9]+\.(jpg|png|bmp|gif|webp)\.[0-9a-f]+\.tmp")
 
 
 class OutputFolderError(Exception):
@@ -197,10 +199,10 @@ def _extract(task):
         except OSError:
             pass
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
+        # a partial file never exists under the final name (no fsync per image: a killed
+        # run is redone from its manifest, not from the disk's state after a power loss)
+        with atomic_write(path, fsync=False) as f:
             f.write(data)
-        os.replace(tmp, path)  # a partial file never exists under the final name
         results.append((i, rel, label, "written", None))
     return results
 
