@@ -157,3 +157,18 @@ def test_readme_defaults_table_is_the_generated_one():
                                         "is out of date: paste the output of `python -m "
                                         "hfsoftmax.heads.sampled_config`")
     assert set(PRESET_NAMES) == {"default", "paper"}
+
+
+def test_the_sampler_defaults_to_device_selection_on_a_gpu(monkeypatch):
+    """annoy on the CPU; the device sampler where the run's device is a GPU (an explicit
+    --sampler always wins)."""
+    import torch
+
+    base = ["--train-rec", "x", "--sampled"]
+    assert parse_args(base + ["--device", "cpu"]).sampler == "annoy"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parse_args(base).sampler == "device"                  # --device auto
+    assert parse_args(base + ["--device", "cpu"]).sampler == "annoy"
+    assert parse_args(base + ["--sampler", "hnsw"]).sampler == "hnsw"
+    rule = rule_from_args(parse_args(base))  # an index-selecting sampler's rule
+    assert rule.logq == "sample"

@@ -269,6 +269,20 @@ def test_sampled_run_with_annoy_learns(tiny_rec, tmp_path):
     assert [p.name for p in out.glob("rows_step*")] == [ckpt["ps_snapshot"]]
 
 
+def test_sampled_run_with_the_device_sampler_learns(tiny_rec, tmp_path):
+    """--sampler device (exact top-k over a copy of the rows on the features' device, the
+    default on a GPU) trains on the CPU through the same code."""
+    out = tmp_path / "dev"
+    assert main(["--train-rec", str(tiny_rec), *TINY, "--sampled", "--sampler", "device",
+                 "--sample-num", "20", "--interval", "5", "--recall-every", "5",
+                 "--max-steps", "30", "--save-path", str(out)]) == 0
+    rows = read_csv(out / "metrics.csv")
+    assert float(rows[-1]["loss"]) < 0.5 * float(rows[0]["loss"])
+    recalls = [float(r["recall"]) for r in rows if r["recall"]]
+    assert recalls and all(0.0 < x <= 1.0 for x in recalls)
+    assert "device sampler: copy of 40 x 32 rows" in (out / "train.log").read_text()
+
+
 def test_verification_keeps_the_best_checkpoint(tiny_rec, tmp_path, shared_fixtures):
     out = tmp_path / "val"
     bin_path = str(shared_fixtures / "verification-py2.bin")

@@ -235,6 +235,17 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
 
 
+def _gpu_run(device: str) -> bool:
+    """Whether ``--device`` puts this run on a GPU (``auto`` on a CUDA machine)."""
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _validate_sampled(args: argparse.Namespace) -> None:
     """The sampled head's flags: refused without ``--sampled`` (never silently ignored),
     defaults filled and the rule resolved once with it (its errors name the fix)."""
@@ -253,6 +264,8 @@ def _validate_sampled(args: argparse.Namespace) -> None:
     for key, value in SAMPLED_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+            if key == "sampler" and _gpu_run(args.device):  # selection where the features are
+                args.sampler = "device"
     if args.num_classes is not None and args.sample_num > args.num_classes:
         raise UsageError(f"--sample-num {args.sample_num} exceeds --num-classes "
                          f"{args.num_classes}; lower --sample-num")

@@ -13,7 +13,7 @@ from ..heads import sampled_config
 __all__ = ["build_parser", "parse_key_values", "HEADS", "SAMPLERS", "DEFAULT_SAVE_PATH"]
 
 HEADS = ("linear", "cosface", "arcface")
-SAMPLERS = ("annoy", "hnsw", "faiss", "exact", "random")
+SAMPLERS = ("annoy", "hnsw", "faiss", "exact", "device", "random")
 DEFAULT_SAVE_PATH = "runs/train"
 
 
@@ -158,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train with the sampled head: softmax over --sample-num selected "
                         "classes per batch instead of all")
     g.add_argument("--sampler", choices=SAMPLERS, default=None,
-                   help="class selection: annoy (the paper's hashing forest; the default), "
-                        "hnsw, faiss, exact (brute force), random (Partial FC's uniform "
+                   help="class selection: annoy (the paper's hashing forest; the default on "
+                        "the CPU), hnsw, faiss, exact (brute force), device (exact top-k over a "
+                        "copy of the rows on the features' device, never stale; the default "
+                        "where the run's device is a GPU), random (Partial FC's uniform "
                         "negatives); needs --sampled")
     g.add_argument("--sample-num", type=_positive_int, default=None,
                    help="classes per batch softmax (the batch's labels + nearest + random; "
