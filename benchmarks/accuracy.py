@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from accuracy_eval import evaluate_one, heldout_subset, set_info  # noqa: E402
-from accuracy_report import comparisons, config_diff, merge_outputs  # noqa: E402
+from accuracy_report import comparisons, config_diff, markdown_table, merge_outputs  # noqa: E402
 
 log = logging.getLogger("accuracy")
 
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-evaluate the runs already in --out (no training)")
     p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                    help="combine outputs of the same configuration into --out")
+    p.add_argument("--table", nargs="+", metavar="JSON", default=None,
+                   help="print the outputs' per-set table (Markdown) and exit")
     p.add_argument("--resume", action="store_true",
                    help="skip the methods already measured in --out for this configuration")
     return p
@@ -325,6 +327,13 @@ def main(argv=None) -> dict:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     args = resolve_args(argv)
+    if args.table:
+        outs = []
+        for path in args.table:
+            with open(path, encoding="utf-8") as f:
+                outs.append(json.load(f))
+        print(markdown_table(outs))
+        return {}
     if args.merge:
         if not args.out:
             raise SystemExit("--merge needs --out (the combined JSON to write)")

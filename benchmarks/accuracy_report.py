@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 __all__ = ["fold_diff_se", "minus", "comparisons", "config_diff", "merge_outputs",
-           "HF_METHODS", "SAMPLED_KEYS"]
+           "markdown_table", "HF_METHODS", "SAMPLED_KEYS"]
 
 HF_METHODS = ("annoy", "faiss", "hnsw", "exact")
 #: shared settings a full-softmax run does not depend on: outputs holding full-softmax runs
@@ -121,3 +121,35 @@ def merge_outputs(paths: list[str]) -> dict:
                       "total_wall_s": part.get("total_wall_s")} for p, part in zip(paths, parts)]
     base["total_wall_s"] = max(part.get("total_wall_s") or 0 for part in parts)
     return base
+
+
+def _pts(run: dict, key: str) -> str:
+    return f"{100 * run[key]['accuracy']:.2f}" if key in run else "-"
+
+
+def markdown_table(outputs: list[dict], methods=("annoy", "faiss")) -> str:
+    """One row per output (a set x rate x seed): the two protocols' accuracy of full, HF
+    and random, HF minus random on both with the paired SE, and held-out top-1; what
+    ``benchmarks/ACCURACY.md`` and the README show (``accuracy.py --table``)."""
+    head = ("| set, rate, seed | protocol | full | HF annoy | HF faiss | random | "
+            "annoy - random | faiss - random | top-1 full / annoy / random |")
+    lines = [head, "| " + " | ".join("---" for _ in range(head.count("|") - 1)) + " |"]
+    for out in outputs:
+        cfg, runs = out.get("config", {}), out.get("runs", {})
+        name = (f"{cfg.get('dataset')}, {cfg.get('sample_rate')}, seed {cfg.get('seed')}"
+                + (f" (train seed {cfg['train_seed']})"
+                   if cfg.get("train_seed") not in (None, cfg.get("seed")) else ""))
+        cmp = comparisons(runs)
+        for proto, label in (("lookalike_pairs", "look-alike pairs"),
+                             ("random_pairs", "random pairs")):
+            diffs = []
+            for hf in methods:
+                d = cmp.get(f"{hf}_minus_random", {})
+                diffs.append(f"{d[f'{proto}_pts']:+.2f} +- {d.get(f'{proto}_se_pts', 0):.2f}"
+                             if f"{proto}_pts" in d else "-")
+            top1 = " / ".join(f"{100 * runs[m]['top1']:.1f}" if m in runs and "top1" in
+                              runs[m] else "-" for m in ("full", "annoy", "random"))
+            lines.append(f"| {name} | {label} | " + " | ".join(
+                _pts(runs.get(m, {}), proto) for m in ("full", *methods, "random"))
+                + f" | {diffs[0]} | {diffs[1]} | {top1} |")
+    return "\n".join(lines)

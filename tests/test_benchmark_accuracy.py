@@ -107,6 +107,16 @@ def test_quick_run_writes_one_json_with_every_method(tmp_path):
         assert set(cmp[f"{hf}_meets_target"]) == {"verification", "top1",
                                                   "above_random_both_protocols"}
 
+    # --table: the per-set rows of ACCURACY.md and the README, from the same figures
+    table = _run("--table", str(out))
+    assert table.returncode == 0, table.stderr[-2000:]
+    rows = [r for r in table.stdout.splitlines() if r.startswith("| synthetic")]
+    assert [r.split(" | ")[1] for r in rows] == ["look-alike pairs", "random pairs"]
+    first = rows[0].split(" | ")
+    assert first[2] == f"{100 * written['runs']['full']['lookalike_pairs']['accuracy']:.2f}"
+    d = cmp["annoy_minus_random"]
+    assert first[6].startswith(f"{d['lookalike_pairs_pts']:+.2f} +- ")
+
     # --resume with the same configuration measures nothing again
     again = _run(*work, "--out", str(out), "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
