@@ -9,6 +9,9 @@ import math
 from typing import Any
 
 from ..heads import sampled_config
+from .argtypes import (nonneg_float as _nonneg_float, nonneg_int as _nonneg_int,
+                       positive_float as _positive_float, positive_int as _positive_int,
+                       unit_float as _unit_float)
 
 __all__ = ["build_parser", "parse_key_values", "HEADS", "SAMPLERS", "DEFAULT_SAVE_PATH"]
 
@@ -26,41 +29,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d):
             return action.help
         return super()._get_help_string(action)
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {s}")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    v = float(s)
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    v = float(s)
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
-    return v
-
-
-def _unit_float(s: str) -> float:
-    v = float(s)
-    if not 0.0 <= v <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {s}")
-    return v
 
 
 def _bool(s: str) -> bool:

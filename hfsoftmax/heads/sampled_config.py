@@ -46,6 +46,8 @@ from typing import Any, Mapping
 
 from paramserver.optim import SGDConfig
 
+from ..engine import argtypes
+
 __all__ = ["SampledRule", "PRESETS", "PRESET_NAMES", "DEFAULT_PRESET", "LOGQ_MODES",
            "MARGIN_HEADS", "FIELDS", "add_arguments", "given_overrides", "legacy_rule",
            "preset_table", "markdown_table"]
@@ -276,29 +278,8 @@ def _parse_lr_mult(s: str) -> float | str:
     return v
 
 
-def _parse_nonneg(s: str) -> float:
-    v = float(s)
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
-    return v
-
-
-def _parse_unit(s: str) -> float:
-    v = float(s)
-    if not 0.0 <= v <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {s}")
-    return v
-
-
-def _parse_count(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {s}")
-    return v
-
-
-_PARSERS = {"lr_mult": _parse_lr_mult, "float": _parse_nonneg, "unit": _parse_unit,
-            "int": _parse_count}
+_PARSERS = {"lr_mult": _parse_lr_mult, "float": argtypes.nonneg_float,
+            "unit": argtypes.unit_float, "int": argtypes.nonneg_int}
 
 
 def _fmt(v: Any) -> str:
