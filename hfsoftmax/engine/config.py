@@ -27,8 +27,8 @@ import os
 from typing import Any, Callable, Sequence
 
 from ..heads import sampled_config
-from .flags import (DEFAULT_SAVE_PATH, HEADS, SAMPLERS, _ps_addresses, build_parser,
-                    parse_key_values)
+from .flags import (DEFAULT_SAVE_PATH, HEADS, RECIPE_RUNTIME, SAMPLERS, _ps_addresses,
+                    build_parser, parse_key_values)
 
 __all__ = ["build_parser", "parse_args", "validate_args", "args_to_dict", "STRUCTURAL",
            "RUNTIME", "HEADS", "SAMPLERS", "UsageError", "DEFAULT_SAVE_PATH",
@@ -39,6 +39,7 @@ STRUCTURAL = ("arch", "embedding_size", "head", "sampled", "num_classes")
 # Where and how this process runs: never taken from a checkpoint (see the module doc).
 RUNTIME = ("config", "resume", "save_path", "ps", "ps_timeout", "device", "amp", "workers",
            "threads", "dist_backend", "index_threads", "sampler_process", "print_freq")
+RUNTIME += RECIPE_RUNTIME  # the GPU recipe's (engine/flags.py)
 # Sampled-head settings without a meaning for the full softmax: an error there, not ignored.
 SAMPLED_ONLY = ("sampler", "sample_num", *sampled_config.FIELDS)
 SAMPLED_DEFAULTS = {"sampler": "annoy", "sample_num": 1000}
@@ -215,6 +216,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:")
                                                   and dev[5:].isdigit()):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    from .recipe import validate_recipe
+
+    validate_recipe(args)
 
 
 def _validate_sampled(args: argparse.Namespace) -> None:
