@@ -160,6 +160,9 @@ def _log_start(args, rule: SampledRule | None, num_images: int, num_classes: int
                 schedule.warmup_steps, f", over {schedule.total_steps} steps"
                 if schedule.kind != "step" else "", args.amp, args.clip_grad_norm or "off",
                 "split" if args.split_backward else "fused", args.workers, args.decoder)
+    if world > 1:
+        logger.info("process group: %d ranks (%s, timeout %gs)", world,
+                    torch.distributed.get_backend(), args.dist_timeout)
     if schedule.kind != "step" and total_steps < schedule.total_steps:
         logger.warning("the %s schedule spans --epochs %d (%d steps); this run stops at step "
                        "%d, before its end (resume with a larger --max-steps to go on)",
