@@ -144,10 +144,15 @@ def _stored_args(resume: str, dests: dict[str, argparse.Action]) -> dict[str, An
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags with the precedence of the module docstring, then validate them."""
+    """Parse flags with the precedence of the module docstring, then validate them.
+    ``--help`` shows the defaults as the checkpoint and YAML files given leave them
+    (``--config configs/x.yaml --help``: the preset's effective values)."""
     parser = build_parser()
     dests = _dest_names(parser)
-    first, _ = parser.parse_known_args(argv)
+    pre = argparse.ArgumentParser(add_help=False)  # --config/--resume only, --help later
+    pre.add_argument("--config", nargs="+", default=None)
+    pre.add_argument("--resume", default=None)
+    first, _ = pre.parse_known_args(argv)
     layered: dict[str, Any] = {}
     stored: dict[str, Any] = {}
     if first.resume:
