@@ -50,7 +50,8 @@ from .engine.data import ShardedBatchSampler
 from .engine.gpu_data import build_loader, build_train_images, to_device
 from .engine.metrics import ProgressLog, SmoothedValue, format_eta
 from .engine.optim import Precision, build_optimizer
-from .engine.recipe import apply_backend_flags, default_workers, resolve_recall_every
+from .engine.recipe import (apply_backend_flags, check_device, default_workers,
+                            resolve_recall_every)
 from .engine.runtime import RunLock, pick_device, remove_handlers, setup_logging
 from .engine.schedule import LRSchedule, schedule_from_args
 from .engine.step import StepCounters, TrainModel, TrainStep
@@ -198,10 +199,8 @@ def _build_backbone(args, device, world: int) -> nn.Module:
     from .models import build_backbone
 
     backbone = build_backbone(args.arch, args.embedding_size)
+    check_device(args, device, world)
     if args.sync_bn and world > 1:
-        if device.type != "cuda":
-            raise UsageError("--sync-bn needs GPUs (torch's SyncBatchNorm runs on CUDA "
-                             "tensors only); drop it on CPU")
         backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
     return backbone.to(device, memory_format=torch.channels_last) if args.channels_last \
         else backbone.to(device)
@@ -322,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         device = pick_device(args.device)  # before the process group: it picks the backend
+        check_device(args, device, int(os.environ.get("WORLD_SIZE", "1")))
         try:
             rank, _ = hd.init_distributed(args.dist_backend, args.dist_timeout, device)
         except ValueError as e:  # e.g. nccl asked for a CPU device

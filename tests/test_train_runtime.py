@@ -44,7 +44,7 @@ def test_device_cpu_on_a_cuda_machine_runs_gloo_under_torchrun(tiny_rec, tmp_pat
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
          "-m", "tests.fake_cuda_train", "--train-rec", tiny_rec, *TINY, "--workers", "0",
-         "--device", "cpu", "--max-steps", "3", "--save-path", save],
+         "--device", "cpu", "--max-steps", "3", "--ddp-static-graph", "--save-path", save],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     log = open(os.path.join(save, "train.log")).read()
@@ -68,6 +68,7 @@ def _fake_torchrun(monkeypatch, local_rank: int):
     (["--device", "cuda:1"], "--device cuda:1 under torchrun: this process is LOCAL_RANK 0"),
     (["--device", "cuda:5"], "this machine has 2 GPU(s)"),
     (["--device", "cpu", "--dist-backend", "nccl"], "nccl backend moves only CUDA tensors"),
+    (["--device", "cpu", "--sync-bn"], "--sync-bn needs GPUs"),
 ])
 def test_a_device_that_is_not_this_ranks_exits_2_with_one_line(argv, words, tiny_rec,
                                                                 tmp_path, capsys, monkeypatch):
@@ -104,3 +105,37 @@ def test_a_resumed_run_takes_device_workers_and_amp_from_the_new_command_line(ti
     # --workers left out: this rank's cores less one (0 on one core), resolved and stored
     assert main(["--resume", str(save), "--max-steps", "4", "--threads", "1"]) == 0
     assert json.loads((save / "args.json").read_text())["workers"] == default_workers()
+
+
+def test_recall_telemetry_is_off_past_100k_classes_unless_asked_for():
+    from hfsoftmax.engine.recipe import resolve_recall_every
+
+    args = parse_args(["--train-rec", "x", "--sampled"])
+    assert args.recall_every is None
+    assert resolve_recall_every(args, 100_000) == 200
+    assert resolve_recall_every(args, 100_001) == 0
+    args = parse_args(["--train-rec", "x", "--sampled", "--recall-every", "50"])
+    assert resolve_recall_every(args, 2_000_000) == 50
+
+
+def test_the_index_process_gets_the_cores_per_process_not_torchruns_one(tiny_rec,
+                                                                        monkeypatch):
+    """torchrun sets OMP_NUM_THREADS=1 for the trainer; without --index-threads the index
+    process gets this host's cores over its processes instead."""
+    from hfsoftmax.engine.recipe import cores_per_process
+    from hfsoftmax.heads.factory import build_head_from_args
+    from hfsoftmax.heads.sampled_config import rule_from_args
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    args = parse_args(["--train-rec", tiny_rec, *TINY, "--sampled", "--sampler", "exact",
+                       "--sample-num", "12", "--sampler-process"])
+    head, _ = build_head_from_args(args, 12, rule_from_args(args))
+    try:
+        with open(f"/proc/{head.sampler.pid}/environ", "rb") as f:
+            env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        assert env.get(b"OMP_NUM_THREADS") == str(cores_per_process()).encode()
+    finally:
+        head.sampler.close()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")  # more processes than cores: 1 each
+    assert cores_per_process() == 1

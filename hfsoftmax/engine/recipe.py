@@ -24,7 +24,7 @@ import os
 
 import torch
 
-__all__ = ["validate_recipe", "cores_per_process", "default_workers",
+__all__ = ["validate_recipe", "check_device", "cores_per_process", "default_workers",
            "default_index_threads", "resolve_recall_every", "apply_backend_flags",
            "RECALL_MAX_CLASSES"]
 
@@ -58,6 +58,14 @@ def validate_recipe(args: argparse.Namespace) -> None:
     if args.amp == "fp16" and not args.split_backward and args.sampled:
         raise _usage("--amp fp16 with the sampled head needs --split-backward (the default): "
                      "its row gradients are computed from the unscaled float32 loss")
+
+
+def check_device(args: argparse.Namespace, device: torch.device, world: int) -> None:
+    """The settings that need a GPU, checked against the resolved device (before the
+    process group starts, so a misuse is one line, not a hang)."""
+    if args.sync_bn and world > 1 and device.type != "cuda":
+        raise _usage("--sync-bn needs GPUs (torch's SyncBatchNorm runs on CUDA tensors "
+                     "only); drop it on CPU")
 
 
 def cores_per_process() -> int:
