@@ -49,6 +49,7 @@ from .engine.config import UsageError, args_to_dict, parse_args, resolve_resume_
 from .engine.data import ShardedBatchSampler
 from .engine.gpu_data import build_loader, build_train_images, to_device
 from .engine.metrics import ProgressLog, SmoothedValue, format_eta
+from .engine.model import build_backbone_for, prepare_head
 from .engine.optim import Precision, build_optimizer
 from .engine.recipe import (apply_backend_flags, check_device, default_workers,
                             resolve_recall_every)
@@ -171,11 +172,15 @@ def _log_start(args, rule: SampledRule | None, num_images: int, num_classes: int
 
 
 def _close_head(head, store) -> None:
-    sampler = getattr(head, "sampler", None)
-    if sampler is not None and hasattr(sampler, "close"):
-        sampler.close()
-    if store is not None:
-        store.close()
+    try:
+        if hasattr(store, "wait"):
+            store.wait()  # a push in flight notes its rows to the sampler: let it finish
+    finally:
+        sampler = getattr(head, "sampler", None)
+        if sampler is not None and hasattr(sampler, "close"):
+            sampler.close()
+        if store is not None:
+            store.close()
 
 
 def _start_step(args, ckpt: Checkpointer, store, device) -> int:
@@ -195,32 +200,6 @@ def _start_step(args, ckpt: Checkpointer, store, device) -> int:
     return 0
 
 
-def _build_backbone(args, device, world: int) -> nn.Module:
-    from .models import build_backbone
-
-    backbone = build_backbone(args.arch, args.embedding_size)
-    check_device(args, device, world)
-    if args.sync_bn and world > 1:
-        backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
-    return backbone.to(device, memory_format=torch.channels_last) if args.channels_last \
-        else backbone.to(device)
-
-
-def _prepare_head(args, head, store, device):
-    """The head on ``device``, its per-step host checks off (the trainer's datasets check
-    every label as they read it; :class:`StepCounters` checks the loss on the device), and
-    with ``--split-backward`` the row store on its own thread (pushes overlap the
-    backbone's backward); returns ``(head, store)``."""
-    head = head.to(device)
-    head.check_labels = False
-    head.check_finite = False
-    if store is not None and args.split_backward:
-        from .heads.push import ThreadedRowStore
-
-        store = head.rowstore = ThreadedRowStore(store)
-    return head, store
-
-
 def run(args: argparse.Namespace) -> dict:
     """Train with parsed ``args``; returns a summary (steps, last figures, paths).
 
@@ -232,6 +211,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # events, pinned copies and NCCL use the current one
     apply_backend_flags(args, device)
     precision = Precision.from_args(args, device)
 
@@ -262,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(str(e)) from None
 
     rule = rule_from_args(args) if args.sampled else None
-    backbone = _build_backbone(args, device, world)
+    backbone = build_backbone_for(args, device, world)
     try:
         head, store = build_head_from_args(args, num_classes, rule)
     except ValueError as e:
@@ -270,7 +251,7 @@ def run(args: argparse.Namespace) -> dict:
     with contextlib.ExitStack() as cleanup:  # the head's index and connections, always
         # late binding: the head and store as _prepare_head leaves them (the store wrapped)
         cleanup.callback(lambda: _close_head(head, store))
-        head, store = _prepare_head(args, head, store, device)
+        head, store = prepare_head(args, head, store, device)
         optimizer = build_optimizer(args, [backbone, head], device)
         settings = stored_settings(args, rule)
         ckpt = Checkpointer(args.save_path, settings, backbone, head, store, optimizer,

@@ -36,7 +36,8 @@ from hfsoftmax.heads import SampledHead
 from hfsoftmax.heads.factory import build_head_from_args
 from hfsoftmax.heads.sampled_config import rule_from_args
 from hfsoftmax.models import build_backbone
-from hfsoftmax.train import _close_head, _prepare_head
+from hfsoftmax.engine.model import prepare_head
+from hfsoftmax.train import _close_head
 from tests.train_data import make_tiny_rec
 
 pytestmark = pytest.mark.timeout(300)
@@ -156,7 +157,7 @@ def _one_step_calls(argv, threaded: bool = True) -> list[tuple[str, str]]:
     torch.manual_seed(0)
     backbone = build_backbone(args.arch, args.embedding_size)
     head, store = build_head_from_args(args, 40, rule_from_args(args) if args.sampled else None)
-    head, store = _prepare_head(args, head, store, device)
+    head, store = prepare_head(args, head, store, device)
     if store is not None and not threaded:  # the push in the hook, as without the thread
         store.async_push = False
     for p in [*backbone.parameters(), *head.parameters()]:
