@@ -208,14 +208,14 @@ def test_an_unlogged_step_of_the_full_head_waits_never(tiny_rec, marked_push):
 @pytest.mark.parametrize("sampler", ["exact", "random"])
 def test_an_unlogged_step_of_the_sampled_head_waits_once(tiny_rec, sampler, marked_push):
     """The one wait: the features' copy to the host for the selection
-    (heads/sampled.py, _host_inputs). The push is copied without waiting and sent from the
+    (heads/push.py, host_inputs). The push is copied without waiting and sent from the
     row store's thread; the fresh rows (exact) are noted there too."""
     calls = _one_step_calls(["--train-rec", str(tiny_rec), *TINY, "--sampled", "--sampler",
                              sampler, "--sample-num", "24", "--interval", "100",
                              "--no-background-rebuild", "--recall-every", "0"])
     assert len(calls) <= 2, calls
     assert [n for n, _ in calls] == ["cpu"], calls
-    assert calls[0][1].startswith("heads/sampled.py"), calls
+    assert calls[0][1].startswith("heads/push.py"), calls  # host_inputs
 
 
 def test_the_counter_sees_a_push_that_waits(tiny_rec, marked_push):

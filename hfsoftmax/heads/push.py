@@ -1,4 +1,6 @@
-"""The sampled head's row store on one worker thread, so its pushes overlap the backbone.
+"""The sampled head's row store on one worker thread, so its pushes overlap the backbone;
+and the head's host/device transfers that do not make the host wait (pinned memory,
+non-blocking copies, CUDA events).
 
 :class:`ThreadedRowStore` wraps a row store: every call (pull, push, set_lr, snapshot,
 restore, reads) runs on its single worker thread, in the order made, so all socket and
@@ -25,9 +27,12 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
+import torch
+
 from .. import distributed as hd
 
-__all__ = ["ThreadedRowStore", "host_copy"]
+__all__ = ["ThreadedRowStore", "host_copy", "host_array", "host_inputs", "to_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +41,6 @@ def host_copy(t):
     """``(float32 copy of t on the host, event or None)``: on a GPU into pinned memory with
     a non-blocking copy and a CUDA event the reader waits on (the host does not wait here);
     on the CPU a plain copy."""
-    import torch
-
     t = t.detach()
     if t.is_cuda:
         buf = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
@@ -46,6 +49,33 @@ def host_copy(t):
         event.record()
         return buf, event
     return t.to(torch.float32, copy=True), None
+
+
+def host_inputs(features: torch.Tensor, labels: torch.Tensor):
+    """The selection's inputs on the host: the labels copied first without waiting, then
+    the features (note: the step's one host sync on a GPU; it also completes the labels'
+    copy, queued before it on the same stream)."""
+    lab = torch.empty(labels.shape, dtype=labels.dtype, pin_memory=labels.is_cuda)
+    lab.copy_(labels, non_blocking=True)
+    return features.detach().float().cpu(), lab
+
+
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None):
+    """A host tensor on ``device`` (as ``dtype``): from pinned memory without blocking the
+    host on a GPU; on the CPU no copy where none is needed."""
+    if device.type == "cuda" and not t.is_cuda:
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
+
+
+def host_array(x):
+    """numpy from what a push gets: an array, or ``(host tensor, CUDA event or None)``."""
+    if x is None or isinstance(x, np.ndarray):
+        return x
+    buf, event = x
+    if event is not None:
+        event.synchronize()     # the push thread waits for the copy, not the host
+    return buf.numpy()
 
 
 class ThreadedRowStore:

@@ -80,8 +80,9 @@ from torch import nn
 from .. import distributed as hd
 from ..samplers.selection import sample_log_weights
 from .base import HeadOutput, check_batch, register_head
-from .push import host_copy
 from .logits import DEFAULT_SCALE, LogitSpec
+from .push import host_array as _host_array, host_copy, host_inputs as _host_inputs, \
+    to_device as _to_device
 
 __all__ = ["SampledHead", "exact_topk"]
 
@@ -262,7 +263,12 @@ class SampledHead(nn.Module):
         global features, the ids as selected, and the log-Q offsets: (S,), or (B, S) for this
         rank's samples with ``logq="sample"``, None when off."""
         if not hd.is_dist():
-            ids, target, *offsets = self._sampler_select(*_host_inputs(features, labels))
+            # an index on the host gets the features there (one sync); a sampler that
+            # selects on the device (``selects_on_device``) gets them as they are, and its
+            # ids come to the host below (its sync)
+            inputs = (features.detach(), labels) if getattr(
+                self.sampler, "selects_on_device", False) else _host_inputs(features, labels)
+            ids, target, *offsets = self._sampler_select(*inputs)
             if self.logq == "sample":
                 offsets = self._sample_offsets(torch.as_tensor(offsets[0]), features.device)
             else:
@@ -413,30 +419,3 @@ class SampledHead(nn.Module):
             # first update; renorm changes no direction, and cosine search ignores norms.
             note(ids_np, w_np if lr is None else w_np - np.float32(lr) * g, step)
         self.telemetry["push_s"] = time.perf_counter() - t0
-
-
-def _host_inputs(features: torch.Tensor, labels: torch.Tensor):
-    """The selection's inputs on the host: the labels copied first without waiting, then
-    the features (note: the step's one host sync on a GPU; it also completes the labels'
-    copy, queued before it on the same stream)."""
-    lab = torch.empty(labels.shape, dtype=labels.dtype, pin_memory=labels.is_cuda)
-    lab.copy_(labels, non_blocking=True)
-    return features.detach().float().cpu(), lab
-
-
-def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None):
-    """A host tensor on ``device`` (as ``dtype``): from pinned memory without blocking the
-    host on a GPU; on the CPU no copy where none is needed."""
-    if device.type == "cuda" and not t.is_cuda:
-        t = t.pin_memory().to(device, non_blocking=True)
-    return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
-
-
-def _host_array(x):
-    """numpy from what a push gets: an array, or ``(host tensor, CUDA event or None)``."""
-    if x is None or isinstance(x, np.ndarray):
-        return x
-    buf, event = x
-    if event is not None:
-        event.synchronize()     # the push thread waits for the copy, not the host
-    return buf.numpy()
