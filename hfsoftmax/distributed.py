@@ -48,12 +48,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> tuple[int, int]:
+def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
+                     device: torch.device | None = None) -> tuple[int, int]:
     """Join the process group described by torchrun's environment; return ``(rank, world)``.
 
     Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) nothing is initialised. ``backend``
-    None picks ``nccl`` when CUDA is available and ``gloo`` otherwise; on CUDA the current
-    device is set to ``LOCAL_RANK``. Calling it again once initialised is harmless.
+    None follows ``device`` (this rank's resolved device): ``nccl`` for a GPU, ``gloo``
+    otherwise, so ``--device cpu`` on a machine with GPUs runs gloo; without a device,
+    ``nccl`` where CUDA is available. NCCL is refused for a CPU device (it moves only CUDA
+    tensors). With NCCL the device is made current and passed to ``init_process_group`` as
+    ``device_id`` (the communicator is bound to it at once, not guessed later).
+    ``timeout_s``: how long a collective waits for the other ranks. Calling it again once
+    initialised is harmless.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -65,18 +71,27 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> t
             raise RuntimeError(f"WORLD_SIZE={world} but {key} is not set; launch with "
                                "torchrun (or set RANK, MASTER_ADDR and MASTER_PORT)")
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if device is not None:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        else:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
     valid = ("nccl", "gloo", "mpi")
     if backend not in valid:
         raise ValueError(f"unknown distributed backend {backend!r}; valid: {', '.join(valid)}")
+    kwargs = {}
     if backend == "nccl":
-        torch.cuda.set_device(local_rank())
+        if device is not None and device.type != "cuda":
+            raise ValueError(f"the nccl backend moves only CUDA tensors, and this rank's "
+                             f"device is {device}; use gloo (--dist-backend gloo) or a GPU")
+        device = device if device is not None else torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device
     from datetime import timedelta
 
     dist.init_process_group(backend=backend, init_method="env://",
-                            timeout=timedelta(seconds=timeout_s))
-    logger.info("joined process group: rank %d of %d (%s)", dist.get_rank(),
-                dist.get_world_size(), backend)
+                            timeout=timedelta(seconds=timeout_s), **kwargs)
+    logger.info("joined process group: rank %d of %d (%s, timeout %gs)", dist.get_rank(),
+                dist.get_world_size(), backend, timeout_s)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -152,7 +152,9 @@ def _model_device(model: nn.Module) -> torch.device:
 def embed_batches(model: nn.Module, batches: Iterable[torch.Tensor], *, flip: bool = True,
                   device: str | torch.device | None = None, total: int | None = None,
                   progress: bool = False, desc: str = "extract") -> np.ndarray:
-    """Embeddings of normalised image batches ``(B, 3, H, W)``, L2-normalised, float32 (N, D).
+    """Embeddings of image batches, L2-normalised, float32 (N, D): normalised float
+    ``(B, 3, H, W)``, or uint8 ``(B, H, W, 3)`` pixels, normalised on the device after the
+    copy (the trainer's path: :func:`~hfsoftmax.data.transforms.normalize_batch`).
 
     With ``flip`` each image's embedding is ``f(x) + f(hflip(x))`` before normalisation
     (InsightFace's accuracy-flip). The model is put in eval mode for the call and its
@@ -160,6 +162,8 @@ def embed_batches(model: nn.Module, batches: Iterable[torch.Tensor], *, flip: bo
     defaults to the model's. ``total`` is the number of images, for the progress bar.
     """
     from tqdm import tqdm
+
+    from hfsoftmax.data.transforms import normalize_batch
 
     dev = _model_device(model) if device is None else resolve_device(device)
     was_training = model.training
@@ -170,6 +174,8 @@ def embed_batches(model: nn.Module, batches: Iterable[torch.Tensor], *, flip: bo
                   file=sys.stderr) as bar:
             for x in batches:
                 x = x.to(dev, non_blocking=True)
+                if x.dtype == torch.uint8:
+                    x = normalize_batch(x)
                 out = model(x).double()
                 if flip:
                     out = out + model(torch.flip(x, dims=[3])).double()
@@ -213,10 +219,9 @@ def load_verification_set(path: str | os.PathLike, image_size=(112, 112),
 
 
 def _uint8_batches(images: np.ndarray, batch_size: int):
-    from hfsoftmax.data.transforms import normalize_uint8
-
+    # uint8 (B, H, W, 3): embed_batches normalises them on the model's device
     for start in range(0, images.shape[0], batch_size):
-        yield normalize_uint8(images[start:start + batch_size])
+        yield torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
 
 
 def _check_batch_size(batch_size: int) -> int:
@@ -242,17 +247,24 @@ def extract_verification(model: nn.Module, vset: VerificationSet | str | os.Path
 def extract_filelist(model: nn.Module, filelist: str | os.PathLike,
                      prefix: str | os.PathLike | None = None, *,
                      batch_size: int = DEFAULT_BATCH_SIZE, flip: bool = True, device=None,
-                     num_workers: int = 0, progress: bool = False) -> np.ndarray:
-    """Features (N, D) float32 of the images of an image list, in the list's order."""
+                     num_workers: int = 0, progress: bool = False,
+                     decoder: str = "torchvision") -> np.ndarray:
+    """Features (N, D) float32 of the images of an image list, in the list's order.
+
+    The trainer's data path: the loader decodes to uint8 (``decoder``: torchvision.io or
+    PIL, the same pixels), pinned where the model is on a GPU; normalisation on the
+    device."""
     from torch.utils.data import DataLoader
 
     from hfsoftmax.data.filelist import ImageListDataset
-    from hfsoftmax.data.transforms import eval_transform
+    from hfsoftmax.data.uint8 import Uint8Images, collate_uint8
 
     batch_size = _check_batch_size(batch_size)
-    ds = ImageListDataset(filelist, prefix, transform=eval_transform())
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    return embed_batches(model, (x for x, _ in loader), flip=flip, device=device,
+    ds = Uint8Images(ImageListDataset(filelist, prefix), decoder=decoder)
+    dev = _model_device(model) if device is None else resolve_device(device)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_uint8, pin_memory=dev.type == "cuda")
+    return embed_batches(model, (x for x, _, _ in loader), flip=flip, device=dev,
                          total=len(ds), progress=progress, desc=Path(filelist).name)
 
 
@@ -297,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder the list's paths are relative to (default: the list's folder)")
     p.add_argument("--out", default="features.npy", help="output .npy (default features.npy)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for --filelist")
+    p.add_argument("--decoder", choices=("torchvision", "pil"), default="torchvision",
+                   help="JPEG decoder for --filelist (the same pixels; torchvision.io measured "
+                        "faster: benchmarks/README.md, Data)")
     return p
 
 
@@ -313,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.filelist is not None:
             feats = extract_filelist(model, args.filelist, args.prefix,
                                      batch_size=args.batch_size, flip=args.flip, device=device,
-                                     num_workers=args.workers, progress=args.progress)
+                                     num_workers=args.workers, progress=args.progress,
+                                     decoder=args.decoder)
             out = save_npy(args.out, feats)
         else:
             feats, issame = extract_verification(model, args.bin_path, batch_size=args.batch_size,

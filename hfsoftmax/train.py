@@ -5,12 +5,17 @@
 :mod:`hfsoftmax.engine.config`). Launch several processes with ``torchrun
 --nproc_per_node N -m hfsoftmax.train ...``.
 
-The loop is plain (torchvision's ``train_one_epoch``): per step, load a batch, compute the
-embeddings (DDP over the ranks), the head's loss, backward, one SGD step of the backbone
-(and of the full head's weight). The sampled head's rows are not trainer parameters: its
-backward pushes their gradients to the row store, whose SGD updates them by the sampled
-head's rule (:mod:`hfsoftmax.heads.sampled_config`, resolved once from ``--sampled-rule``
-and the flags given), at the backbone's LR schedule times the rule's ``row_lr_mult``.
+The loop is plain (torchvision's ``train_one_epoch``): per step, load a batch of uint8
+images (normalised and flipped on the device: :mod:`hfsoftmax.engine.gpu_data`), compute the
+embeddings (DDP over the ranks), the head's loss, backward, one optimizer step of the
+backbone (and of the full head's weight): :class:`~hfsoftmax.engine.step.TrainStep`, with
+``--amp``, ``--clip-grad-norm`` and the split backward. The LR follows ``--lr-schedule``, a
+function of the step (:mod:`hfsoftmax.engine.schedule`). The sampled head's rows are not
+trainer parameters: its backward pushes their gradients to the row store, whose SGD updates
+them by the sampled head's rule (:mod:`hfsoftmax.heads.sampled_config`, resolved once from
+``--sampled-rule`` and the flags given), at the backbone's LR schedule times the rule's
+``row_lr_mult``. The host waits on a GPU once per step for the sampled head's selection and
+once per logged step for the figures (:class:`~hfsoftmax.engine.step.StepCounters`).
 
 Distributed: every rank is a parameter-server worker (``worker_id = rank``); the sampled
 head selects classes over the gathered global batch on rank 0 and broadcasts them, so W
@@ -38,13 +43,20 @@ import torch
 from torch import nn
 
 from . import distributed as hd
+from .engine.after import AfterStep
 from .engine.checkpoint import Checkpointer
 from .engine.config import UsageError, args_to_dict, parse_args, resolve_resume_path
-from .engine.data import FlipDataset, ShardedBatchSampler, build_train_dataset
+from .engine.data import ShardedBatchSampler
+from .engine.gpu_data import build_loader, build_train_images, to_device
 from .engine.init_weights import apply_start_weights
 from .engine.metrics import ProgressLog, SmoothedValue, format_eta, log_start
+from .engine.model import build_backbone_for, prepare_head
+from .engine.optim import Precision, build_optimizer
+from .engine.recipe import (apply_backend_flags, check_device, default_workers,
+                            resolve_recall_every)
 from .engine.runtime import RunLock, pick_device, remove_handlers, setup_logging
-from .engine.schedule import StepSchedule
+from .engine.schedule import LRSchedule, schedule_from_args
+from .engine.step import StepCounters, TrainModel, TrainStep
 from .engine.validate_top1 import HeldoutTop1
 from .engine.verify import Verifier
 from .fileio import write_json
@@ -56,23 +68,6 @@ from .heads.sampled_config import SampledRule, rule_from_args
 __all__ = ["main", "run", "TrainModel", "train_one_epoch", "stored_settings"]
 
 logger = logging.getLogger("hfsoftmax.train")
-
-
-class TrainModel(nn.Module):
-    """Backbone + head as one module: ``forward(images, labels) -> HeadOutput``.
-
-    The unit DDP wraps; with ``amp`` the backbone runs under bfloat16 autocast and the head
-    (logits, softmax, the row gradients it pushes) in float32.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Module, amp: bool = False):
-        super().__init__()
-        self.backbone, self.head, self.amp = backbone, head, amp
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            features = self.backbone(images)
-        return self.head(features.float(), labels)
 
 
 def stored_settings(args: argparse.Namespace, rule: SampledRule | None) -> dict[str, Any]:
@@ -88,120 +83,77 @@ def stored_settings(args: argparse.Namespace, rule: SampledRule | None) -> dict[
 
 
 # --------------------------------------------------------------------------- the loop
-def train_one_epoch(model: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer,
-                    loader, device: torch.device, epoch: int, step: int, total_steps: int,
-                    schedule: StepSchedule, args: argparse.Namespace, row_lr_mult: float,
-                    progress: ProgressLog, on_step) -> int:
+def train_one_epoch(step_fn: TrainStep, head: nn.Module, loader, device: torch.device,
+                    epoch: int, step: int, total_steps: int, schedule: LRSchedule,
+                    args: argparse.Namespace, row_lr_mult: float, progress: ProgressLog,
+                    on_step) -> int:
     """Train until the epoch ends or ``total_steps`` is reached; returns the next step.
 
-    ``on_step(step, epoch, end_of_epoch)`` runs after each step (checkpoints, validation).
+    The host waits on the device once per logged step (and before a checkpoint or a
+    verification): the counters live on the device. ``on_step(step, epoch, end_of_epoch)``
+    runs after each step (checkpoints, validation).
     """
-    model.train()
+    step_fn.backbone.train()
+    head.train()
     meters = {k: SmoothedValue(args.print_freq) for k in ("data_s", "step_s")}
-    # loss sum, correct (margin-free), count since the last log line: on the device, read
-    # once per logged step
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    counters = StepCounters(device)
     steps_in_epoch = len(loader)
     lr = None
     t_end = time.perf_counter()
-    for i, (images, labels) in enumerate(loader):
+    for i, batch in enumerate(loader):
         if step >= total_steps:
             break
         t_data = time.perf_counter() - t_end
         new_lr = schedule.lr_at(step)
         if new_lr != lr:
             lr = new_lr
-            for group in optimizer.param_groups:
+            for group in step_fn.optimizer.param_groups:
                 group["lr"] = lr
             if hasattr(head, "set_lr"):
                 head.set_lr(lr * row_lr_mult)
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-
-        out = model(images, labels)
-        loss = out.loss
-        # note: a CPU-GPU sync point; one per step is the price of failing fast on NaN.
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"Loss became infinite or NaN at step={step} "
-                                     f"(epoch {epoch}, loss={loss_value}); lower --lr or "
-                                     "check the data")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+        images, labels = to_device(batch, device, args.channels_last)
+        out = step_fn(images, labels)
         n = labels.shape[0]
-        sums += torch.stack([loss.detach().double() * n, correct_count(out).double(),
-                             torch.tensor(float(n), dtype=torch.float64, device=device)])
+        counters.add(out.loss, correct_count(out), n, step)
         meters["data_s"].update(t_data)
         step += 1
         t_now = time.perf_counter()
         meters["step_s"].update(t_now - t_end)
         t_end = t_now
 
-        if step % args.print_freq == 0 or step == total_steps or i + 1 == steps_in_epoch:
-            # The global batch's figures (on the device: NCCL reduces only CUDA tensors).
-            tot = hd.all_reduce_mean(sums).cpu() * hd.world_size()
-            sums.zero_()
+        end_of_epoch = i + 1 == steps_in_epoch
+        if step % args.print_freq == 0 or step == total_steps or end_of_epoch:
+            loss, acc = counters.read(epoch)  # the global batch's figures
             step_s = meters["step_s"].avg
-            row = {"step": step, "epoch": epoch, "loss": float(tot[0] / tot[2]),
-                   "acc": float(tot[1] / tot[2]), "lr": lr, "step_s": step_s,
+            row = {"step": step, "epoch": epoch, "loss": loss, "acc": acc, "lr": lr,
+                   "step_s": step_s,
                    "img_s": n * hd.world_size() / step_s if step_s > 0 else math.nan,
                    "data_s": meters["data_s"].avg}
-            if i + 1 == steps_in_epoch and hasattr(head, "coverage"):
+            if end_of_epoch and hasattr(head, "coverage"):
                 row.update(head.coverage())  # the epoch's negatives: how many, how even
             progress.train(row, f"epoch {epoch} [{i + 1}/{steps_in_epoch}] step "
                                 f"{step}/{total_steps}",
                            format_eta(step_s * (total_steps - step)),
                            head.stats() if hasattr(head, "stats") else {})
-        on_step(step, epoch, i + 1 == steps_in_epoch)
+        elif on_step.due(step, end_of_epoch):
+            counters.read(epoch)  # no checkpoint of a model that went NaN since the last log
+        on_step(step, epoch, end_of_epoch)
         t_end = time.perf_counter()  # checkpoint/validation time is not data time
     return step
 
 
-class AfterStep:
-    """What runs after a step: verification on ``--val-bins`` and the held-out top-1 of
-    ``--val-filelist`` / ``--val-rec`` (``--val-every`` steps, else each epoch's end, and at
-    the end) and checkpoints (``--save-every``, else each epoch's end, at the end, and
-    whenever verification improved)."""
-
-    def __init__(self, args, ckpt: Checkpointer, verifier: Verifier | None,
-                 progress: ProgressLog, backbone: nn.Module, device: torch.device,
-                 steps_per_epoch: int, total_steps: int, top1=None):
-        self.args, self.ckpt, self.verifier, self.progress = args, ckpt, verifier, progress
-        self.backbone, self.device, self.top1 = backbone, device, top1
-        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
-        self.val: dict[str, float] = {}
-
-    def __call__(self, s: int, epoch: int, end_of_epoch: bool) -> None:
-        args, done = self.args, s >= self.total_steps
-        is_best = False
-        due = (args.val_every and s % args.val_every == 0) or (not args.val_every
-                                                                and end_of_epoch) or done
-        if args.val_bins and due:
-            if hd.is_main():
-                results = self.verifier(self.backbone, self.device, s)
-                mean = self.progress.val(s, epoch, results)
-                is_best = mean > self.ckpt.best
-                self.ckpt.best = max(self.ckpt.best, mean)
-                self.val = {n: r.accuracy for n, r in results.items()}
-                logger.info("step %d verification: %s (mean %.4f, best %.4f)", s,
-                            ", ".join(f"{k} {v:.4f}" for k, v in self.val.items()), mean,
-                            self.ckpt.best)
-            hd.barrier()
-        if self.top1 is not None and due:  # --val-filelist / --val-rec (rank 0 only)
-            self.val.update(self.top1(s, epoch, self.progress, self.backbone, self.device))
-        if done or is_best or (args.save_every and s % args.save_every == 0) \
-                or (not args.save_every and end_of_epoch):
-            self.ckpt.save(s, s // self.steps_per_epoch, is_best=is_best)
 
 
 def _close_head(head, store) -> None:
-    sampler = getattr(head, "sampler", None)
-    if sampler is not None and hasattr(sampler, "close"):
-        sampler.close()
-    if store is not None:
-        store.close()
+    try:
+        if hasattr(store, "wait"):
+            store.wait()  # a push in flight notes its rows to the sampler: let it finish
+    finally:
+        sampler = getattr(head, "sampler", None)
+        if sampler is not None and hasattr(sampler, "close"):
+            sampler.close()
+        if store is not None:
+            store.close()
 
 
 def _start_step(args, ckpt: Checkpointer, store, device) -> int:
@@ -225,16 +177,20 @@ def run(args: argparse.Namespace) -> dict:
     """Train with parsed ``args``; returns a summary (steps, last figures, paths).
 
     Raises :class:`~hfsoftmax.engine.config.UsageError` for input that does not fit (the
-    data, the sizes) before training starts."""
+    data, the sizes, the device) before training starts."""
     world = hd.world_size()
     device = pick_device(args.device)
     os.makedirs(args.save_path, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # events, pinned copies and NCCL use the current one
+    apply_backend_flags(args, device)
+    precision = Precision.from_args(args, device)
 
     try:
-        dataset = build_train_dataset(args)
+        dataset = build_train_images(args)
     except (ValueError, OSError) as e:  # unreadable or inconsistent data: the user's to fix
         raise UsageError(f"training data: {e}") from None
     num_classes = args.num_classes or dataset.num_classes
@@ -242,6 +198,10 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--num-classes {num_classes} is smaller than the data's "
                          f"{dataset.num_classes} classes")
     args.num_classes = int(num_classes)
+    if args.sampled:
+        args.recall_every = resolve_recall_every(args, num_classes)
+    if args.workers is None:
+        args.workers = default_workers()
     if len(dataset) < args.batch_size * world:
         raise UsageError(f"--batch-size {args.batch_size} x {world} process(es) is larger "
                          f"than the {len(dataset)} training images; lower --batch-size")
@@ -249,37 +209,36 @@ def run(args: argparse.Namespace) -> dict:
                                   flip=args.augment)
     steps_per_epoch = batches.batches_per_epoch
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    loader = torch.utils.data.DataLoader(FlipDataset(dataset), batch_sampler=batches,
-                                         num_workers=args.workers,
-                                         pin_memory=device.type == "cuda",
-                                         persistent_workers=False)
-
-    from .models import build_backbone
+    loader = build_loader(dataset, batches, args.workers, device)
+    try:
+        schedule = schedule_from_args(args, steps_per_epoch)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
     rule = rule_from_args(args) if args.sampled else None
-    backbone = build_backbone(args.arch, args.embedding_size).to(device)
+    backbone = build_backbone_for(args, device, world)
     try:
         head, store = build_head_from_args(args, num_classes, rule)
     except ValueError as e:
         raise UsageError(str(e)) from None
     with contextlib.ExitStack() as cleanup:  # the head's index and connections, always
-        cleanup.callback(_close_head, head, store)
-        head = head.to(device)
-        model = TrainModel(backbone, head, amp=args.amp)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                                    lr=args.lr, momentum=args.momentum,
-                                    weight_decay=args.weight_decay)
-        schedule = StepSchedule.from_epochs(args.lr, args.lr_steps, steps_per_epoch,
-                                            args.gamma, args.warmup_steps)
+        # late binding: the head and store as _prepare_head leaves them (the store wrapped)
+        cleanup.callback(lambda: _close_head(head, store))
+        head, store = prepare_head(args, head, store, device)
+        optimizer = build_optimizer(args, [backbone, head], device)
         settings = stored_settings(args, rule)
         ckpt = Checkpointer(args.save_path, settings, backbone, head, store, optimizer,
-                            schedule, remote=bool(args.ps))
+                            schedule, remote=bool(args.ps), precision=precision)
         step = _start_step(args, ckpt, store, device)
         apply_start_weights(args, backbone, head, store, optimizer, step, world)
         hd.barrier()  # every rank registered with the server before anyone pushes
+        ddp = None
         if world > 1:
-            ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
-            model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
+            ddp = {"gradient_as_bucket_view": args.ddp_bucket_view,
+                   "static_graph": args.ddp_static_graph,
+                   **({"device_ids": [device.index]} if device.type == "cuda" else {})}
+        step_fn = TrainStep(backbone, head, optimizer, precision, split=args.split_backward,
+                            clip_norm=args.clip_grad_norm, ddp=ddp)
         progress = ProgressLog(args.save_path if hd.is_main() else None)
         cleanup.callback(progress.close)
         if hd.is_main():
@@ -289,15 +248,15 @@ def run(args: argparse.Namespace) -> dict:
             if args.val_bins and hd.is_main() else None
         top1 = HeldoutTop1.from_args(args, num_classes, head, store)
         log_start(args, rule, len(dataset), num_classes, steps_per_epoch, step,
-                   total_steps, device)
+                  total_steps, device, schedule)
         after = AfterStep(args, ckpt, verifier, progress, backbone, device, steps_per_epoch,
                           total_steps, top1)
         t0, start_step = time.perf_counter(), step
         for epoch in range(step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
             batches.set_epoch(epoch, step - epoch * steps_per_epoch)
-            step = train_one_epoch(model, head, optimizer, loader, device, epoch, step,
-                                   total_steps, schedule, args,
-                                   rule.row_lr_mult if rule else 1.0, progress, after)
+            step = train_one_epoch(step_fn, head, loader, device, epoch, step, total_steps,
+                                   schedule, args, rule.row_lr_mult if rule else 1.0,
+                                   progress, after)
             if step >= total_steps:
                 break
     elapsed = time.perf_counter() - t0
@@ -317,7 +276,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     lock = None
     try:
         args = parse_args(argv)
-        rank, _ = hd.init_distributed(args.dist_backend)
+        device = pick_device(args.device)  # before the process group: it picks the backend
+        check_device(args, device, int(os.environ.get("WORLD_SIZE", "1")))
+        try:
+            rank, _ = hd.init_distributed(args.dist_backend, args.dist_timeout, device)
+        except ValueError as e:  # e.g. nccl asked for a CPU device
+            raise UsageError(f"--dist-backend: {e}") from None
         try:
             if rank == 0:
                 lock = RunLock(args.save_path).acquire()

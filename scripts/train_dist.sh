@@ -2,7 +2,7 @@
 # Full-softmax training on several processes with torchrun (DDP; NCCL on GPUs, gloo on CPU,
 # chosen by the trainer at run time; --dist-backend overrides).
 #
-#   NPROC=4 scripts/train_dist.sh DATASET [hfsoftmax-train flags...]
+#   NPROC=4 scripts/train_dist.sh [--config FILE.yaml] DATASET [hfsoftmax-train flags...]
 #
 # Environment: NPROC (processes on this machine; default: the GPU count, or 2 on CPU),
 # NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (several machines; defaults 1, 0,
@@ -11,8 +11,13 @@
 # Shell: POSIX sh (dash and bash). -h/--help first: this text; no DATASET: usage, exit 2.
 set -eu
 case "${1:-}" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
-case "${1:--}" in
-  -*) echo "usage: NPROC=N $0 DATASET [hfsoftmax-train flags...]  (-h for help)" >&2
+case "${1:-}" in  # [--config FILE.yaml] DATASET: train.sh / train_hf.sh read the --config
+  --config) _dataset="${3:--}" ;;
+  --config=*) _dataset="${2:--}" ;;
+  *) _dataset="${1:--}" ;;
+esac
+case "$_dataset" in
+  -*) echo "usage: NPROC=N $0 [--config FILE.yaml] DATASET [hfsoftmax-train flags...]  (-h for help)" >&2
       exit 2 ;;
 esac
 ROOT="$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)"

@@ -3,7 +3,7 @@
 # parameter server (at $PS_ADDR, or one started on loopback for the run with
 # --workers NPROC x NNODES and stopped when it ends).
 #
-#   NPROC=4 scripts/train_dist_hf.sh DATASET [hfsoftmax-train flags...]
+#   NPROC=4 scripts/train_dist_hf.sh [--config FILE.yaml] DATASET [hfsoftmax-train flags...]
 #
 # Environment: NPROC (default: the GPU count, or 2 on CPU), NNODES, NODE_RANK, MASTER_ADDR,
 # MASTER_PORT (as scripts/train_dist.sh), PS_ADDR (comma-separated shard addresses; a
@@ -14,8 +14,13 @@
 # (unlike scripts/train_hf.sh, there is no several-process demo).
 set -eu
 case "${1:-}" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
-case "${1:--}" in
-  -*) echo "usage: NPROC=N $0 DATASET [hfsoftmax-train flags...]  (-h for help)" >&2
+case "${1:-}" in  # [--config FILE.yaml] DATASET: train.sh / train_hf.sh read the --config
+  --config) _dataset="${3:--}" ;;
+  --config=*) _dataset="${2:--}" ;;
+  *) _dataset="${1:--}" ;;
+esac
+case "$_dataset" in
+  -*) echo "usage: NPROC=N $0 [--config FILE.yaml] DATASET [hfsoftmax-train flags...]  (-h for help)" >&2
       exit 2 ;;
 esac
 ROOT="$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)"

@@ -2,12 +2,16 @@
 # HF-Softmax training: the classifier rows live in a parameter server; each batch's softmax
 # runs over its labels plus the nearest classes found by an index over the rows.
 #
-#   scripts/train_hf.sh DATASET [hfsoftmax-train flags...]
+#   scripts/train_hf.sh [--config FILE.yaml] DATASET [hfsoftmax-train flags...]
 #   scripts/train_hf.sh [hfsoftmax-train flags...]      # no DATASET: the built-in demo
 #
 # DATASET: an InsightFace folder (train.rec, train.idx, property) or an image list file.
 # Every other flag goes to `python -m hfsoftmax.train` (see its --help), e.g.
 #   scripts/train_hf.sh datasets/data/faces_emore --arch ir50 --sampler hnsw --sample-num 8000
+# --config FILE.yaml (one file, before DATASET; or DATASET --config FILE.yaml) gives the
+# trainer a settings file, e.g. a preset of configs/: DATASET replaces its train-rec and the
+# flags after DATASET override it:
+#   scripts/train_hf.sh --config configs/ms1mv3_ir50.yaml datasets/data/ms1m-retinaface-t1
 #
 # The demo prepares the synthetic set once (datasets/data/synthetic), trains a small CPU
 # network with HF-Softmax for a few minutes, verifies it on the set's held-out identities and
@@ -48,6 +52,17 @@ fi
 ROOT="$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="${PYTHON:-python}"
+
+config=""
+case "${1:-}" in
+  --config)
+    if [ "$#" -lt 2 ]; then
+      echo "error: --config needs a YAML file: $0 --config FILE.yaml DATASET [flags...]" >&2
+      exit 2
+    fi
+    config="$2"; shift 2 ;;
+  --config=*) config="${1#--config=}"; shift ;;
+esac
 
 demo=0
 case "${1:--}" in
@@ -95,6 +110,9 @@ if [ "$demo" -eq 1 ]; then
     --sample-num 200 --interval 100 --batch-size 64 --lr 0.1 --warmup-steps 50 \
     --max-steps 500 --lr-steps 0.6 --val-every 250 --workers 1 --print-freq 50 \
     --val-bins "$data/synthetic.bin" "$@"
+fi
+if [ -n "$config" ]; then
+  set -- --config "$config" "$@"
 fi
 set -- --save-path "$save" "$@"
 

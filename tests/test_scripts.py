@@ -280,3 +280,43 @@ def test_train_hf_sh_without_a_dataset_runs_the_demo(tmp_path):
         assert (save / rel).exists(), rel
         assert str(save / rel.split("/")[0]) in out or rel in out
     assert_gone(server_pid(save))
+
+
+@pytest.mark.parametrize("form", ["--config FILE DATASET", "--config=FILE DATASET",
+                                  "DATASET --config FILE"])
+def test_train_hf_sh_takes_a_config_before_or_after_the_dataset(form, tiny_rec, tmp_path):
+    """scripts/train_hf.sh --config X.yaml DATASET (a preset's way): the file's settings
+    reach the trainer, DATASET replaces the file's train-rec, flags after DATASET win."""
+    cfg = tmp_path / "preset.yaml"
+    cfg.write_text("train-rec: /nonexistent/ms1m\narch: convnet-s\nembedding-size: 16\n"
+                   "lr-schedule: cosine\nepochs: 2\nclip-grad-norm: 5\nbatch-size: 99\n"
+                   "sampler: exact\nsample-num: 16\n")
+    save = str(tmp_path / "hf")
+    flags = ["--batch-size", "8", "--workers", "0", "--threads", "1", "--max-steps", "2"]
+    words = form.replace("FILE", str(cfg)).replace("DATASET", tiny_rec)
+    args = words.split(" ")
+    if form.startswith("--config=FILE"):
+        args = [f"--config={cfg}", tiny_rec]
+    run_script("train_hf.sh", *args, *flags, env={"SAVE_PATH": save})
+    got = ckpt_of(save)["args"]
+    assert (got["train_rec"], got["lr_schedule"], got["clip_grad_norm"], got["batch_size"],
+            got["embedding_size"]) == (tiny_rec, "cosine", 5.0, 8, 16)
+    assert ckpt_of(save)["step"] == 2
+
+
+@pytest.mark.parametrize("name", ["train.sh", "train_dist.sh", "train_dist_hf.sh"])
+def test_a_config_without_a_dataset_is_a_usage_error(name):
+    proc = run_script(name, "--config", "x.yaml", env={"PYTHON": "false"}, check=False,
+                      timeout=60)
+    assert proc.returncode == 2 and "usage" in proc.stderr and "--config FILE.yaml" in \
+        proc.stderr, proc
+
+
+def test_train_sh_takes_a_config_before_the_dataset(tiny_rec, tmp_path):
+    cfg = tmp_path / "full.yaml"
+    cfg.write_text("arch: convnet-s\nembedding-size: 16\nlr-schedule: poly\nepochs: 2\n")
+    save = str(tmp_path / "full")
+    run_script("train.sh", "--config", str(cfg), tiny_rec, "--batch-size", "8", "--workers",
+               "0", "--threads", "1", "--max-steps", "2", env={"SAVE_PATH": save})
+    got = ckpt_of(save)["args"]
+    assert (got["lr_schedule"], got["train_rec"], got["sampled"]) == ("poly", tiny_rec, False)

@@ -138,16 +138,24 @@ class ImageListDataset(SkipsCorrupt):
     def labels(self) -> list[int]:
         return [label for _, label in self.items]
 
-    def __getitem__(self, index: int):
+    def _where(self, index: int) -> str:
+        return f"{os.path.join(self.prefix, self.items[index][0])} (entry {index} of " \
+               f"{self.filelist})"
+
+    def read_raw(self, index: int) -> tuple[bytes, int]:
+        """The file's bytes (verbatim) and the class id of the ``index``-th entry."""
         rel, label = self.items[index]
-        path = os.path.join(self.prefix, rel)
-        where = f"{path} (entry {index} of {self.filelist})"
         try:
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                raise CorruptImageError(f"{where}: cannot read: {e.strerror}") from None
+            with open(os.path.join(self.prefix, rel), "rb") as f:
+                return f.read(), label
+        except OSError as e:
+            raise CorruptImageError(f"{self._where(index)}: cannot read: {e.strerror}"
+                                    ) from None
+
+    def __getitem__(self, index: int):
+        where = self._where(index)
+        try:
+            data, label = self.read_raw(index)
             img = decode_image(data, where, self.image_size, self._resized)
         except CorruptImageError as e:
             if not self.skip_corrupt:

@@ -1,8 +1,12 @@
 """Image decoding shared by the datasets, and the skip-and-count policy for corrupt samples.
 
-Decoding is PIL's (``Image.open(io.BytesIO(b)).convert("RGB")``). Images whose size differs
-from the expected 112x112 are resized (bilinear) and this is logged once per dataset: the
-InsightFace sets are already aligned 112x112 crops, so a resize usually means the wrong data.
+Decoding is PIL's (``Image.open(io.BytesIO(b)).convert("RGB")``) for the PIL-image datasets;
+:func:`decode_uint8` gives the uint8 pixels the training and extraction loaders send to the
+device, decoded by ``torchvision.io.decode_jpeg`` (measured faster than PIL here:
+``benchmarks/data_throughput.py``; other formats through ``torchvision.io.decode_image``)
+or by PIL. Images whose size differs from the expected 112x112 are resized (bilinear, PIL)
+and this is logged once per dataset: the InsightFace sets are already aligned 112x112
+crops, so a resize usually means the wrong data.
 """
 from __future__ import annotations
 
@@ -13,7 +17,11 @@ from typing import Any
 
 from PIL import Image
 
-__all__ = ["CorruptImageError", "decode_image", "SkipCounter", "skip_none_collate"]
+__all__ = ["CorruptImageError", "decode_image", "decode_uint8", "DECODERS", "SkipCounter",
+           "skip_none_collate"]
+
+#: ``decode_uint8`` backends
+DECODERS = ("torchvision", "pil")
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +55,35 @@ def decode_image(data: bytes, where: str, size: tuple[int, int] | None = IMAGE_S
                            "dataset are not logged)", where, img.size[0], img.size[1], *size)
         img = img.resize(tuple(size), Image.BILINEAR)
     return img
+
+
+def decode_uint8(data: bytes, where: str, size: tuple[int, int] | None = IMAGE_SIZE,
+                 decoder: str = "torchvision", warn_resize: list | None = None):
+    """Encoded image bytes -> uint8 RGB pixels, a (H, W, 3) tensor (HWC: a batch of them
+    becomes a channels-last NCHW tensor by a permutation alone).
+
+    ``decoder``: ``torchvision`` (``torchvision.io``: JPEG through libjpeg-turbo, PNG too) or
+    ``pil``; both give the same pixels for JPEG here (libjpeg-turbo, the same upsampling).
+    Anything not ``size`` is resized by :func:`decode_image` (PIL, bilinear)."""
+    import numpy as np
+    import torch
+
+    if decoder not in DECODERS:
+        raise ValueError(f"Unknown decoder {decoder!r}; valid: {', '.join(DECODERS)}")
+    if decoder == "torchvision" and data:
+        from torchvision.io import ImageReadMode, decode_image as tv_decode, decode_jpeg
+
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        try:
+            img = decode_jpeg(buf, mode=ImageReadMode.RGB) if data[:2] == b"\xff\xd8" \
+                else tv_decode(buf, mode=ImageReadMode.RGB)
+        except Exception:  # noqa: BLE001 - undecodable here: PIL names the fault
+            img = None
+        if img is not None and img.dim() == 3 and img.shape[0] == 3 and (
+                size is None or (img.shape[2], img.shape[1]) == tuple(size)):
+            return img.permute(1, 2, 0)
+    pil = decode_image(data, where, size, warn_resize)
+    return torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy())
 
 
 class SkipCounter:

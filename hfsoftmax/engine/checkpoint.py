@@ -9,7 +9,8 @@ same step, or None for the full head: a name relative to the run folder for in-p
 rows, relative to the parameter server's snapshot folder for a server's; checkpoints before
 this named an absolute path, read as its file name beside the checkpoint), ``ps_kind``,
 ``rng`` (the sampler's random state, for an exact resume), ``best`` (best verification
-accuracy so far) and ``format`` (this layout's version). Everything is tensors, numbers,
+accuracy so far), ``scaler`` (the float16 loss scaler's scale and growth count, or None)
+and ``format`` (this layout's version). Everything is tensors, numbers,
 strings, lists and dicts, so ``torch.load(path, weights_only=True)`` reads it and a
 downloaded checkpoint cannot run code.
 
@@ -113,11 +114,12 @@ class Checkpointer:
     """
 
     def __init__(self, save_path: str, settings: dict, backbone, head, store, optimizer,
-                 schedule, *, remote: bool = False):
+                 schedule, *, remote: bool = False, precision=None):
         self.folder = os.path.abspath(save_path)
         self.settings = settings
         self.backbone, self.head, self.store = backbone, head, store
         self.optimizer, self.schedule = optimizer, schedule
+        self.precision = precision  # engine.optim.Precision: the loss scaler's state
         self.remote = bool(remote)
         self.best = -math.inf
         self.last_rows: str | None = None
@@ -140,7 +142,8 @@ class Checkpointer:
                 ("remote" if self.remote else "local"),
                 "rng": {"sampler": json.dumps(rng.bit_generator.state)
                         if rng is not None else None},
-                "best": self.best if math.isfinite(self.best) else None}
+                "best": self.best if math.isfinite(self.best) else None,
+                "scaler": self.precision.state_dict() if self.precision is not None else None}
 
     def save(self, step: int, epoch: int, is_best: bool = False) -> None:
         """Rank 0: the rows after exactly ``step`` steps (every rank's push of the step has
@@ -178,6 +181,8 @@ class Checkpointer:
         self.backbone.load_state_dict(ckpt["model"])
         self.head.load_state_dict(ckpt["head"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.precision is not None:
+            self.precision.load_state_dict(ckpt.get("scaler"))
         state = (ckpt.get("rng") or {}).get("sampler")
         rng = getattr(getattr(self.head, "sampler", None), "rng", None)
         if state and rng is not None:

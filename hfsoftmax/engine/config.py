@@ -27,8 +27,8 @@ import os
 from typing import Any, Callable, Sequence
 
 from ..heads import sampled_config
-from .flags import (DEFAULT_SAVE_PATH, HEADS, SAMPLERS, _ps_addresses, build_parser,
-                    parse_key_values)
+from .flags import (DEFAULT_SAVE_PATH, HEADS, RECIPE_RUNTIME, SAMPLERS, _ps_addresses,
+                    build_parser, parse_key_values)
 
 __all__ = ["build_parser", "parse_args", "validate_args", "args_to_dict", "STRUCTURAL",
            "RUNTIME", "START_ONLY", "HEADS", "SAMPLERS", "UsageError", "DEFAULT_SAVE_PATH",
@@ -39,6 +39,7 @@ STRUCTURAL = ("arch", "embedding_size", "head", "sampled", "num_classes")
 # Where and how this process runs: never taken from a checkpoint (see the module doc).
 RUNTIME = ("config", "resume", "save_path", "ps", "ps_timeout", "device", "amp", "workers",
            "threads", "dist_backend", "index_threads", "sampler_process", "print_freq")
+RUNTIME += RECIPE_RUNTIME  # the GPU recipe's (engine/flags.py)
 # How a new run starts (``--init-from``, ``--init-rows``): never taken from a checkpoint, so
 # a resumed run continues itself, not re-initialised from its source (engine/init_weights.py).
 START_ONLY = ("init_from", "init_strict", "init_rows")
@@ -154,10 +155,15 @@ def _stored_args(resume: str, dests: dict[str, argparse.Action]) -> dict[str, An
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags with the precedence of the module docstring, then validate them."""
+    """Parse flags with the precedence of the module docstring, then validate them.
+    ``--help`` shows the defaults as the checkpoint and YAML files given leave them
+    (``--config configs/x.yaml --help``: the preset's effective values)."""
     parser = build_parser()
     dests = _dest_names(parser)
-    first, _ = parser.parse_known_args(argv)
+    pre = argparse.ArgumentParser(add_help=False)  # --config/--resume only, --help later
+    pre.add_argument("--config", nargs="+", default=None)
+    pre.add_argument("--resume", default=None)
+    first, _ = pre.parse_known_args(argv)
     layered: dict[str, Any] = {}
     stored: dict[str, Any] = {}
     if first.resume:
@@ -233,6 +239,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:")
                                                   and dev[5:].isdigit()):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    from .recipe import validate_recipe
+
+    validate_recipe(args)
 
 
 def _gpu_run(device: str) -> bool:

@@ -9,6 +9,11 @@ and a resumed run continues mid-epoch with the batches the interrupted run would
 The horizontal flips are drawn in the same stream, per position, so they do not depend on
 the number of ranks or data-loading workers either.
 
+The trainer loads uint8 images (:mod:`hfsoftmax.engine.gpu_data`: flips and normalisation
+on the device); :class:`FlipDataset` and :func:`build_train_dataset` are the float32 path
+(torchvision transforms in the workers), kept for tools and tests that want normalised
+images on the host.
+
 >>> sampler = ShardedBatchSampler(len(ds), batch_size=128, rank=0, world_size=1, seed=0)
 >>> sampler.set_epoch(3, start_batch=20)        # resume: skip the 20 batches already done
 >>> loader = DataLoader(FlipDataset(ds), batch_sampler=sampler, num_workers=2)

@@ -13,7 +13,8 @@ from .argtypes import (nonneg_float as _nonneg_float, nonneg_int as _nonneg_int,
                        positive_float as _positive_float, positive_int as _positive_int,
                        unit_float as _unit_float)
 
-__all__ = ["build_parser", "parse_key_values", "HEADS", "SAMPLERS", "DEFAULT_SAVE_PATH"]
+__all__ = ["build_parser", "parse_key_values", "HEADS", "SAMPLERS", "DEFAULT_SAVE_PATH",
+           "AMP_MODES", "LR_SCHEDULES", "OPTIMIZERS", "DECODERS", "RECIPE_RUNTIME"]
 
 HEADS = ("linear", "cosface", "arcface")
 SAMPLERS = ("annoy", "hnsw", "faiss", "exact", "device", "random")
@@ -72,6 +73,100 @@ def _ps_addresses(s: str) -> list[str]:
     return [a for a in s.replace(",", " ").split() if a]
 
 
+AMP_MODES = ("off", "bf16", "fp16")
+#: the recipe's flags that say how this machine runs (never taken from a checkpoint; added to
+#: :data:`hfsoftmax.engine.config.RUNTIME`)
+RECIPE_RUNTIME = ("scaler_growth_interval", "split_backward", "channels_last",
+                  "cudnn_benchmark", "tf32", "ddp_bucket_view", "ddp_static_graph",
+                  "dist_timeout", "decoder")
+LR_SCHEDULES = ("step", "poly", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
+DECODERS = ("torchvision", "pil")
+
+
+def _amp_mode(s: str) -> str:
+    """``--amp`` values; true/false (a YAML boolean, or a setting of the older on/off flag)
+    read as bf16/off."""
+    low = str(s).strip().lower()
+    low = {"true": "bf16", "false": "off", "none": "off"}.get(low, low)
+    if low not in AMP_MODES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(AMP_MODES)}, got {s!r}")
+    return low
+
+
+def _betas(s: str) -> list[float]:
+    """``0.9,0.999`` (or a stored list, read back as ``[0.9, 0.999]``) -> two floats in [0, 1)."""
+    parts = [x for x in str(s).strip().strip("[]()").replace(",", " ").split() if x]
+    try:
+        vals = [float(x) for x in parts]
+    except ValueError:
+        vals = []
+    if len(vals) != 2 or not all(0.0 <= v < 1.0 for v in vals):
+        raise argparse.ArgumentTypeError(f"must be two numbers in [0, 1) as B1,B2 (e.g. "
+                                         f"0.9,0.999), got {s!r}")
+    return vals
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The GPU recipe's flags (schedule, optimizer, clipping, scaler, data path, DDP and
+    backend switches), in their own groups; checked by
+    :func:`hfsoftmax.engine.recipe.validate_recipe`."""
+    g = p.add_argument_group("schedule and optimizer")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="the backbone's (and the full head's) optimizer; adamw takes --lr, "
+                        "--weight-decay and --adam-betas, not --momentum (the sampled rows "
+                        "keep their own SGD: give --row-lr-mult with adamw)")
+    g.add_argument("--adam-betas", type=_betas, default=[0.9, 0.999], metavar="B1,B2",
+                   help="AdamW's betas")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="step",
+                   help="step: x --gamma at --lr-steps; poly: (1 - t)^--lr-power; cosine: "
+                        "half a cosine; t runs from the warm-up's end to the end of --epochs "
+                        "(--max-steps stops early without changing it), so the LR is a "
+                        "function of the step alone and a resumed run takes the same")
+    g.add_argument("--lr-power", type=_positive_float, default=2.0,
+                   help="exponent of the poly schedule (arcface_torch: 2)")
+    g.add_argument("--min-lr", type=_nonneg_float, default=0.0,
+                   help="where the poly and cosine schedules end")
+    g.add_argument("--warmup-epochs", type=_nonneg_float, default=0.0,
+                   help="linear learning-rate warm-up over this many (possibly fractional) "
+                        "epochs; give it or --warmup-steps")
+    g.add_argument("--clip-grad-norm", type=_nonneg_float, default=0.0,
+                   help="clip the backbone's gradients to this total L2 norm (after the loss "
+                        "scaler's unscale; arcface_torch: 5); 0: off. The full head's weight "
+                        "and the sampled rows are not clipped")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
+                   help="BatchNorm statistics over all ranks (SyncBatchNorm; GPUs only)")
+
+    g = p.add_argument_group("GPU runtime")
+    g.add_argument("--scaler-growth-interval", type=_positive_int, default=2000,
+                   help="--amp fp16: steps without overflow before the loss scale doubles "
+                        "(arcface_torch: 100); an overflow halves it and skips the step")
+    g.add_argument("--split-backward", action=argparse.BooleanOptionalAction, default=True,
+                   help="backward in two parts, the head's first: the sampled head's row "
+                        "gradients are then pushed from a worker thread while the backbone's "
+                        "backward runs (exactly the same result as one backward)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="NHWC memory format for the backbone (faster convolutions on GPUs "
+                        "with tensor cores, with --amp)")
+    g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="let cuDNN time its convolution algorithms on the first steps")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                   help="TF32 matmuls and convolutions on Ampere or newer GPUs (default: "
+                        "torch's, convolutions only)")
+    g.add_argument("--ddp-bucket-view", action=argparse.BooleanOptionalAction, default=True,
+                   help="DDP's gradient_as_bucket_view (gradients live in the all-reduce "
+                        "buckets: less memory, one copy fewer)")
+    g.add_argument("--ddp-static-graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="DDP's static_graph (the same parameters used every step)")
+    g.add_argument("--dist-timeout", type=_positive_float, default=1800.0,
+                   help="seconds a collective may wait for the other ranks before the run "
+                        "fails (torch.distributed's timeout)")
+    g.add_argument("--decoder", choices=DECODERS, default="torchvision",
+                   help="JPEG decoder of the data-loading workers (images go to the device "
+                        "as uint8 and are normalised and flipped there); torchvision.io "
+                        "measured faster than PIL (benchmarks/README.md, Data)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``hfsoftmax-train`` (``python -m hfsoftmax.train``)."""
     p = argparse.ArgumentParser(
@@ -100,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "every --val-every steps; the best mean accuracy is kept as best.pth")
     g.add_argument("--num-classes", type=_positive_int, default=None,
                    help="number of classes (default: from the data)")
-    g.add_argument("--workers", type=_nonneg_int, default=2,
-                   help="data-loading worker processes per rank (0: load in the main process)")
+    g.add_argument("--workers", type=_nonneg_int, default=None,
+                   help="data-loading worker processes per rank (0: load in the main process; "
+                        "default: this rank's share of the CPU cores less one, 1 to 16)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flips, seeded by (seed, epoch, sample) so a resumed "
                         "or distributed run sees the same flips")
@@ -151,13 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the ANN index in its own process, which reads the rows from the "
                         "parameter server itself, so the trainer never holds all rows or the "
                         "index (default: on with --ps, off without)")
-    g.add_argument("--index-threads", type=_nonneg_int, default=0,
+    g.add_argument("--index-threads", type=_nonneg_int, default=None,
                    help="OpenMP/torch threads of the index process (--sampler-process); 1 "
                         "keeps a rebuild from competing with the trainer for cores (0: the "
-                        "libraries' default, all cores)")
-    g.add_argument("--recall-every", type=_nonneg_int, default=200,
+                        "libraries' default, which under torchrun is OMP_NUM_THREADS=1; "
+                        "default: the CPU cores over the processes on this host)")
+    g.add_argument("--recall-every", type=_nonneg_int, default=None,
                    help="every this many steps, log the fraction of the true top-10 classes "
-                        "(exact search over all rows) that the selection contains (0: off)")
+                        "(exact search over all rows on rank 0's CPU) that the selection "
+                        "contains (0: off; default: 200 up to 100,000 classes, off above, "
+                        "where one search takes seconds)")
     g.add_argument("--ps", type=_ps_addresses, default=None, metavar="ADDRS",
                    help="parameter-server address(es), comma-separated (several: row shards), "
                         "e.g. tcp://127.0.0.1:5570; default: the rows live in this process")
@@ -205,15 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto",
                    help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
-    g.add_argument("--amp", action="store_true",
-                   help="bfloat16 autocast for the backbone (no loss scaling, so the row "
-                        "gradients pushed to the row store stay true gradients)")
+    g.add_argument("--amp", type=_amp_mode, nargs="?", const="bf16", default="off",
+                   metavar="{off,bf16,fp16}",
+                   help="autocast for the backbone: bf16 (where the GPU has it natively; "
+                        "--amp alone), or fp16 with a loss scaler (the head and the row "
+                        "gradients pushed to the row store stay float32 and unscaled)")
     g.add_argument("--seed", type=int, default=0, help="seed of weights, data order and flips")
     g.add_argument("--dist-backend", choices=("nccl", "gloo"), default=None,
                    help="torch.distributed backend under torchrun (default: nccl on CUDA, "
                         "gloo on CPU)")
     g.add_argument("--threads", type=_nonneg_int, default=0,
                    help="torch CPU threads per process (0: torch's default)")
+    add_recipe_arguments(p)
     return p
 
 

@@ -169,9 +169,10 @@ class ProgressLog:
 
 
 def log_start(args, rule, num_images: int, num_classes: int, steps_per_epoch: int, step: int,
-              total_steps: int, device) -> None:
-    """The run's opening log lines: the sampled head's rule and selection size, and what is
-    trained on what (the head with its scale and margin)."""
+              total_steps: int, device, schedule) -> None:
+    """The run's opening log lines: the sampled head's rule and selection size, what is
+    trained on what (the head with its scale and margin), and the recipe (optimizer, LR
+    schedule, precision, clipping, backward, loader, process group)."""
     from .. import distributed as hd
     from ..heads.factory import logit_kwargs, neighbour_slots_per_sample
     from ..heads.logits import DEFAULT_MARGINS, DEFAULT_SCALE
@@ -200,3 +201,17 @@ def log_start(args, rule, num_images: int, num_classes: int, steps_per_epoch: in
                 f"{' on ' + ','.join(args.ps) if args.ps else ' (in-process rows)'}"
                 if args.sampled else ", full softmax", num_images, num_classes, world,
                 args.batch_size, steps_per_epoch, step, total_steps, device)
+    logger.info("recipe: %s, LR %g %s (warm-up %d steps%s), amp %s, clip %s, %s backward, "
+                "%d loader workers (%s)", args.optimizer, args.lr, schedule.kind,
+                schedule.warmup_steps, f", over {schedule.total_steps} steps"
+                if schedule.kind != "step" else "", args.amp, args.clip_grad_norm or "off",
+                "split" if args.split_backward else "fused", args.workers, args.decoder)
+    if world > 1:
+        import torch.distributed as dist
+
+        logger.info("process group: %d ranks (%s, timeout %gs)", world, dist.get_backend(),
+                    args.dist_timeout)
+    if schedule.kind != "step" and total_steps < schedule.total_steps:
+        logger.warning("the %s schedule spans --epochs %d (%d steps); this run stops at step "
+                       "%d, before its end (resume with a larger --max-steps to go on)",
+                       schedule.kind, args.epochs, schedule.total_steps, total_steps)

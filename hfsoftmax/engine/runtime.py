@@ -59,7 +59,9 @@ def remove_handlers(handlers: list[logging.Handler]) -> None:
 
 def pick_device(name: str) -> torch.device:
     """``auto``: this rank's GPU when CUDA is available, else the CPU. ``cuda`` without an
-    index: this rank's GPU (``LOCAL_RANK``)."""
+    index: this rank's GPU (``LOCAL_RANK``). ``cuda:N`` must exist, and under torchrun must
+    be this rank's own GPU (N == ``LOCAL_RANK``): every rank on one GPU would run, slowly,
+    until memory ran out."""
     from .config import UsageError
 
     if name == "auto":
@@ -72,6 +74,15 @@ def pick_device(name: str) -> torch.device:
                              "--device cpu (or auto)")
         if dev.index is None:
             dev = torch.device("cuda", hd.local_rank())
+        count = torch.cuda.device_count()
+        if dev.index >= count:
+            raise UsageError(f"--device {dev}: this machine has {count} GPU(s) "
+                             f"(cuda:0..cuda:{count - 1})")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dev.index != hd.local_rank():
+            raise UsageError(f"--device {name} under torchrun: this process is LOCAL_RANK "
+                             f"{hd.local_rank()}, and each process takes its own GPU; use "
+                             "--device cuda (or auto): rank r takes cuda:r, and "
+                             "CUDA_VISIBLE_DEVICES picks the GPUs")
     return dev
 
 

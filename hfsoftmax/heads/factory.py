@@ -66,6 +66,11 @@ def sampler_options(args: argparse.Namespace, rule: SampledRule, rank: int = 0) 
                              "the trainer's --threads)")
         if rank == 0:
             opts["threads"] = args.index_threads
+    elif args.index_threads is None and _uses_process(args) and rank == 0:
+        from ..engine.recipe import default_index_threads
+
+        # not the OMP_NUM_THREADS=1 torchrun gives the trainer: the host's cores per process
+        opts["threads"] = default_index_threads()
     return opts
 
 
@@ -129,6 +134,9 @@ def build_head_from_args(args: argparse.Namespace, num_classes: int,
     store = build_row_store(num_classes, args.embedding_size, sgd, ps=args.ps,
                             table=args.ps_table, timeout_s=args.ps_timeout, seed=args.seed,
                             rank=rank, world=world)
+    from ..engine.recipe import resolve_recall_every
+
     head = SampledHead(store, sampler, args.sample_num, interval=args.interval,
-                       recall_every=args.recall_every, logq=HEAD_LOGQ[rule.logq], **kw)
+                       recall_every=resolve_recall_every(args, num_classes),
+                       logq=HEAD_LOGQ[rule.logq], **kw)
     return head, store

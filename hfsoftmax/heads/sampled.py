@@ -26,6 +26,17 @@ of the trainer. Per training step:
 
 With ``sample_num == num_classes`` it gives exactly the full head's loss and gradients.
 
+**On a GPU** the step waits on the host once: the features (and, already copied beside
+them, the labels) go to the host for the selection (an index on the host); the pulled rows,
+ids and targets go to the device from pinned memory without blocking, and the hook copies
+the row gradient into pinned memory without waiting. With a
+:class:`~hfsoftmax.heads.push.ThreadedRowStore` the push itself runs on the store's thread
+while the backbone's backward runs (the trainer's ``--split-backward``); the next forward
+waits for its acknowledgement before it selects, so the result is the same as pushing in
+the hook. The trainer also turns off :attr:`SampledHead.check_finite` (a host read of the
+loss every step): it checks the loss on the device, and the row store refuses non-finite
+gradients.
+
 **log-Q correction** (``logq=True``, trainer ``--logq random``; off by default). A
 softmax over a selection leaves the unselected classes out of its normaliser, so a sample's
 loss, and its feature's pull toward its own row, fade sooner than under the full softmax.
@@ -70,6 +81,8 @@ from .. import distributed as hd
 from ..samplers.selection import sample_log_weights
 from .base import HeadOutput, check_batch, register_head
 from .logits import DEFAULT_SCALE, LogitSpec
+from .push import host_array as _host_array, host_copy, host_inputs as _host_inputs, \
+    to_device as _to_device
 
 __all__ = ["SampledHead", "exact_topk"]
 
@@ -149,6 +162,8 @@ class SampledHead(nn.Module):
         self.logq = logq
         self.step = 0  # training steps taken (forward passes in training mode)
         self._picks: torch.Tensor | None = None  # negatives per class, see coverage()
+        #: raise at once on a non-finite loss (reads the loss on the host: a GPU sync point)
+        self.check_finite = True
         self.lr: float | None = None  # the rows' LR, once set_lr told it
         self.telemetry: dict = {"step": 0, "recall": None, "top1_all": None, "select_s": None,
                                 "pull_s": None,
@@ -178,7 +193,9 @@ class SampledHead(nn.Module):
 
     def stats(self) -> dict:
         """Telemetry for logs: this head's timings and recall, plus the sampler's figures
-        (rebuild time, index age in steps, rebuild count)."""
+        (rebuild time, index age in steps, rebuild count). Waits for a push in flight (its
+        thread may be talking to the sampler)."""
+        self._wait_push()
         out = dict(self.telemetry)
         if hasattr(self.sampler, "stats"):
             out.update(self.sampler.stats())
@@ -227,6 +244,15 @@ class SampledHead(nn.Module):
             self.sampler.maybe_rebuild(self.step, self.rowstore.reader(self.chunk_rows))
 
     # -- the step ------------------------------------------------------------------------
+    def _wait_push(self) -> None:
+        """Wait for the previous step's push (and its fresh rows) where it runs on the row
+        store's thread; raise its error."""
+        wait = getattr(self.rowstore, "wait", None)
+        if wait is not None:
+            t0 = time.perf_counter()
+            wait()
+            self.telemetry["push_wait_s"] = time.perf_counter() - t0
+
     def _sampler_select(self, features: torch.Tensor, labels: torch.Tensor):
         # the log-Q offsets (or own slots) are asked for only when used: a sampler of one's
         # own needs ``log_weights`` only for logq=True or "sample"
@@ -239,7 +265,12 @@ class SampledHead(nn.Module):
         global features, the ids as selected, and the log-Q offsets: (S,), or (B, S) for this
         rank's samples with ``logq="sample"``, None when off."""
         if not hd.is_dist():
-            ids, target, *offsets = self._sampler_select(features.detach(), labels)
+            # an index on the host gets the features there (one sync); a sampler that
+            # selects on the device (``selects_on_device``) gets them as they are, and its
+            # ids come to the host below (its sync)
+            inputs = (features.detach(), labels) if getattr(
+                self.sampler, "selects_on_device", False) else _host_inputs(features, labels)
+            ids, target, *offsets = self._sampler_select(*inputs)
             if self.logq == "sample":
                 offsets = self._sample_offsets(torch.as_tensor(offsets[0]), features.device)
             else:
@@ -296,6 +327,7 @@ class SampledHead(nn.Module):
         check_batch(features, labels, self.dim)
         labels = labels.long()
         training = self.training and torch.is_grad_enabled()
+        self._wait_push()
         if training:
             self._maybe_rebuild()
         t0 = time.perf_counter()
@@ -316,8 +348,8 @@ class SampledHead(nn.Module):
         w_np = self.rowstore.pull(ids_np)
         t2 = time.perf_counter()
         dtype = features.dtype if features.is_floating_point() else torch.float32
-        weight = torch.from_numpy(w_np).to(device=features.device, dtype=dtype)
-        target = target.to(features.device)
+        weight = _to_device(torch.from_numpy(w_np), features.device, dtype)
+        target = _to_device(target, features.device)
         if training:
             weight.requires_grad_(True)
             weight.register_hook(self._push_hook(ids_np, w_np, self.step))
@@ -325,9 +357,9 @@ class SampledHead(nn.Module):
         if offsets is None:
             loss = F.cross_entropy(logits, target)
         else:  # log-Q: a label's offset is 0; (S,) broadcasts over the batch, (B, S) per sample
-            loss = F.cross_entropy(logits + offsets.to(device=logits.device,
-                                                       dtype=logits.dtype), target)
-        if not torch.isfinite(loss.detach()).all():
+            loss = F.cross_entropy(logits + _to_device(offsets, logits.device, logits.dtype),
+                                   target)
+        if self.check_finite and not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(f"sampled-head loss became {float(loss)} at step "
                                      f"{self.step}")
         tel = self.telemetry
@@ -348,28 +380,49 @@ class SampledHead(nn.Module):
         # every rank's sampler has the same fresh-rows setting; only rank 0's is queried
         fresh = getattr(self.sampler, "fresh", None) is not None
         note = self.sampler.note_rows if fresh and hd.rank() == 0 else None
+        store = self.rowstore
+        threaded = getattr(store, "async_push", False)
 
         def hook(grad: torch.Tensor):
             if state["pushed"]:
                 raise RuntimeError("backward ran twice through one sampled-head step; its row "
                                    "gradient was already pushed (one push per forward)")
             state["pushed"] = True
-            t0 = time.perf_counter()
-            # note: a device-to-host copy, a sync point on CUDA; the push needs the values.
-            g = grad.detach().to(device="cpu", dtype=torch.float32).numpy()
-            applied = self.rowstore.push(ids_np, g)
-            if applied is not None:
-                g = applied                 # the local store's mean over the ranks
-            elif fresh and hd.is_dist():
-                # the server steps with the ranks' mean gradient; every rank joins the mean
-                g = hd.all_reduce_mean(torch.from_numpy(g)).numpy()
-            if note is not None:
-                # these rows just changed: a sampler with fresh_rows searches them beside
-                # its (older) index. Their new values, estimated as w - lr * g: exact with
-                # momentum 0 and no weight decay (--row-momentum 0), otherwise for a row's
-                # first update; renorm changes no direction, and cosine search ignores norms.
-                note(ids_np, w_np if self.lr is None else w_np - np.float32(self.lr) * g, step)
-            self.telemetry["push_s"] = time.perf_counter() - t0
+            lr = self.lr
+            if not threaded:
+                # note: a device-to-host copy, a sync point on CUDA; the push needs the values.
+                g = grad.detach().to(device="cpu", dtype=torch.float32).numpy()
+                self._push_rows(store, ids_np, w_np, g, None, note, lr, step)
+                return None
+            # no host wait here: the copies are queued behind the backward's kernels and the
+            # store's thread waits for them; a mean the fresh rows need is all-reduced now,
+            # before the backbone's backward (and its DDP collectives) begins
+            g_host = host_copy(grad)
+            mean_host = host_copy(hd.all_reduce_mean(grad.detach().float())) \
+                if fresh and hd.is_dist() else None
+            store.submit(self._push_rows, store.inner, ids_np, w_np, g_host, mean_host, note,
+                         lr, step)
             return None
 
         return hook
+
+    def _push_rows(self, store, ids_np, w_np, g, mean, note, lr, step) -> None:
+        """Push one step's row gradient ``g`` (numpy, or ``(host tensor, event)`` from the
+        hook) to ``store``, then tell the sampler the rows' new values (fresh rows)."""
+        t0 = time.perf_counter()
+        g, mean = _host_array(g), _host_array(mean)
+        applied = store.push(ids_np, g)
+        if applied is not None:
+            g = applied                 # the local store's mean over the ranks
+        elif mean is not None:
+            g = mean                    # the ranks' mean, all-reduced in the hook
+        elif getattr(self.sampler, "fresh", None) is not None and hd.is_dist():
+            # the server steps with the ranks' mean gradient; every rank joins the mean
+            g = hd.all_reduce_mean(torch.from_numpy(g)).numpy()
+        if note is not None:
+            # these rows just changed: a sampler with fresh_rows searches them beside
+            # its (older) index. Their new values, estimated as w - lr * g: exact with
+            # momentum 0 and no weight decay (--row-momentum 0), otherwise for a row's
+            # first update; renorm changes no direction, and cosine search ignores norms.
+            note(ids_np, w_np if lr is None else w_np - np.float32(lr) * g, step)
+        self.telemetry["push_s"] = time.perf_counter() - t0

@@ -58,6 +58,9 @@ class DeviceSampler(ClassSampler):
     ``fresh`` is the copy itself: every row of it is fresh.
     """
 
+    #: the sampled head hands it the features where they are (no host copy for selection)
+    selects_on_device = True
+
     def __init__(self, num_classes: int, dim: int, *, metric: str = "ip", seed: int = 0,
                  interval: int = 100, background: bool = True,
                  neighbour_oversample: float = 1.25, random_share: float = 0.0,
