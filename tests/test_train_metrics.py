@@ -8,7 +8,9 @@ import csv
 import pytest
 import torch
 
-from hfsoftmax.engine.data import FlipDataset, ShardedBatchSampler, build_train_dataset
+from hfsoftmax.data.uint8 import collate_uint8
+from hfsoftmax.engine.data import ShardedBatchSampler
+from hfsoftmax.engine.gpu_data import build_train_images, to_device
 from hfsoftmax.engine.config import parse_args
 from hfsoftmax.extract import load_backbone
 from hfsoftmax.heads import FullHead, HeadOutput, LogitSpec, correct_count
@@ -68,12 +70,11 @@ def test_logged_accuracy_is_the_models_top1_without_margin(head, sampled, tiny_r
     assert int(logged["step"]) == 21
     # the batch of step 21 (epoch 2, batch 1: 160 images / 16 = 10 steps an epoch)
     args = parse_args([*base, "--save-path", str(tmp_path / "x")])
-    ds = FlipDataset(build_train_dataset(args))
+    ds = build_train_images(args)  # the trainer's own data path
     batches = ShardedBatchSampler(len(ds), 16, 0, 1, seed=0, flip=False)
     batches.set_epoch(2, 0)
     batch = next(iter(batches))
-    images = torch.stack([ds[i][0] for i in batch])
-    labels = torch.tensor([ds[i][1] for i in batch])
+    images, labels = to_device(collate_uint8([ds[i] for i in batch]), torch.device("cpu"))
     backbone = load_backbone(str(save / "last.pth"), device="cpu").train()  # BN: batch stats
     ckpt = torch.load(save / "last.pth", weights_only=True)
     if sampled:

@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-__all__ = ["ShardedBatchSampler", "FlipDataset", "build_train_dataset"]
+__all__ = ["ShardedBatchSampler", "FlipDataset"]
 
 
 class ShardedBatchSampler:
@@ -92,24 +92,3 @@ class FlipDataset(torch.utils.data.Dataset):
         if flip:
             image = torch.flip(image, dims=(-1,))
         return image, label
-
-
-def build_train_dataset(args: argparse.Namespace):
-    """The training dataset named by ``--train-rec``, ``--train-filelist``/``--train-prefix``
-    or ``--train-folder`` (images as normalised float tensors; flips are applied by
-    :class:`FlipDataset`)."""
-    from ..data.transforms import eval_transform
-
-    if args.train_rec:
-        from ..data.insightface import InsightFaceRecDataset
-
-        return InsightFaceRecDataset(args.train_rec, transform=eval_transform())
-    if getattr(args, "train_folder", None):
-        from ..data.folder import ImageFolderDataset
-
-        return ImageFolderDataset(args.train_folder, transform=eval_transform(),
-                                  num_classes=args.num_classes)
-    from ..data.filelist import ImageListDataset
-
-    return ImageListDataset(args.train_filelist, args.train_prefix, transform=eval_transform(),
-                            num_classes=args.num_classes)

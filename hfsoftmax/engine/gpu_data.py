@@ -27,12 +27,16 @@ __all__ = ["build_train_images", "build_loader", "to_device"]
 
 
 def build_train_images(args: argparse.Namespace) -> Uint8Images:
-    """The training set of ``--train-rec`` / ``--train-filelist`` as uint8 images decoded by
-    ``--decoder``."""
+    """The training set of ``--train-rec``, ``--train-filelist`` or ``--train-folder`` as
+    uint8 images decoded by ``--decoder``."""
     if args.train_rec:
         from ..data.insightface import InsightFaceRecDataset
 
         base = InsightFaceRecDataset(args.train_rec)
+    elif getattr(args, "train_folder", None):
+        from ..data.folder import ImageFolderDataset
+
+        base = ImageFolderDataset(args.train_folder, num_classes=args.num_classes)
     else:
         from ..data.filelist import ImageListDataset
 
