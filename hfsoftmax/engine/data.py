@@ -10,9 +10,8 @@ The horizontal flips are drawn in the same stream, per position, so they do not 
 the number of ranks or data-loading workers either.
 
 The trainer loads uint8 images (:mod:`hfsoftmax.engine.gpu_data`: flips and normalisation
-on the device); :class:`FlipDataset` and :func:`build_train_dataset` are the float32 path
-(torchvision transforms in the workers), kept for tools and tests that want normalised
-images on the host.
+on the device); :class:`FlipDataset` is the float32 path (torchvision transforms in the
+workers), kept for the data benchmark's comparison with the earlier loader.
 
 >>> sampler = ShardedBatchSampler(len(ds), batch_size=128, rank=0, world_size=1, seed=0)
 >>> sampler.set_epoch(3, start_batch=20)        # resume: skip the 20 batches already done
