@@ -685,3 +685,15 @@ def test_neighbour_slots_per_sample_is_what_the_selection_leaves_each_sample():
     assert slots(base + ["--random-share", "0.5"]) == pytest.approx(68 / 64)
     assert slots(base + ["--sampler", "random"]) is None
     assert slots(["--train-rec", "x"]) is None
+
+
+def test_the_log_warns_when_fresh_rows_will_fill_within_an_interval(tiny_rec, tmp_path):
+    """--fresh-rows smaller than the rows one interval can change: the index rebuilds early;
+    the start-up log says so and names the fix."""
+    save = tmp_path / "run"
+    assert main(["--train-rec", str(tiny_rec), *TINY, "--sampled", "--sampler", "exact",
+                 "--sample-num", "20", "--interval", "10", "--fresh-rows", "30",
+                 "--max-steps", "1", "--save-path", str(save)]) == 0
+    log = (save / "train.log").read_text()
+    assert "up to 200 rows change per interval" in log and "about every 1 steps" in log
+    assert "raise --fresh-rows, or set it to 0" in log

@@ -187,6 +187,15 @@ def log_start(args, rule, num_images: int, num_classes: int, steps_per_epoch: in
                         "batch's labels, %.1f slots per sample for its nearest classes",
                         args.sample_num, num_classes, 100.0 * args.sample_num / num_classes,
                         slots)
+        per_interval = args.interval * args.sample_num
+        if rule.fresh_rows and args.sampler not in ("random", "device") \
+                and per_interval > rule.fresh_rows:
+            logger.warning("fresh rows: up to %d rows change per interval (--interval %d x "
+                           "--sample-num %d), more than the %d kept: the index will rebuild "
+                           "early, about every %d steps; raise --fresh-rows, or set it to 0 "
+                           "(no early rebuilds, a staler selection)", per_interval,
+                           args.interval, args.sample_num, rule.fresh_rows,
+                           max(1, rule.fresh_rows // args.sample_num))
         if rule.logq == "random" and args.sampler != "random" and not rule.random_share:
             logger.warning("--logq random acts on random classes only, and with "
                            "--random-share 0 a selection has some only before the first "
