@@ -142,8 +142,6 @@ def train_one_epoch(step_fn: TrainStep, head: nn.Module, loader, device: torch.d
     return step
 
 
-
-
 def _close_head(head, store) -> None:
     try:
         if hasattr(store, "wait"):
