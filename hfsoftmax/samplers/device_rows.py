@@ -36,13 +36,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 
 import numpy as np
 import torch
 
-from .handle import IndexStatus, RowsSource, rebuild_failed
+from .handle import HandleState, RowsSource
 from .index import check_table, normalize
 
 __all__ = ["DeviceRows", "resolve_dtype", "to_device"]
@@ -92,15 +91,18 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
-class DeviceRows:
+class DeviceRows(HandleState):
     """All rows of a table, normalised (cosine) and cast to ``dtype``, on ``device``; see the
     module docstring. ``device=None``: the current CUDA device when the first copy is
     loaded, else the CPU. ``chunk_rows``: rows scored per matmul (bounds the (B, chunk)
     float32 scores: 64 MB at B=256 and the default 65536). ``load_rows``: rows per pinned
-    transfer of a refresh."""
+    transfer of a refresh. Its state, waits and errors are :class:`~hfsoftmax.samplers.
+    handle.HandleState`'s; ``index_step`` is the step the last refresh read (noted rows are
+    newer)."""
 
     name = "device"
     mips = "native"  # exact scores: the MIPS reduction never applies
+    _log = logger
 
     def __init__(self, num_classes: int, dim: int, *, metric: str = "ip", device=None,
                  dtype=None, chunk_rows: int = 65536, load_rows: int = 32768):
@@ -118,18 +120,12 @@ class DeviceRows:
             self._check_fits(self.device)
         elif dtype is not None:
             resolve_dtype(dtype, torch.device("cpu"), metric)
-        self._lock = threading.Lock()  # the copy, the swap and the marks of noted rows
+        super().__init__()  # _lock guards the copy, the swap and the marks of noted rows
         self._rows: torch.Tensor | None = None
-        self._step: int | None = None
         self._pending = None     # (buffer, step, seconds, read seconds) awaiting the swap
         self._touched: torch.Tensor | None = None  # rows noted while a refresh reads
         self._dropped = False    # a row was noted while there was no copy to write it to
         self._stale = False      # the copy misses such rows: refresh early (``full``)
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self.rebuilds = 0
-        self.last_rebuild_s: float | None = None
-        self.last_read_s: float | None = None
 
     # ------------------------------------------------------------------ where, and how big
     @property
@@ -176,25 +172,8 @@ class DeviceRows:
             raise MemoryError(self._too_big(free)) from exc
 
     # ------------------------------------------------------------------ handle state
-    @property
-    def has_index(self) -> bool:
-        return self._rows is not None
-
-    @property
-    def index_step(self) -> int | None:
-        """The step whose rows the last refresh read (noted rows are newer)."""
-        return self._step
-
-    @property
-    def rebuilding(self) -> bool:
-        t = self._thread
-        return t is not None and t.is_alive()
-
-    def status(self) -> IndexStatus:
-        rebuilding = self.rebuilding
-        with self._lock:
-            return IndexStatus(self._rows is not None, self._step, rebuilding, self.rebuilds,
-                               self.last_rebuild_s, self.last_read_s)
+    def _held(self) -> torch.Tensor | None:
+        return self._rows
 
     def stats(self) -> dict:
         return {"device": str(self.device), "device_dtype": str(self.dtype).replace("torch.", ""),
@@ -315,39 +294,16 @@ class DeviceRows:
         if self.rebuilding:
             return False
         self._begin()
-
-        def run():
-            try:
-                self._load(rows, step)
-            except BaseException as exc:  # surfaced on the training thread
-                logger.exception("device sampler: background refresh failed")
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name="device-rows-refresh", daemon=True)
-        self._thread.start()
+        self._start_thread(lambda: self._load(rows, step), "device-rows-refresh", "refresh")
         return True
 
-    def join(self, timeout: float | None = None) -> bool:
-        t = self._thread
-        if t is not None:
-            t.join(timeout)
-        return not self.rebuilding
-
     def wait(self, timeout: float | None = None) -> bool:
-        done = self.join(timeout)
-        self.raise_error()
+        """:meth:`~hfsoftmax.samplers.handle.HandleState.wait`, then swap in the finished
+        refresh."""
+        done = super().wait(timeout)
         if done:
             self.swap_ready()
         return done
-
-    def take_error(self) -> BaseException | None:
-        err, self._error = self._error, None
-        return err
-
-    def raise_error(self) -> None:
-        err = self.take_error()
-        if err is not None:
-            raise rebuild_failed(self.name, err) from err
 
     def close(self, timeout: float | None = None) -> None:
         """Wait for a running refresh and free the copy."""

@@ -11,6 +11,9 @@ read the reference, so a query never waits for a rebuild.
 
 :class:`~hfsoftmax.samplers.process.ProcessIndexHandle` has the same interface with the
 index in its own process; both report their state as an :class:`IndexStatus`.
+:class:`HandleState` is the state and error handling that :class:`IndexHandle` and the
+device sampler's copy of the rows (:class:`~hfsoftmax.samplers.device_rows.DeviceRows`)
+share.
 
 >>> handle = IndexHandle(build_index("faiss", num_classes, dim, metric="cosine"))
 >>> handle.start_rebuild(rowstore.reader(), step=0)
@@ -29,7 +32,7 @@ import numpy as np
 
 from .index import Index
 
-__all__ = ["IndexHandle", "IndexStatus", "RowsSource", "rebuild_failed"]
+__all__ = ["HandleState", "IndexHandle", "IndexStatus", "RowsSource", "rebuild_failed"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,100 @@ def rebuild_failed(name: str, err: BaseException) -> RuntimeError:
     return RuntimeError(f"{name} sampler: the background index rebuild failed: {err!r}")
 
 
-class IndexHandle:
+class HandleState:
+    """The state and error handling every in-process handle shares: :class:`IndexHandle`
+    and :class:`~hfsoftmax.samplers.device_rows.DeviceRows` (its device copy of the rows).
+
+    Written once so both report their state (:meth:`status`) and surface a failed
+    background rebuild (:meth:`wait`, :meth:`raise_error`) the same way. A subclass sets
+    ``name``, says what it holds now (:meth:`_held`: the built index, or the copy) and
+    swaps it, with ``_step``, ``rebuilds`` and the timings, under ``_lock``; it starts its
+    background work with :meth:`_start_thread`, which keeps the error for the training
+    thread. ``_log`` is the logger the failure is reported to (the subclass's module's).
+    """
+
+    name: str
+    _log = logger
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._step: int | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        #: finished rebuilds, and the last one's seconds (read + build) and read seconds
+        self.rebuilds = 0
+        self.last_rebuild_s: float | None = None
+        self.last_read_s: float | None = None
+
+    def _held(self) -> Any:
+        """What answers queries now (the built index, or the copy); None without one."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state
+    @property
+    def has_index(self) -> bool:
+        """Whether an index (or a copy of the rows) is ready to query."""
+        return self._held() is not None
+
+    @property
+    def index_step(self) -> int | None:
+        """The training step whose rows the current index holds (the last refresh read);
+        None without one."""
+        return self._step
+
+    @property
+    def rebuilding(self) -> bool:
+        """Whether a background rebuild is running."""
+        t = self._thread
+        return t is not None and t.is_alive()
+
+    def status(self) -> IndexStatus:
+        """All of the state at once (the index, its step and its timings read together)."""
+        rebuilding = self.rebuilding
+        with self._lock:  # what one swap set, read together
+            return IndexStatus(self._held() is not None, self._step, rebuilding, self.rebuilds,
+                               self.last_rebuild_s, self.last_read_s)
+
+    # ------------------------------------------------------------------ background work
+    def _start_thread(self, work: Callable[[], Any], thread_name: str, what: str) -> None:
+        """Run ``work`` on a daemon thread; an exception it raises is logged (``"<name>
+        sampler: background <what> failed"``) and kept for :meth:`raise_error`."""
+        def run():
+            try:
+                work()
+            except BaseException as exc:  # surfaced on the training thread
+                self._log.exception("%s sampler: background %s failed", self.name, what)
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name=thread_name, daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for a running rebuild, raising nothing; True if none runs any more."""
+        t = self._thread
+        if t is not None:
+            t.join(timeout)
+        return not self.rebuilding
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """:meth:`join`, then raise a failed rebuild's error."""
+        done = self.join(timeout)
+        self.raise_error()
+        return done
+
+    def take_error(self) -> BaseException | None:
+        """The error of a failed background rebuild (then forgotten), or None."""
+        err, self._error = self._error, None
+        return err
+
+    def raise_error(self) -> None:
+        """Raise the error of a failed background rebuild, if any (once)."""
+        err = self.take_error()
+        if err is not None:
+            raise rebuild_failed(self.name, err) from err
+
+
+class IndexHandle(HandleState):
     """One :class:`~hfsoftmax.samplers.index.Index` backend and the index it built last,
     swapped atomically; rebuilds on a daemon thread (:meth:`start_rebuild`) or here
     (:meth:`rebuild`). A failed background rebuild is kept and raised by the next
@@ -78,18 +174,11 @@ class IndexHandle:
     def __init__(self, backend: Index):
         if not isinstance(backend, Index):
             raise TypeError(f"an IndexHandle holds an Index backend, got {backend!r}")
+        super().__init__()
         #: the backend, whose options (``nprobe``, ``ntrees``, ...) the sampler reads through
         self.backend = backend
         self.name = backend.name
-        self._lock = threading.Lock()
         self._built: Any = None          # swapped atomically under _lock, with _step
-        self._step: int | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        #: finished rebuilds, and the last one's seconds (read + build) and read seconds
-        self.rebuilds = 0
-        self.last_rebuild_s: float | None = None
-        self.last_read_s: float | None = None
 
     # ------------------------------------------------------------------ what it indexes
     @property
@@ -110,28 +199,8 @@ class IndexHandle:
         return self.backend.mips
 
     # ------------------------------------------------------------------ state
-    @property
-    def has_index(self) -> bool:
-        """Whether an index is ready to query."""
-        return self._built is not None
-
-    @property
-    def index_step(self) -> int | None:
-        """The training step whose rows the current index holds; None without an index."""
-        return self._step
-
-    @property
-    def rebuilding(self) -> bool:
-        """Whether a background rebuild is running."""
-        t = self._thread
-        return t is not None and t.is_alive()
-
-    def status(self) -> IndexStatus:
-        """All of the state at once (the index, its step and its timings read together)."""
-        rebuilding = self.rebuilding
-        with self._lock:  # what one swap set, read together
-            return IndexStatus(self._built is not None, self._step, rebuilding, self.rebuilds,
-                               self.last_rebuild_s, self.last_read_s)
+    def _held(self) -> Any:
+        return self._built
 
     def stats(self) -> dict:
         """Figures only this kind of handle has (none in process)."""
@@ -163,42 +232,9 @@ class IndexHandle:
         if self.rebuilding:
             logger.debug("%s sampler: rebuild still running, not starting another", self.name)
             return False
-
-        def run():
-            try:
-                self.rebuild(rows, step)
-            except BaseException as exc:  # surfaced on the training thread
-                logger.exception("%s sampler: background rebuild failed", self.name)
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name=f"{self.name}-index-rebuild",
-                                        daemon=True)
-        self._thread.start()
+        self._start_thread(lambda: self.rebuild(rows, step), f"{self.name}-index-rebuild",
+                           "rebuild")
         return True
-
-    def join(self, timeout: float | None = None) -> bool:
-        """Wait for a running rebuild, raising nothing; True if none runs any more."""
-        t = self._thread
-        if t is not None:
-            t.join(timeout)
-        return not self.rebuilding
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """:meth:`join`, then raise a failed rebuild's error."""
-        done = self.join(timeout)
-        self.raise_error()
-        return done
-
-    def take_error(self) -> BaseException | None:
-        """The error of a failed background rebuild (then forgotten), or None."""
-        err, self._error = self._error, None
-        return err
-
-    def raise_error(self) -> None:
-        """Raise the error of a failed background rebuild, if any (once)."""
-        err = self.take_error()
-        if err is not None:
-            raise rebuild_failed(self.name, err) from err
 
     # ------------------------------------------------------------------ queries
     def search(self, features: np.ndarray, k: int, scored: bool = False):
