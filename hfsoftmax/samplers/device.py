@@ -36,8 +36,7 @@ import numpy as np
 import torch
 
 from .device_rows import DeviceRows, to_device
-from .selection import (check_labels, neighbour_slots, own_slots, select_classes,
-                        topup_log_weights)
+from .selection import check_labels, neighbour_slots
 from .selector import ClassSampler, check_policy
 
 __all__ = ["DeviceSampler"]
@@ -150,8 +149,7 @@ class DeviceSampler(ClassSampler):
     def select(self, features, labels, sample_num: int, log_weights: bool | str = False):
         """The selection of :meth:`ClassSampler.select` (same rule, RNG and outputs), with
         the nearest classes found on the copy's device; see the module docstring."""
-        if not (log_weights is False or log_weights is True or log_weights == "sample"):
-            raise ValueError(f"log_weights must be False, True or 'sample', got {log_weights!r}")
+        self._check_log_weights(log_weights)
         out_device = _device_of(features) or _device_of(labels)
         x = self._features(features)
         b = x.shape[0]
@@ -182,15 +180,7 @@ class DeviceSampler(ClassSampler):
             elif need > 0:
                 k = math.ceil(need / b * self.neighbour_oversample) + 1
                 neighbours = nb[:, :min(k, self.num_classes)]
-        ids, remapped, n_near = select_classes(lab, neighbours, sample_num, self.num_classes,
-                                               self.rng, self.random_share)
-        self.last_num_neighbours = n_near
-        out = (ids, remapped)
-        if log_weights == "sample":
-            out += (own_slots(ids, remapped, neighbours),)
-        elif log_weights:
-            out += (topup_log_weights(ids.size, self.num_classes,
-                                      np.unique(lab).size + n_near),)
+        out = self._apply_rule(lab, neighbours, sample_num, log_weights)
         if out_device is not None:
             return tuple(to_device(torch.from_numpy(np.ascontiguousarray(a)), out_device)
                          for a in out)

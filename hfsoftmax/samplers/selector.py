@@ -313,8 +313,7 @@ class ClassSampler:
         from which :func:`~hfsoftmax.samplers.selection.sample_log_weights` makes the
         per-sample correction's (B, S) offsets.
         """
-        if not (log_weights is False or log_weights is True or log_weights == "sample"):
-            raise ValueError(f"log_weights must be False, True or 'sample', got {log_weights!r}")
+        self._check_log_weights(log_weights)
         device = _torch_device(features) or _torch_device(labels)
         x = self._check_features(features)
         lab = check_labels(_labels_to_numpy(labels), self.num_classes)
@@ -334,6 +333,25 @@ class ClassSampler:
                     self.fresh.to(device)
                 k = math.ceil(need / x.shape[0] * self.neighbour_oversample) + 1
                 neighbours = self._neighbours(x, min(k, self.num_classes))
+        out = self._apply_rule(lab, neighbours, sample_num, log_weights)
+        if device is not None:
+            import torch
+            return tuple(torch.from_numpy(a).to(device) for a in out)
+        return out
+
+    @staticmethod
+    def _check_log_weights(log_weights) -> None:
+        """ValueError unless ``log_weights`` is one of :meth:`select`'s values."""
+        if not (log_weights is False or log_weights is True or log_weights == "sample"):
+            raise ValueError(f"log_weights must be False, True or 'sample', got "
+                             f"{log_weights!r}")
+
+    def _apply_rule(self, lab: np.ndarray, neighbours: np.ndarray | None, sample_num: int,
+                    log_weights: bool | str) -> tuple:
+        """The end of :meth:`select` on the host: the rule (``select_classes``, with this
+        sampler's RNG) over the checked labels and the neighbours found (or None), recording
+        ``last_num_neighbours``, and the log-Q output ``log_weights`` asks for; numpy arrays.
+        One place, so every sampler (the device one too) selects and corrects alike."""
         ids, remapped, n_near = select_classes(lab, neighbours, sample_num, self.num_classes,
                                                self.rng, self.random_share)
         self.last_num_neighbours = n_near
@@ -344,9 +362,6 @@ class ClassSampler:
             # all zeros when every class is selected (no class left for a random one to stand for)
             out += (topup_log_weights(ids.size, self.num_classes,
                                       np.unique(lab).size + n_near),)
-        if device is not None:
-            import torch
-            return tuple(torch.from_numpy(a).to(device) for a in out)
         return out
 
     # ------------------------------------------------------------------ telemetry
