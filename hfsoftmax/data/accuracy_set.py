@@ -57,7 +57,8 @@ from .verification import dump_bin
 
 __all__ = ["PAIR_KINDS", "SETS", "pair_kind_of_index", "SetWriter", "write_set", "check_meta",
            "read_meta", "folder_conflict", "claim_folder", "files_present", "prepared_meta",
-           "summary_of", "read_set_info", "prepare_set", "worker_map"]
+           "summary_of", "read_set_info", "prepare_set", "worker_map", "progress_bar",
+           "pair_images", "render_set"]
 
 PAIR_KINDS = ("same", "lookalike", "other")
 IMAGE_SIZE = 112
@@ -85,6 +86,54 @@ def worker_map(workers: int) -> Iterator[Callable]:
     finally:
         if pool is not None:
             pool.terminate()
+
+
+def progress_bar(show: bool, total: int, desc: str):
+    """A tqdm bar counting ``total`` images (``desc`` its label), or None unless ``show``."""
+    if not show:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="img", desc=desc)
+
+
+def pair_images(imap: Callable, render_pairs: Callable, tasks: Sequence, bar=None) -> list[bytes]:
+    """The images of a set's verification pairs, in ``.bin`` order (pair i: images 2i and
+    2i+1): ``render_pairs(task)`` gives a list of ``(a, b)`` encoded images, mapped over
+    ``tasks`` in order by ``imap`` (:func:`worker_map`); ``bar`` counts them."""
+    bins = []
+    for result in imap(render_pairs, tasks):
+        for a, b in result:
+            bins += [a, b]
+        if bar is not None:
+            bar.update(2 * len(result))
+    return bins
+
+
+def render_set(out_dir: str, class_sizes: Sequence[int], heldout_per_class: int, workers: int,
+               render_classes: Callable, class_tasks: Sequence, render_pairs: Callable,
+               pair_tasks: Sequence, bar=None) -> list[bytes]:
+    """Render a set's images on ``workers`` processes: the classes' into ``train`` and
+    ``heldout`` records (:class:`SetWriter`; ``render_classes(task)`` gives, per class in
+    order, its training then held-out images), then the pairs' (:func:`pair_images`), which
+    it returns for :func:`write_set`. The one loop every generator runs, so each writes,
+    aborts on an error and counts progress alike; ``bar`` (:func:`progress_bar`) is closed."""
+    writer = SetWriter(out_dir, class_sizes, heldout_per_class)
+    try:
+        with worker_map(workers) as imap:
+            for result in imap(render_classes, class_tasks):
+                for images in result:
+                    writer.add(images)
+                    if bar is not None:
+                        bar.update(len(images))
+            bins = pair_images(imap, render_pairs, pair_tasks, bar)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return bins
 
 
 # -- writing --------------------------------------------------------------------------------

@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .accuracy_set import (SetWriter, claim_folder, folder_conflict, pair_kind_of_index,
-                           prepared_meta, read_meta, summary_of, worker_map, write_set)
+from .accuracy_set import (claim_folder, folder_conflict, pair_kind_of_index, prepared_meta,
+                           progress_bar, read_meta, render_set, summary_of, write_set)
 from .hangul_render import find_fonts, font_records, render_syllable, versions
 
 __all__ = ["HangulConfig", "make_hangul", "jamo", "shared_jamo", "split_syllables",
@@ -208,31 +208,8 @@ def make_hangul(out_dir: str | os.PathLike, num_classes: int = 10000,
     tasks = [(cfg, paths, train[s:s + chunk].tolist()) for s in range(0, C, chunk)]
     pair_tasks = [(cfg, paths, s, pairs[s:s + 32].tolist()) for s in range(0, len(pairs), 32)]
     n_images = C * (K + H) + 2 * len(pairs)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=n_images, unit="img", desc="hangul")
-    writer = SetWriter(out_dir, [K] * C, H)
-    bins = []
-    try:
-        with worker_map(workers) as imap:
-            for result in imap(_render_classes, tasks):
-                for images in result:
-                    writer.add(images)
-                if bar is not None:
-                    bar.update(len(result) * (K + H))
-            for result in imap(_render_pairs, pair_tasks):
-                for a, b in result:
-                    bins += [a, b]
-                if bar is not None:
-                    bar.update(2 * len(result))
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+    bins = render_set(out_dir, [K] * C, H, workers, _render_classes, tasks, _render_pairs,
+                      pair_tasks, progress_bar(progress, n_images, "hangul"))
     seconds = time.perf_counter() - t0
     ini, med, _ = jamo(train)
     family = ini * NUM_MEDIAL + med

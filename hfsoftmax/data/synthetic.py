@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..fileio import write_json
-from .accuracy_set import (SetWriter, check_meta, claim_folder, folder_conflict,
-                           pair_kind_of_index, prepared_meta, read_meta, files_present,
-                           summary_of, worker_map, write_set)
+from .accuracy_set import (check_meta, claim_folder, folder_conflict, pair_images,
+                           pair_kind_of_index, prepared_meta, progress_bar, read_meta,
+                           files_present, render_set, summary_of, worker_map, write_set)
 from .synthetic_render import _LAYOUT, _PAIR, render_identity_images
 from .verification import dump_bin
 
@@ -202,25 +202,11 @@ def _render_pairs(task):
     return out
 
 
-def _render_all_pairs(cfg: SyntheticConfig, imap, bar=None) -> list[bytes]:
-    """Images of all ``cfg.num_pairs`` verification pairs (pair i: images 2i, 2i+1)."""
+def _pair_tasks(cfg: SyntheticConfig) -> list:
+    """:func:`_render_pairs`'s tasks for all ``cfg.num_pairs`` verification pairs, 50 each."""
     chunk = 50
-    tasks = [(cfg, list(range(s, min(cfg.num_pairs, s + chunk))))
-             for s in range(0, cfg.num_pairs, chunk)]
-    bins = []
-    for result in imap(_render_pairs, tasks):
-        for a, b in result:
-            bins += [a, b]
-        if bar is not None:
-            bar.update(2 * len(result))
-    return bins
-
-
-def _progress(progress: bool, total: int, desc: str):
-    if not progress:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, unit="img", desc=desc)
+    return [(cfg, list(range(s, min(cfg.num_pairs, s + chunk))))
+            for s in range(0, cfg.num_pairs, chunk)]
 
 
 def rewrite_pairs(out_dir: str | os.PathLike, num_pairs: int, *, workers: int | None = None,
@@ -244,10 +230,10 @@ def rewrite_pairs(out_dir: str | os.PathLike, num_pairs: int, *, workers: int | 
     cfg.validate()
     workers = max(1, workers or os.cpu_count() or 1)
     t0 = time.perf_counter()
-    bar = _progress(progress, 2 * num_pairs, "pairs")
+    bar = progress_bar(progress, 2 * num_pairs, "pairs")
     try:
         with worker_map(workers) as imap:
-            bins = _render_all_pairs(cfg, imap, bar)
+            bins = pair_images(imap, _render_pairs, _pair_tasks(cfg), bar)
     finally:
         if bar is not None:
             bar.close()
@@ -298,23 +284,8 @@ def make_synthetic(out_dir: str | os.PathLike, num_classes: int = 2000,
     tasks = [(cfg, list(range(s, min(C, s + chunk))), fams[s:s + chunk].tolist(),
               sizes[s:s + chunk].tolist()) for s in range(0, C, chunk)]
     n_images = int(sizes.sum()) + C * H + 2 * cfg.num_pairs
-    bar = _progress(progress, n_images, name)
-    writer = SetWriter(out_dir, sizes, H)
-    try:
-        with worker_map(workers) as imap:
-            for result in imap(_render_classes, tasks):
-                for images in result:
-                    writer.add(images)
-                    if bar is not None:
-                        bar.update(len(images))
-            bins = _render_all_pairs(cfg, imap, bar)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+    bins = render_set(out_dir, sizes, H, workers, _render_classes, tasks, _render_pairs,
+                      _pair_tasks(cfg), progress_bar(progress, n_images, name))
     seconds = time.perf_counter() - t0
     kinds = pair_kinds(cfg)
     meta = {
