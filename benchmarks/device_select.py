@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,16 +46,7 @@ from ann_recall import recall_at_k  # noqa: E402
 from hfsoftmax.samplers import build_sampler  # noqa: E402
 from hfsoftmax.samplers.selection import neighbour_slots, select_classes  # noqa: E402
 from hfsoftmax.samplers.synthetic import clustered_rows, queries_near  # noqa: E402
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return round(1000 * statistics.median(times), 2)
+from timing import median_ms  # noqa: E402
 
 
 def device_split(sampler, x, y, sample_num: int, repeats: int) -> dict:

@@ -19,19 +19,19 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hfsoftmax.samplers.fresh import FreshRows  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 #: (batch, dim, kept rows, k): the accuracy benchmark's setting, then a large one
 SETTINGS = ((64, 256, 10000, 6), (256, 256, 10000, 10), (512, 512, 32768, 10))
@@ -44,16 +44,6 @@ def numpy_topk(queries: np.ndarray, rows: np.ndarray, ids: np.ndarray, k: int) -
     top = np.take_along_axis(sc, part, axis=1)
     order = np.argsort(-top, axis=1, kind="stable")
     return ids[np.take_along_axis(part, order, axis=1)]
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return round(1000 * statistics.median(times), 2)
 
 
 def bench(batch: int, dim: int, n: int, k: int, repeats: int, seed: int) -> dict:
