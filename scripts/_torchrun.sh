@@ -9,6 +9,9 @@
 # Shell: POSIX sh (dash and bash). The flags travel as one string, split on spaces by its
 # readers, so each value must be a plain word (checked here). Run directly, it prints this
 # header: exit 0 with -h/--help, else on stderr with exit 2.
+# A caller whose first arguments are [--config FILE.yaml] DATASET (train_dist.sh,
+# train_dist_hf.sh) sets _HF_USAGE, its usage line: without a DATASET it is printed and the
+# caller exits 2, before torch is imported to count the GPUs.
 case "$0" in
   *_torchrun.sh)
     case "${1:-}" in
@@ -16,6 +19,16 @@ case "$0" in
       *) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" >&2; exit 2 ;;
     esac ;;
 esac
+if [ -n "${_HF_USAGE:-}" ]; then  # the caller's own arguments (a sourced file sees them)
+  case "${1:-}" in  # train.sh / train_hf.sh read the --config
+    --config) _dataset="${3:--}" ;;
+    --config=*) _dataset="${2:--}" ;;
+    *) _dataset="${1:--}" ;;
+  esac
+  case "$_dataset" in
+    -*) echo "usage: $_HF_USAGE  (-h for help)" >&2; exit 2 ;;
+  esac
+fi
 if [ -z "${NPROC:-}" ]; then
   NPROC="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')"
 fi

@@ -11,17 +11,9 @@
 # Shell: POSIX sh (dash and bash). -h/--help first: this text; no DATASET: usage, exit 2.
 set -eu
 case "${1:-}" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
-case "${1:-}" in  # [--config FILE.yaml] DATASET: train.sh / train_hf.sh read the --config
-  --config) _dataset="${3:--}" ;;
-  --config=*) _dataset="${2:--}" ;;
-  *) _dataset="${1:--}" ;;
-esac
-case "$_dataset" in
-  -*) echo "usage: NPROC=N $0 [--config FILE.yaml] DATASET [hfsoftmax-train flags...]  (-h for help)" >&2
-      exit 2 ;;
-esac
 ROOT="$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
+_HF_USAGE="NPROC=N $0 [--config FILE.yaml] DATASET [hfsoftmax-train flags...]"
 . "$ROOT/scripts/_torchrun.sh"
 SAVE_PATH="${SAVE_PATH:-runs/train_dist}"
 export SAVE_PATH

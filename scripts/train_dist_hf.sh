@@ -14,17 +14,9 @@
 # (unlike scripts/train_hf.sh, there is no several-process demo).
 set -eu
 case "${1:-}" in -h|--help) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
-case "${1:-}" in  # [--config FILE.yaml] DATASET: train.sh / train_hf.sh read the --config
-  --config) _dataset="${3:--}" ;;
-  --config=*) _dataset="${2:--}" ;;
-  *) _dataset="${1:--}" ;;
-esac
-case "$_dataset" in
-  -*) echo "usage: NPROC=N $0 [--config FILE.yaml] DATASET [hfsoftmax-train flags...]  (-h for help)" >&2
-      exit 2 ;;
-esac
 ROOT="$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
+_HF_USAGE="NPROC=N $0 [--config FILE.yaml] DATASET [hfsoftmax-train flags...]"
 . "$ROOT/scripts/_torchrun.sh"
 case "$NPROC" in
   *[!0-9]*) echo "error: NPROC must be a number of processes here (it sizes the server's" \
