@@ -21,6 +21,17 @@ def shared_fixtures() -> Path:
     return SHARED_FIXTURES
 
 
+@pytest.fixture(scope="session")
+def tiny_rec(tmp_path_factory) -> str:
+    """The trainer tests' small set, made once per session: 40 identities x 4 images
+    (seed 1; a batch of 16 makes 10 steps an epoch). Read-only: tests write elsewhere.
+    A module that needs another size defines its own ``tiny_rec``."""
+    from tests.train_data import make_tiny_rec
+
+    return make_tiny_rec(tmp_path_factory.mktemp("data") / "tiny", num_classes=40,
+                         per_class=4, seed=1)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -14,7 +14,6 @@ import torch
 
 from hfsoftmax.train import main
 from tests.test_sync_count import TINY as SYNC_TINY
-from tests.train_data import make_tiny_rec
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(600)]
 
@@ -23,12 +22,6 @@ TINY = ["--arch", "convnet-s", "--embedding-size", "32", "--batch-size", "16", "
         "--device", "cuda", "--max-steps", "6"]
 HF = ["--sampled", "--sampler", "exact", "--sample-num", "24", "--interval", "3",
       "--no-background-rebuild"]
-
-
-@pytest.fixture(scope="module")
-def tiny_rec(tmp_path_factory):
-    return str(make_tiny_rec(tmp_path_factory.mktemp("data") / "tiny", num_classes=40,
-                             per_class=4, seed=1))
 
 
 @pytest.mark.parametrize("amp", ["fp16", "bf16", "off"])

@@ -23,7 +23,6 @@ from hfsoftmax.rowstore import LocalRowStore, SGDConfig
 from hfsoftmax.samplers import build_sampler
 from hfsoftmax.train import main
 from paramserver.snapshot import read_snapshot
-from tests.train_data import make_tiny_rec
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,12 +31,6 @@ torch.set_num_threads(1)
 TINY = ["--arch", "convnet-s", "--embedding-size", "32", "--batch-size", "16", "--workers",
         "0", "--threads", "1", "--print-freq", "1", "--head", "cosface", "--scale", "16",
         "--margin", "0.1", "--lr", "0.1"]
-
-
-@pytest.fixture(scope="module")
-def tiny_rec(tmp_path_factory):
-    return make_tiny_rec(tmp_path_factory.mktemp("data") / "tiny", num_classes=40,
-                         per_class=4, seed=1)
 
 
 # ---------------------------------------------------------------------------- schedules

@@ -24,7 +24,6 @@ from hfsoftmax.samplers import build_sampler
 from hfsoftmax.train import main
 from paramserver.snapshot import read_snapshot
 from tests.ps_utils import running_server
-from tests.train_data import make_tiny_rec
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -33,12 +32,6 @@ torch.set_num_threads(1)
 TINY = ["--arch", "convnet-s", "--embedding-size", "32", "--batch-size", "16", "--workers",
         "0", "--threads", "1", "--print-freq", "5", "--head", "cosface", "--scale", "16",
         "--margin", "0.1", "--lr", "0.1", "--max-steps", "10"]
-
-
-@pytest.fixture(scope="module")
-def tiny_rec(tmp_path_factory):
-    return make_tiny_rec(tmp_path_factory.mktemp("data") / "tiny", num_classes=40,
-                         per_class=4, seed=1)
 
 
 def _state(folder, rows_dir=None):

@@ -38,7 +38,6 @@ from hfsoftmax.heads.sampled_config import rule_from_args
 from hfsoftmax.models import build_backbone
 from hfsoftmax.engine.model import prepare_head
 from hfsoftmax.train import _close_head
-from tests.train_data import make_tiny_rec
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -120,12 +119,6 @@ class SyncCounter(TorchFunctionMode):
             self.calls.append((name, where))
             out = _unmark(out)
         return out
-
-
-@pytest.fixture(scope="module")
-def tiny_rec(tmp_path_factory):
-    return make_tiny_rec(tmp_path_factory.mktemp("data") / "tiny", num_classes=40,
-                         per_class=4, seed=1)
 
 
 TINY = ["--arch", "convnet-s", "--embedding-size", "32", "--batch-size", "16", "--workers",

@@ -24,7 +24,6 @@ import torch
 from hfsoftmax.train import main
 from paramserver.snapshot import read_snapshot
 from tests.ps_utils import ROOT, running_server
-from tests.train_data import make_tiny_rec
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -56,12 +55,6 @@ def torchrun(nproc: int, args: list[str], timeout: float = 240) -> subprocess.Co
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")
     return proc
-
-
-@pytest.fixture(scope="module")
-def tiny_rec(tmp_path_factory):
-    return make_tiny_rec(tmp_path_factory.mktemp("data") / "tiny", num_classes=40,
-                         per_class=4, seed=1)
 
 
 def load(out, rows_dir=None):
