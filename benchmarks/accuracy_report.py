@@ -127,12 +127,21 @@ def _pts(run: dict, key: str) -> str:
     return f"{100 * run[key]['accuracy']:.2f}" if key in run else "-"
 
 
+def _diff(d: dict, proto: str) -> str:
+    """``+x.xx +- se`` for one protocol of a :func:`minus` result, ``-`` where absent."""
+    if f"{proto}_pts" not in d:
+        return "-"
+    return f"{d[f'{proto}_pts']:+.2f} +- {d.get(f'{proto}_se_pts', 0):.2f}"
+
+
 def markdown_table(outputs: list[dict], methods=("annoy", "faiss")) -> str:
-    """One row per output (a set x rate x seed): the two protocols' accuracy of full, HF
-    and random, HF minus random on both with the paired SE, and held-out top-1; what
+    """One row per output (a set x rate x seed) and protocol: the accuracy of full, HF and
+    random, HF minus random and minus full with the paired SE, held-out top-1 and each
+    run's training minutes (wall time on the machine that ran it); what
     ``benchmarks/ACCURACY.md`` and the README show (``accuracy.py --table``)."""
     head = ("| set, rate, seed | protocol | full | HF annoy | HF faiss | random | "
-            "annoy - random | faiss - random | top-1 full / annoy / random |")
+            "annoy - random | faiss - random | annoy - full | top-1 full / annoy / random | "
+            "train min full / annoy / faiss / random |")
     lines = [head, "| " + " | ".join("---" for _ in range(head.count("|") - 1)) + " |"]
     for out in outputs:
         cfg, runs = out.get("config", {}), out.get("runs", {})
@@ -140,16 +149,15 @@ def markdown_table(outputs: list[dict], methods=("annoy", "faiss")) -> str:
                 + (f" (train seed {cfg['train_seed']})"
                    if cfg.get("train_seed") not in (None, cfg.get("seed")) else ""))
         cmp = comparisons(runs)
+        minutes = " / ".join(f"{runs[m]['train_wall_s'] / 60:.0f}" if "train_wall_s"
+                             in runs.get(m, {}) else "-" for m in ("full", *methods, "random"))
         for proto, label in (("lookalike_pairs", "look-alike pairs"),
                              ("random_pairs", "random pairs")):
-            diffs = []
-            for hf in methods:
-                d = cmp.get(f"{hf}_minus_random", {})
-                diffs.append(f"{d[f'{proto}_pts']:+.2f} +- {d.get(f'{proto}_se_pts', 0):.2f}"
-                             if f"{proto}_pts" in d else "-")
+            diffs = [_diff(cmp.get(f"{hf}_minus_random", {}), proto) for hf in methods]
+            diffs.append(_diff(cmp.get(f"{methods[0]}_minus_full", {}), proto))
             top1 = " / ".join(f"{100 * runs[m]['top1']:.1f}" if m in runs and "top1" in
                               runs[m] else "-" for m in ("full", "annoy", "random"))
             lines.append(f"| {name} | {label} | " + " | ".join(
                 _pts(runs.get(m, {}), proto) for m in ("full", *methods, "random"))
-                + f" | {diffs[0]} | {diffs[1]} | {top1} |")
+                + f" | {' | '.join(diffs)} | {top1} | {minutes} |")
     return "\n".join(lines)

@@ -116,6 +116,10 @@ def test_quick_run_writes_one_json_with_every_method(tmp_path):
     assert first[2] == f"{100 * written['runs']['full']['lookalike_pairs']['accuracy']:.2f}"
     d = cmp["annoy_minus_random"]
     assert first[6].startswith(f"{d['lookalike_pairs_pts']:+.2f} +- ")
+    d = cmp["annoy_minus_full"]
+    assert first[8].startswith(f"{d['lookalike_pairs_pts']:+.2f} +- ")
+    minutes = first[10].rstrip(" |").split(" / ")
+    assert minutes[0] == f"{written['runs']['full']['train_wall_s'] / 60:.0f}"
 
     # --resume with the same configuration measures nothing again
     again = _run(*work, "--out", str(out), "--resume")
