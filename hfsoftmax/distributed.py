@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["init_distributed", "is_dist", "rank", "world_size", "local_rank", "is_main",
-           "all_gather_tensor", "broadcast", "all_reduce_mean", "barrier",
-           "destroy_distributed"]
+           "all_gather_tensor", "all_gather_sizes", "broadcast", "all_reduce_mean",
+           "all_reduce", "barrier", "destroy_distributed"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,20 +116,25 @@ def _comm_device(t: torch.Tensor | None = None) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
+def all_gather_tensor(t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate ``t`` from every rank along dim 0, in rank order (no autograd).
 
     Ranks may hold different numbers of rows (e.g. a short last batch): sizes are gathered
-    first and tensors padded to the largest. In a world of one, returns ``t`` itself.
+    first (or given: ``sizes``, every rank's row count, from :func:`all_gather_sizes`) and
+    tensors padded to the largest. In a world of one, returns ``t`` itself.
     """
     if not is_dist():
         return t
     src = t.detach().contiguous()
     dev = _comm_device(src)
-    n = torch.tensor([src.shape[0]], dtype=torch.int64, device=dev)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s.item()) for s in sizes]
+    if sizes is None:
+        n = torch.tensor([src.shape[0]], dtype=torch.int64, device=dev)
+        parts_n = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts_n, n)
+        sizes = [int(s.item()) for s in parts_n]
+    elif len(sizes) != dist.get_world_size() or sizes[dist.get_rank()] != src.shape[0]:
+        raise ValueError(f"sizes {sizes} do not fit a world of {dist.get_world_size()} where "
+                         f"this rank holds {src.shape[0]} rows")
     max_n = max(sizes)
     padded = torch.zeros((max_n, *src.shape[1:]), dtype=src.dtype, device=dev)
     padded[:src.shape[0]] = src.to(dev)
@@ -137,6 +142,17 @@ def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
     dist.all_gather(parts, padded)
     out = torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
     return out.to(t.device)
+
+
+def all_gather_sizes(n: int) -> list[int]:
+    """Every rank's ``n`` (e.g. its batch size), in rank order; ``[n]`` in a world of one.
+    Note: the result is read on the host (a CPU-GPU sync point under NCCL)."""
+    if not is_dist():
+        return [int(n)]
+    mine = torch.tensor([int(n)], dtype=torch.int64, device=_comm_device())
+    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return [int(v) for v in torch.cat(parts).tolist()]
 
 
 def broadcast(t: torch.Tensor | None, src: int = 0, *, shape: tuple[int, ...] | None = None,
@@ -185,4 +201,21 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     buf = t.detach().clone().to(dev)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     buf /= dist.get_world_size()
+    return buf.to(t.device)
+
+
+_REDUCE_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``t`` reduced over all ranks with ``op`` (``sum``, ``max`` or ``min``): a new tensor on
+    ``t``'s device, no autograd; ``t`` itself in a world of one. The model-parallel softmax
+    (:mod:`hfsoftmax.heads.dist_softmax`) combines its per-shard maxima and sums with it."""
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"unknown reduce op {op!r}; valid: {', '.join(_REDUCE_OPS)}")
+    if not is_dist():
+        return t
+    dev = _comm_device(t)
+    buf = t.detach().clone().to(dev)
+    dist.all_reduce(buf, op=getattr(dist.ReduceOp, _REDUCE_OPS[op]))
     return buf.to(t.device)

@@ -64,6 +64,9 @@ class AfterStep:
                             ", ".join(f"{k} {v:.4f}" for k, v in self.val.items()), mean,
                             self.ckpt.best)
             hd.barrier()
+            if self.ckpt.sharded:  # every rank writes its shard of the rows: all must save
+                is_best = bool(hd.broadcast(torch.tensor([int(is_best)]), 0, shape=(1,),
+                                            dtype=torch.int64))
         if self.top1 is not None and self._eval_due(s, end_of_epoch):  # rank 0 computes
             self.val.update(self.top1(s, epoch, self.progress, self.backbone, self.device))
         if done or is_best or (args.save_every and s % args.save_every == 0) \

@@ -7,7 +7,9 @@ settings, so ``--resume`` and feature extraction rebuild the model from it; the 
 head's rule as it ran, resolved), ``ps_snapshot`` (the row store's snapshot taken at the
 same step, or None for the full head: a name relative to the run folder for in-process
 rows, relative to the parameter server's snapshot folder for a server's; checkpoints before
-this named an absolute path, read as its file name beside the checkpoint), ``ps_kind``,
+this named an absolute path, read as its file name beside the checkpoint; rows sharded over
+the ranks, ``--row-store dist``: every rank's file ``<name>.0000r-of-0000W`` beside it),
+``ps_kind`` (``local``, ``remote`` or ``dist``),
 ``rng`` (the sampler's random state, for an exact resume), ``best`` (best verification
 accuracy so far), ``scaler`` (the float16 loss scaler's scale and growth count, or None)
 and ``format`` (this layout's version). Everything is tensors, numbers,
@@ -76,13 +78,19 @@ def rows_snapshot_name(step: int) -> str:
     return f"rows_step{step:09d}.safetensors"
 
 
-def prune_row_snapshots(folder: str | os.PathLike, keep: set[str]) -> None:
+def prune_row_snapshots(folder: str | os.PathLike, keep: set[str],
+                        shard: tuple[int, int] | None = None) -> None:
     """Delete the step-numbered row snapshots in ``folder`` (the run's own) that no
-    checkpoint names."""
+    checkpoint names; ``shard=(rank, world)``: only that rank's files of sharded rows
+    (``<name>.0000r-of-0000W``, each rank prunes its own)."""
     folder = os.fspath(folder)
     keep = {os.path.basename(k) for k in keep if k}
+    suffix = f".{shard[0]:05d}-of-{shard[1]:05d}" if shard and shard[1] > 1 else ""
     for name in os.listdir(folder):
-        if name.startswith("rows_step") and name.endswith(".safetensors") and name not in keep:
+        if not name.endswith(suffix):
+            continue
+        base = name[:len(name) - len(suffix)]
+        if base.startswith("rows_step") and base.endswith(".safetensors") and base not in keep:
             try:
                 os.unlink(os.path.join(folder, name))
             except OSError as e:  # another process may have removed it
@@ -121,6 +129,8 @@ class Checkpointer:
         self.optimizer, self.schedule = optimizer, schedule
         self.precision = precision  # engine.optim.Precision: the loss scaler's state
         self.remote = bool(remote)
+        #: rows sharded over the ranks (``--row-store dist``): every rank writes its shard
+        self.sharded = bool(getattr(store, "sharded", False))
         self.best = -math.inf
         self.last_rows: str | None = None
         self.best_rows: str | None = None
@@ -139,7 +149,7 @@ class Checkpointer:
                 "lr_scheduler": self.schedule.state_dict(), "step": step, "epoch": epoch,
                 "args": self.settings, "ps_snapshot": rows,
                 "ps_kind": None if self.store is None else
-                ("remote" if self.remote else "local"),
+                ("remote" if self.remote else "dist" if self.sharded else "local"),
                 "rng": {"sampler": json.dumps(rng.bit_generator.state)
                         if rng is not None else None},
                 "best": self.best if math.isfinite(self.best) else None,
@@ -147,7 +157,10 @@ class Checkpointer:
 
     def save(self, step: int, epoch: int, is_best: bool = False) -> None:
         """Rank 0: the rows after exactly ``step`` steps (every rank's push of the step has
-        returned, so the store holds them), then the checkpoint naming them."""
+        returned, so the store holds them), then the checkpoint naming them. Sharded rows:
+        every rank calls it (:meth:`_save_sharded`)."""
+        if self.sharded:
+            return self._save_sharded(step, epoch, is_best)
         if not hd.is_main():
             return
         rows = None
@@ -175,6 +188,28 @@ class Checkpointer:
             self.store.delete_snapshot(previous)
             self._written.discard(previous)
 
+    def _save_sharded(self, step: int, epoch: int, is_best: bool) -> None:
+        """Every rank writes its shard of the rows (``rows_step<N>.safetensors.0000r-of-
+        0000W``, a sharded server's layout: :mod:`paramserver.reshard` reads it); once all
+        are written rank 0 writes the checkpoint naming them; once that is in place every
+        rank prunes its own old shard files. ``is_best`` must be the same on every rank."""
+        rows = rows_snapshot_name(step)
+        full = os.path.join(self.folder, rows)
+        if rows != self.last_rows or not os.path.isfile(self.store.shard_path(full)):
+            self.store.snapshot(full)
+        hd.barrier()                    # every shard is on disk before a checkpoint names it
+        if hd.is_main():
+            state = self._state(step, epoch, rows)
+            save_checkpoint(os.path.join(self.folder, "last.pth"), state)
+            if is_best:
+                save_checkpoint(os.path.join(self.folder, "best.pth"), state)
+        self.last_rows = rows
+        if is_best:
+            self.best_rows = rows
+        hd.barrier()                    # the checkpoints name the new shards: old ones may go
+        prune_row_snapshots(self.folder, {self.last_rows, self.best_rows},
+                            (self.store.rank, self.store.world))
+
     def restore(self, path: str, device: torch.device) -> tuple[int, int]:
         """Load model, head, optimizer, sampler RNG and rows; returns ``(step, epoch)``."""
         ckpt = load_checkpoint(path, map_location=device)
@@ -196,8 +231,9 @@ class Checkpointer:
             if rows is None:
                 raise ValueError(f"--resume {path} has no row-store snapshot (was it trained "
                                  "without --sampled?)")
-            # Both stores read the parameter server's snapshot format, so a run may resume
-            # with or without --ps. The remote store is shared: rank 0 restores it.
+            # Every store reads the parameter server's snapshot format, so a run may resume
+            # with or without --ps. The remote store is shared: rank 0 restores it; sharded
+            # rows: every rank its own file of them (another count: paramserver.reshard).
             if self.remote:
                 # a server reads names inside its snapshot folder (older checkpoints stored
                 # an absolute path: its file name, for a server started in the run folder)

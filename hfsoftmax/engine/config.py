@@ -38,7 +38,8 @@ __all__ = ["build_parser", "parse_args", "validate_args", "args_to_dict", "STRUC
 STRUCTURAL = ("arch", "embedding_size", "head", "sampled", "num_classes")
 # Where and how this process runs: never taken from a checkpoint (see the module doc).
 RUNTIME = ("config", "resume", "save_path", "ps", "ps_timeout", "device", "amp", "workers",
-           "threads", "dist_backend", "index_threads", "sampler_process", "print_freq")
+           "threads", "dist_backend", "index_threads", "sampler_process", "print_freq",
+           "row_store")
 RUNTIME += RECIPE_RUNTIME  # the GPU recipe's (engine/flags.py)
 # How a new run starts (``--init-from``, ``--init-rows``): never taken from a checkpoint, so
 # a resumed run continues itself, not re-initialised from its source (engine/init_weights.py).
@@ -269,11 +270,16 @@ def _validate_sampled(args: argparse.Namespace) -> None:
         if args.ps:
             raise UsageError("--ps holds the sampled head's classifier rows; add --sampled "
                              "(the full softmax keeps its weight in the trainer)")
+        if args.row_store != "auto":
+            raise UsageError(f"--row-store {args.row_store} holds the sampled head's rows; add "
+                             "--sampled (the full softmax keeps its weight in the trainer)")
         return
+    _validate_row_store(args)
     for key, value in SAMPLED_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-            if key == "sampler" and _gpu_run(args.device):  # selection where the features are
+            # selection where the features are (the sharded rows: over each rank's shard)
+            if key == "sampler" and (_gpu_run(args.device) or args.row_store == "dist"):
                 args.sampler = "device"
     if args.num_classes is not None and args.sample_num > args.num_classes:
         raise UsageError(f"--sample-num {args.sample_num} exceeds --num-classes "
@@ -282,6 +288,33 @@ def _validate_sampled(args: argparse.Namespace) -> None:
         sampled_config.rule_from_args(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+#: the samplers the sharded rows select with (an exact top-k over each rank's shard)
+DIST_SAMPLERS = ("device", "exact", "random")
+
+
+def _validate_row_store(args: argparse.Namespace) -> None:
+    """``--row-store`` against ``--ps`` and the sampler (``--sampled`` is on)."""
+    rs = args.row_store
+    if rs == "server" and not args.ps:
+        raise UsageError("--row-store server needs the parameter server's address: add --ps "
+                         "tcp://HOST:PORT (or use --row-store local or dist)")
+    if rs in ("local", "dist") and args.ps:
+        raise UsageError(f"--row-store {rs} keeps the rows in the trainer, but --ps "
+                         f"{','.join(args.ps)} names a parameter server; drop --ps, or use "
+                         "--row-store server")
+    if rs != "dist":
+        return
+    if args.sampler is not None and args.sampler not in DIST_SAMPLERS:
+        raise UsageError(f"--sampler {args.sampler} searches an index over all rows; with "
+                         "--row-store dist each rank holds a shard and the nearest classes "
+                         "are an exact top-k merged over the ranks: use --sampler device "
+                         "(or exact, the same here) or random, or --row-store local/server")
+    if args.sampler_process:
+        raise UsageError("--sampler-process runs an index over all rows in its own process; "
+                         "--row-store dist has no index (each rank searches its shard): drop "
+                         "--sampler-process")
 
 
 def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:

@@ -13,11 +13,12 @@ from .argtypes import (nonneg_float as _nonneg_float, nonneg_int as _nonneg_int,
                        positive_float as _positive_float, positive_int as _positive_int,
                        unit_float as _unit_float)
 
-__all__ = ["build_parser", "parse_key_values", "HEADS", "SAMPLERS", "DEFAULT_SAVE_PATH",
-           "AMP_MODES", "LR_SCHEDULES", "OPTIMIZERS", "DECODERS", "RECIPE_RUNTIME"]
+__all__ = ["build_parser", "parse_key_values", "HEADS", "SAMPLERS", "ROW_STORES",
+           "DEFAULT_SAVE_PATH", "AMP_MODES", "LR_SCHEDULES", "OPTIMIZERS", "DECODERS", "RECIPE_RUNTIME"]
 
 HEADS = ("linear", "cosface", "arcface")
 SAMPLERS = ("annoy", "hnsw", "faiss", "exact", "device", "random")
+ROW_STORES = ("auto", "local", "server", "dist")
 DEFAULT_SAVE_PATH = "runs/train"
 
 
@@ -257,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(exact search over all rows on rank 0's CPU) that the selection "
                         "contains (0: off; default: 200 up to 100,000 classes, off above, "
                         "where one search takes seconds)")
+    g.add_argument("--row-store", choices=ROW_STORES, default="auto",
+                   help="where the sampled head's rows live: local (in this process; every "
+                        "rank a copy), server (the parameter server at --ps), dist (sharded "
+                        "over the torch.distributed ranks, each holding num_classes / W rows "
+                        "and selecting over its shard: hfsoftmax/rowstore_dist.py; --sampler "
+                        "device, exact or random), auto (server with --ps, else local)")
     g.add_argument("--ps", type=_ps_addresses, default=None, metavar="ADDRS",
                    help="parameter-server address(es), comma-separated (several: row shards), "
                         "e.g. tcp://127.0.0.1:5570; default: the rows live in this process")

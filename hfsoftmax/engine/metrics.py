@@ -204,10 +204,11 @@ def log_start(args, rule, num_images: int, num_classes: int, steps_per_epoch: in
     kw = logit_kwargs(args)
     head = args.head if args.head == "linear" else \
         f"{args.head} s={kw.get('s', DEFAULT_SCALE):g} m={kw.get('m', DEFAULT_MARGINS[args.head]):g}"
+    rows = (" on " + ",".join(args.ps) if args.ps else " (rows sharded over the ranks)"
+            if getattr(args, "row_store", None) == "dist" else " (in-process rows)")
     logger.info("training %s (%s head%s) on %d images of %d classes: %d process(es) x batch "
                 "%d, %d steps/epoch, steps %d -> %d, device %s", args.arch, head,
-                f", sampled {args.sample_num} via {args.sampler}"
-                f"{' on ' + ','.join(args.ps) if args.ps else ' (in-process rows)'}"
+                f", sampled {args.sample_num} via {args.sampler}{rows}"
                 if args.sampled else ", full softmax", num_images, num_classes, world,
                 args.batch_size, steps_per_epoch, step, total_steps, device)
     logger.info("recipe: %s, LR %g %s (warm-up %d steps%s), amp %s, clip %s, %s backward, "

@@ -173,8 +173,11 @@ class HeldoutTop1:
         from .. import distributed as hd
 
         out = {}
+        store = self.store
+        if getattr(store, "sharded", False):  # rows over the ranks: every rank sends rank 0
+            store = store.gather_rows(0)      # its shard (rank 0 holds them all, once)
         if self.validator is not None:
-            r = self.validator(backbone, self.head, self.store, device)
+            r = self.validator(backbone, self.head, store, device)
             name = self.validator.name
             progress.top1(step, epoch, name, r["top1"])
             logger.info("step %d held-out top-1: %.4f (%d of %d images of training "

@@ -96,8 +96,9 @@ def neighbour_slots_per_sample(args: argparse.Namespace, rule: SampledRule,
 def build_head_from_args(args: argparse.Namespace, num_classes: int,
                          rule: SampledRule | None = None):
     """``(head, row store or None)`` for ``--head`` / ``--sampled``: the full head, or the
-    sampled head over a row store (this process's, or ``--ps``) trained by ``rule``'s SGD,
-    selecting with ``--sampler`` corrected as ``rule`` says."""
+    sampled head over a row store (this process's, ``--ps``, or with ``--row-store dist``
+    this rank's shard) trained by ``rule``'s SGD, selecting with ``--sampler`` corrected as
+    ``rule`` says."""
     from . import FullHead, SampledHead
 
     kw = logit_kwargs(args)
@@ -115,6 +116,8 @@ def build_head_from_args(args: argparse.Namespace, num_classes: int,
                          f"({args.batch_size} x {world} processes = {global_batch}): "
                          "a batch's own labels alone may not fit; raise --sample-num or lower "
                          "--batch-size")
+    if getattr(args, "row_store", "auto") == "dist":
+        return _build_dist_head(args, num_classes, rule, kw)
     from ..rowstore import build_row_store
     from ..samplers import build_sampler
 
@@ -139,4 +142,42 @@ def build_head_from_args(args: argparse.Namespace, num_classes: int,
     head = SampledHead(store, sampler, args.sample_num, interval=args.interval,
                        recall_every=resolve_recall_every(args, num_classes),
                        logq=HEAD_LOGQ[rule.logq], **kw)
+    return head, store
+
+
+def _build_dist_head(args: argparse.Namespace, num_classes: int, rule: SampledRule,
+                     kw: dict[str, Any]):
+    """``--row-store dist``: this rank's shard of the rows
+    (:class:`~hfsoftmax.rowstore_dist.DistRowStore`), the selection over it
+    (:class:`~hfsoftmax.samplers.sharded.ShardSelector`) and the head
+    (:class:`~hfsoftmax.heads.dist_sampled.DistSampledHead`). A world of one is one shard."""
+    import logging
+
+    from ..engine.config import parse_key_values
+    from ..engine.recipe import resolve_recall_every
+    from ..rowstore_dist import DistRowStore
+    from ..samplers.sharded import ShardSelector
+    from .dist_sampled import DistSampledHead
+
+    extra = parse_key_values(args.sampler_opt)
+    allowed = {"dtype", "chunk_rows", "neighbour_oversample"}
+    if set(extra) - allowed:
+        raise ValueError(f"--sampler-opt {', '.join(sorted(set(extra) - allowed))}: not an "
+                         f"option of the sharded selection (--row-store dist takes "
+                         f"{', '.join(sorted(allowed))})")
+    if rule.fresh_rows:
+        logging.getLogger(__name__).info(
+            "--row-store dist: fresh_rows=%d has no use (every stepped row is written into "
+            "the shard's device copy, which is never stale)", rule.fresh_rows)
+    store = DistRowStore(num_classes, args.embedding_size,
+                         rule.sgd(lr=args.lr, weight_decay=args.weight_decay), seed=args.seed,
+                         name=args.ps_table)
+    selector = ShardSelector(num_classes, args.embedding_size, store.start, store.stop,
+                             metric="cosine" if args.head in MARGIN_HEADS else "ip",
+                             seed=args.seed, interval=args.interval,
+                             background=args.background_rebuild,
+                             random_share=rule.random_share,
+                             nearest=args.sampler != "random", **extra)
+    head = DistSampledHead(store, selector, args.sample_num, logq=HEAD_LOGQ[rule.logq],
+                           recall_every=resolve_recall_every(args, num_classes), **kw)
     return head, store
