@@ -66,7 +66,9 @@ def _head(case: str, rank: int | None = None, world: int | None = None):
     sel = ShardSelector(N, D, store.start, store.stop, seed=7, interval=3, background=False,
                         metric="ip" if logit == "linear" else "cosine", random_share=share,
                         nearest=nearest)
-    return DistSampledHead(store, sel, sample_num, logit=logit, s=30.0, m=0.3, logq=logq)
+    # .to(): what the trainer does with a head (nn.Module's _apply must be torch's own)
+    return DistSampledHead(store, sel, sample_num, logit=logit, s=30.0, m=0.3,
+                           logq=logq).to("cpu")
 
 
 def _run(head, batches, rank: int, world: int, steps=range(STEPS)):

@@ -193,7 +193,7 @@ class DistSampledHead(nn.Module):
                 weight.requires_grad_(True)
                 weight.register_hook(self._push_hook(mine))
             else:  # none of the selection is here: the shard still takes the step
-                self._apply(store, mine, np.zeros((0, self.dim), np.float32))
+                self._step_rows(store, mine, np.zeros((0, self.dim), np.float32))
             self._count_picks(ids, g_target, dev)
         logits, plain = shard_logits(self.spec, g_feat, weight, target)
         offsets = self._offsets(extra, slots, dev)
@@ -250,15 +250,15 @@ class DistSampledHead(nn.Module):
             if getattr(store, "async_push", False):
                 # the SGD on the store's thread while the backbone's backward runs; it has
                 # no collective, so it may overlap DDP's
-                store.submit(self._apply, store.inner, mine, host_copy(grad))
+                store.submit(self._step_rows, store.inner, mine, host_copy(grad))
             else:
                 # note: a device-to-host copy, a sync point on CUDA
-                self._apply(store, mine, grad.detach().to("cpu", torch.float32).numpy())
+                self._step_rows(store, mine, grad.detach().to("cpu", torch.float32).numpy())
             return None
 
         return hook
 
-    def _apply(self, store, mine: np.ndarray, g) -> None:
+    def _step_rows(self, store, mine: np.ndarray, g) -> None:
         """One SGD step of this rank's shard with the gradient ``g`` of its rows ``mine``;
         their new values go into the selector's device copy."""
         t0 = time.perf_counter()
