@@ -189,7 +189,8 @@ def log_start(args, rule, num_images: int, num_classes: int, steps_per_epoch: in
                         slots)
         per_interval = args.interval * args.sample_num
         if rule.fresh_rows and args.sampler not in ("random", "device") \
-                and per_interval > rule.fresh_rows:
+                and getattr(args, "row_store", None) != "dist" \
+                and per_interval > rule.fresh_rows:  # (dist: the shards' copies, no index)
             logger.warning("fresh rows: up to %d rows change per interval (--interval %d x "
                            "--sample-num %d), more than the %d kept: the index will rebuild "
                            "early, about every %d steps; raise --fresh-rows, or set it to 0 "

@@ -165,7 +165,7 @@ def _build_dist_head(args: argparse.Namespace, num_classes: int, rule: SampledRu
         raise ValueError(f"--sampler-opt {', '.join(sorted(set(extra) - allowed))}: not an "
                          f"option of the sharded selection (--row-store dist takes "
                          f"{', '.join(sorted(allowed))})")
-    if rule.fresh_rows:
+    if rule.fresh_rows and getattr(args, "fresh_rows", None):  # given, not the preset's
         logging.getLogger(__name__).info(
             "--row-store dist: fresh_rows=%d has no use (every stepped row is written into "
             "the shard's device copy, which is never stale)", rule.fresh_rows)
