@@ -21,11 +21,12 @@ def test_the_gpu_check_runs_its_steps_on_the_cpu(tmp_path):
     summary = json.loads((work / "summary.json").read_text())
     assert summary["passed"] and "GPU CHECK PASSED" in proc.stdout
     assert summary["steps"] == ["environment", "data", "full", "fp16", "sampled_server",
-                                "sampled_device", "extraction", "nccl", "gpu_tests",
+                                "sampled_device", "sampled_dist", "extraction", "nccl", "gpu_tests",
                                 "breakdown"]
     assert len(summary["skipped"]) == 3  # fp16, NCCL, pytest -m gpu: CUDA only
     figs = summary["figures"]
-    for run in ("full_ir50_bf16", "hf_faiss_server", "hf_faiss_server_resumed", "hf_device"):
+    for run in ("full_ir50_bf16", "hf_faiss_server", "hf_faiss_server_resumed", "hf_device",
+                "hf_dist", "hf_dist_resumed"):
         assert figs[run]["loss"] > 0 and figs[run]["img_s"] > 0, run
     assert {"gpu_only_ms", "today_ms", "new_path_ms"} <= set(figs["step_breakdown"])
 

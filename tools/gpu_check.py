@@ -12,12 +12,14 @@ stops the check with the step's name, the command and the tail of its log. Steps
 5. the sampled head with a parameter server (faiss in its index process, split backward,
    the push on its thread, per-sample log-Q, recall), then its resume with ``--ps``;
 6. the sampled head with the ``device`` sampler (the GPU default), fp16;
-7. extraction on CUDA equal to extraction on the CPU; evaluation on CUDA;
-8. a 1-process NCCL group over the distributed helpers and the sampled head's distributed
-   path (equal to the one-process path);
-9. the GPU tests of the suite (``pytest -m gpu``: host-sync counts under CUDA's sync debug
-   mode, the device sampler's copy);
-10. ``benchmarks/step_breakdown.py`` on the GPU (measured, not projected).
+7. the sampled head over rows sharded over the ranks (``--row-store dist``; one process, so
+   one shard: the shard's device copy and the sharded softmax on CUDA), then its resume;
+8. extraction on CUDA equal to extraction on the CPU; evaluation on CUDA;
+9. a 1-process NCCL group over the distributed helpers, the sampled head's distributed path
+   and the sharded rows' head (each equal to its one-process path);
+10. the GPU tests of the suite (``pytest -m gpu``: host-sync counts under CUDA's sync debug
+    mode, the device sampler's copy);
+11. ``benchmarks/step_breakdown.py`` on the GPU (measured, not projected).
 
 ``--device cpu --quick`` runs the same steps on the CPU at tiny sizes (CUDA-only checks
 skipped, named in the summary): what ``tests/test_gpu_check.py`` runs, so the check itself
@@ -218,6 +220,21 @@ class Check:
         if "device sampler: copy of" not in (save / "train.log").read_text():
             raise CheckFailed("hf_device/train.log shows no device copy of the rows")
 
+    def sampled_dist(self) -> None:
+        amp = ["--amp", "bf16"] if self.cuda else []
+        flags = [*self._net("ir18"), "--head", "cosface", "--sampled", "--row-store", "dist",
+                 "--sample-num", "16" if self.quick else "300", "--interval", "5",
+                 "--recall-every", "5"]
+        save = self.train("hf_dist", *flags, *amp, "--max-steps", "20")
+        self.figures["hf_dist"] = self.check_run(save, 20, sampled=True)
+        if "rows sharded over the ranks" not in (save / "train.log").read_text():
+            raise CheckFailed("hf_dist/train.log does not say the rows are sharded")
+        self.train("hf_dist", "--row-store", "dist", "--max-steps", "25", *amp, resume=save)
+        self.figures["hf_dist_resumed"] = self.check_run(save, 25, sampled=True)
+        rows = sorted(p.name for p in save.glob("rows_step*"))
+        if rows != ["rows_step000000025.safetensors"]:
+            raise CheckFailed(f"hf_dist: row snapshots {rows}, expected the one of step 25")
+
     def extraction(self) -> None:
         import numpy as np
 
@@ -261,7 +278,7 @@ class Check:
         self.figures["step_breakdown"] = json.loads(out.read_text()).get("projection")
 
     STEPS = ("environment", "data", "full", "fp16", "sampled_server", "sampled_device",
-             "extraction", "nccl", "gpu_tests", "breakdown")
+             "sampled_dist", "extraction", "nccl", "gpu_tests", "breakdown")
 
 
 def main(argv=None) -> int:
