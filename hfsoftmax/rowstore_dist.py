@@ -93,6 +93,7 @@ class DistRowStore:
 
     @property
     def optim(self) -> SGDConfig:
+        """The shard's SGD settings (the same on every rank)."""
         return self.table.optim
 
     # ------------------------------------------------------------------ this shard
@@ -155,6 +156,7 @@ class DistRowStore:
         return GatheredRows(self.read_shard()).iter_chunks(chunk_rows)
 
     def reader(self, chunk_rows: int = 65536):
+        """A function reading all rows: only in a world of one."""
         self._whole("reader")
         return self.read_shard
 
@@ -179,6 +181,7 @@ class DistRowStore:
 
     # ------------------------------------------------------------------ settings, values
     def set_lr(self, lr: float) -> None:
+        """Set the shard's SGD learning rate (every rank alike: the trainer's schedule)."""
         self.table.optim = SGDConfig.from_dict({**self.table.optim.to_dict(), "lr": lr})
 
     def set_rows(self, rows, values) -> None:
@@ -280,10 +283,12 @@ class GatheredRows:
         self.num_rows, self.dim = rows.shape
 
     def iter_chunks(self, chunk_rows: int = 65536):
+        """``(start, rows)`` chunks of ``chunk_rows`` rows, in order."""
         if chunk_rows <= 0:
             raise ValueError(f"chunk_rows must be > 0, got {chunk_rows}")
         for start in range(0, self.num_rows, chunk_rows):
             yield start, self.rows[start:start + chunk_rows]
 
     def read_all(self, chunk_rows: int = 65536) -> np.ndarray:
+        """All rows (the array itself, not a copy)."""
         return self.rows

@@ -107,6 +107,7 @@ class DistSampledHead(nn.Module):
 
     @property
     def interval(self) -> int:
+        """Steps between reloads of the shard's device copy (the selector's)."""
         return self.sampler.interval
 
     def extra_repr(self) -> str:
@@ -122,9 +123,11 @@ class DistSampledHead(nn.Module):
         self.lr = float(lr)
 
     def get_extra_state(self):
+        """The step counter, for checkpoints (the head has no tensors)."""
         return {"step": self.step}
 
     def set_extra_state(self, state) -> None:
+        """Restore :meth:`get_extra_state`'s step counter."""
         self.step = int(state.get("step", 0))
 
     def stats(self) -> dict:
@@ -163,6 +166,9 @@ class DistSampledHead(nn.Module):
         return to_device(torch.from_numpy(np.ascontiguousarray(extra[slots])), device)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> HeadOutput:
+        """One step over this rank's ``features`` (B, D) and ``labels`` (B,); every rank
+        must call it (collectives). See the module docstring for the steps and the
+        :class:`HeadOutput` it returns."""
         check_batch(features, labels, self.dim)
         labels = labels.long()
         training = self.training and torch.is_grad_enabled()

@@ -102,6 +102,7 @@ class ShardSelector:
 
     @property
     def name(self) -> str:
+        """What the trainer's log calls this selection."""
         return "sharded-exact" if self.nearest else "random"
 
     def __repr__(self):
@@ -217,6 +218,7 @@ class ShardSelector:
 
     # ------------------------------------------------------------------ telemetry, end
     def stats(self) -> dict:
+        """The copy's last reload time and count, and the last selection's neighbours."""
         r = self.rows
         return {"rebuild_s": None if r is None else r.last_rebuild_s,
                 "rebuilds": 0 if r is None else r.rebuilds,
