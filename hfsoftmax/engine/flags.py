@@ -14,7 +14,8 @@ from .argtypes import (nonneg_float as _nonneg_float, nonneg_int as _nonneg_int,
                        unit_float as _unit_float)
 
 __all__ = ["build_parser", "parse_key_values", "HEADS", "SAMPLERS", "ROW_STORES",
-           "DEFAULT_SAVE_PATH", "AMP_MODES", "LR_SCHEDULES", "OPTIMIZERS", "DECODERS", "RECIPE_RUNTIME"]
+           "DEFAULT_SAVE_PATH", "AMP_MODES", "LR_SCHEDULES", "OPTIMIZERS", "DECODERS",
+           "RECIPE_RUNTIME"]
 
 HEADS = ("linear", "cosface", "arcface")
 SAMPLERS = ("annoy", "hnsw", "faiss", "exact", "device", "random")
