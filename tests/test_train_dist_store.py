@@ -4,8 +4,9 @@ one process at twice the batch ends; the flags that cannot go with it exit with 
 
 The settings are ``tests/test_train_dist.py``'s (``convnet-s-gn``: per-sample
 normalisation; the linear head; no augmentation; synchronous copy refreshes), so the only
-difference between the runs is where the rows live. The head's arithmetic itself (margin
-heads, log-Q, the every-step decay, a selection on one rank only) is tested backbone-free in
+difference between the runs is where the rows live; the data is conftest's ``tiny_rec``
+(40 identities x 4 images). The head's arithmetic itself (margin heads, log-Q, the
+every-step decay, a selection on one rank only) is tested backbone-free in
 ``tests/test_rowstore_dist.py``.
 """
 from __future__ import annotations
@@ -22,19 +23,12 @@ from hfsoftmax.rowstore_dist import DistRowStore
 from hfsoftmax.train import main
 from paramserver.snapshot import read_snapshot
 from tests.test_train_dist import COMMON, assert_close_runs, torchrun
-from tests.train_data import make_tiny_rec
 
 pytestmark = pytest.mark.timeout(300)
 
 HALF, STEPS = 4, 8
 DIST = ["--sampled", "--row-store", "dist", "--sample-num", "24", "--interval", "3",
         "--no-background-rebuild", "--recall-every", "4", "--sampled-rule", "paper"]
-
-
-@pytest.fixture(scope="module")
-def tiny_rec(tmp_path_factory):
-    return make_tiny_rec(tmp_path_factory.mktemp("data") / "tiny", num_classes=40,
-                         per_class=4, seed=1)
 
 
 def rows_files(folder) -> list[str]:
