@@ -79,9 +79,12 @@ def test_two_ranks_write_a_shard_each_resume_and_equal_one_process(tiny_rec, tmp
         np.testing.assert_array_equal(store.table.momentum,
                                       saved.momentum[store.start:store.stop])
         assert store.table.updates == HALF
-    # resumed to the end: the step counter goes on, the old shards are pruned
+    # resumed to the end, with the fused backward this time (the head's collectives inside
+    # DDP's backward; the first half split it): the step counter goes on, the old shards
+    # are pruned
     proc = torchrun(2, ["--resume", str(two), "--row-store", "dist", "--max-steps", str(STEPS),
-                        "--dist-backend", "gloo"])
+                        "--dist-backend", "gloo", "--no-split-backward"])
+    assert "fused backward" in proc.stderr
     assert f"at step {HALF}" in proc.stderr and f"steps {HALF} -> {STEPS}" in proc.stderr
     end = "rows_step000000008.safetensors"
     assert rows_files(two) == [f"{end}.00000-of-00002", f"{end}.00001-of-00002"]
