@@ -1,6 +1,8 @@
 """The trainer with ``--row-store dist`` (the sampled head's rows sharded over the ranks):
 2 torchrun processes (gloo) write one rows file per rank, resume from them, and end where
-one process at twice the batch ends; the flags that cannot go with it exit with code 2.
+one process at twice the batch ends; a resume with another number of ranks is refused
+naming ``paramserver.reshard``, which makes it go; the flags that cannot go with
+``--row-store dist`` exit with code 2.
 
 The settings are ``tests/test_train_dist.py``'s (``convnet-s-gn``: per-sample
 normalisation; the linear head; no augmentation; synchronous copy refreshes), so the only
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import re
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,6 +24,7 @@ import torch
 
 from hfsoftmax.rowstore_dist import DistRowStore
 from hfsoftmax.train import main
+from paramserver.reshard import reshard
 from paramserver.snapshot import read_snapshot
 from tests.test_train_dist import COMMON, assert_close_runs, torchrun
 
@@ -52,7 +56,8 @@ def heldout_top1(folder) -> dict[int, float]:
                 if r["name"] == "heldout_top1"}
 
 
-def test_two_ranks_write_a_shard_each_resume_and_equal_one_process(tiny_rec, tmp_path):
+def test_two_ranks_write_a_shard_each_resume_and_equal_one_process(tiny_rec, tmp_path,
+                                                                    capsys):
     one, two = tmp_path / "one", tmp_path / "two"
     val = ["--val-rec", str(tiny_rec), "--val-every", "2"]
     # one process at batch 16: a world of one is one shard, a single rows file
@@ -98,6 +103,16 @@ def test_two_ranks_write_a_shard_each_resume_and_equal_one_process(tiny_rec, tmp
     top_a, top_b = heldout_top1(one), heldout_top1(two)
     assert sorted(top_a) == sorted(top_b) == [2, 4, 6, 8]
     assert all(abs(top_a[s] - top_b[s]) <= 1 / 160 for s in top_a), (top_a, top_b)
+    # another number of ranks: refused naming the tool, after which the run goes on
+    w1 = tmp_path / "w1"
+    shutil.copytree(two, w1)
+    resume_w1 = ["--resume", str(w1), "--row-store", "dist", "--max-steps", str(STEPS + 1)]
+    capsys.readouterr()
+    assert main(resume_w1) == 2
+    assert f"python -m paramserver.reshard {w1 / end} --shards 1" in capsys.readouterr().err
+    reshard(str(w1 / end), 1, out=str(w1 / end))
+    assert main(resume_w1) == 0
+    assert torch.load(w1 / "last.pth", weights_only=True)["step"] == STEPS + 1
 
 
 @pytest.mark.parametrize("argv,match", [
