@@ -39,6 +39,11 @@ def rows_files(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("rows_step"))
 
 
+def shard_files(*names: str, world: int = 2) -> list[str]:
+    """Every rank's file of each snapshot in ``names``, sorted."""
+    return sorted({f"{n}.{r:05d}-of-{world:05d}" for n in names for r in range(world)})
+
+
 def joined_rows(folder, name: str, world: int):
     """The rows of snapshot ``name`` in ``folder``, its ``world`` shard files joined in
     rank order (weight, momentum, step), as ``assert_close_runs`` reads a table."""
@@ -57,21 +62,25 @@ def heldout_top1(folder) -> dict[int, float]:
 
 
 def test_two_ranks_write_a_shard_each_resume_and_equal_one_process(tiny_rec, tmp_path,
-                                                                    capsys):
+                                                                    capsys, shared_fixtures):
     one, two = tmp_path / "one", tmp_path / "two"
     val = ["--val-rec", str(tiny_rec), "--val-every", "2"]
+    # verification on rank 0 only decides best.pth, which every rank's shard must join
+    bins = ["--val-bins", str(shared_fixtures / "verification-py2.bin")]
     # one process at batch 16: a world of one is one shard, a single rows file
     assert main(["--train-rec", str(tiny_rec), *COMMON, *DIST, *val, "--batch-size", "16",
                  "--save-path", str(one)]) == 0
     assert rows_files(one) == ["rows_step000000008.safetensors"]
     # two processes at batch 8, stopped half-way: one rows file per rank
-    proc = torchrun(2, ["--train-rec", str(tiny_rec), *COMMON, *DIST, *val,
+    proc = torchrun(2, ["--train-rec", str(tiny_rec), *COMMON, *DIST, *val, *bins,
                         "--batch-size", "8", "--max-steps", str(HALF),
                         "--save-path", str(two), "--dist-backend", "gloo"])
     assert "2 process(es) x batch 8" in proc.stderr and "rows sharded over the ranks" in \
         proc.stderr
     half = "rows_step000000004.safetensors"
-    assert rows_files(two) == [f"{half}.00000-of-00002", f"{half}.00001-of-00002"]
+    best = torch.load(two / "best.pth", weights_only=True)
+    assert best["ps_kind"] == "dist" and best["step"] in (2, HALF)
+    assert rows_files(two) == shard_files(half, best["ps_snapshot"])
     ckpt = torch.load(two / "last.pth", weights_only=True)
     assert (ckpt["step"], ckpt["ps_snapshot"], ckpt["ps_kind"]) == (HALF, half, "dist")
     saved = joined_rows(two, half, 2)
@@ -92,7 +101,8 @@ def test_two_ranks_write_a_shard_each_resume_and_equal_one_process(tiny_rec, tmp
     assert "fused backward" in proc.stderr
     assert f"at step {HALF}" in proc.stderr and f"steps {HALF} -> {STEPS}" in proc.stderr
     end = "rows_step000000008.safetensors"
-    assert rows_files(two) == [f"{end}.00000-of-00002", f"{end}.00001-of-00002"]
+    best = torch.load(two / "best.pth", weights_only=True)
+    assert rows_files(two) == shard_files(end, best["ps_snapshot"])
     a = torch.load(one / "last.pth", weights_only=True)
     b = torch.load(two / "last.pth", weights_only=True)
     assert b["ps_kind"] == "dist" and b["ps_snapshot"] == end
