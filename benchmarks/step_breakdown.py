@@ -22,7 +22,12 @@ GPU figures of ``gpu_model.py`` (on a GPU, from what it measured there):
 * ``new_path_ms``: selection on the device (its GPU work, one sync, the rule on the ids on
   the host), the pull, pinned copies, and the push overlapped with the backbone's backward,
   modelled as ``max(backward, push)`` (the overlap itself is another change, not made
-  here); telemetry on the device copy.
+  here); telemetry on the device copy;
+* ``dist_store_ms``: ``--row-store dist`` on one GPU: the rows, their momentum and their SGD
+  on the device (no pull, no push, no host work on the ids), the same device selection.
+
+``--reproject FILE`` recomputes the projection from the measurements saved in FILE (e.g.
+with another ``--gpu-backbone-ms``), measuring nothing.
 
 Sizes this machine cannot hold or time are measured smaller and scaled by a stated rule:
 the host samplers at ``--measure-classes`` rows (default 100K here), scaled to the target
@@ -58,18 +63,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import gpu_model  # noqa: E402
+from step_projection import _reproject, project, scale  # noqa: E402,F401
 
 #: how a host sampler's query cost grows with N (the measured time at n is scaled to N)
 SCALE_RULES = {"annoy": "log", "hnsw": "log", "faiss": "sqrt", "exact": "linear",
                "device": "linear"}
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "step_breakdown.json"
-
-
-def scale(ms: float, rule: str, n: int, target: int) -> float:
-    """``ms`` measured at ``n`` rows, scaled to ``target`` rows by ``rule``."""
-    factor = {"log": math.log(target) / math.log(n), "sqrt": math.sqrt(target / n),
-              "linear": target / n, "const": 1.0}[rule]
-    return ms * factor
 
 
 class Clock:
@@ -246,115 +245,6 @@ def measure_head(args, device, clock) -> dict:
     return {"head_ms": clock.median(step), "batch": args.batch, "sample_num": args.sample_num}
 
 
-# --------------------------------------------------------------------------- projection
-def project(m: dict, args, a: dict) -> dict:
-    """One step of the target configuration on the GPU, in ms, from the measured parts
-    ``m`` and the assumptions ``a`` (see the module docstring). Pure: tested on its own."""
-    from hfsoftmax.samplers.selection import neighbour_slots
-
-    N, D, B, S = args.num_classes, args.dim, args.batch, args.sample_num
-    on_gpu = m["device"] == "cuda"
-    bb, sel, rw = m["backbone"], m["selection"], m["rows"]
-    n = sel["classes"]
-    if on_gpu and bb["batch"] == B:
-        fwd, bwd = bb["forward_ms"], bb["backward_ms"] + bb["optimizer_ms"]
-    else:
-        fwd = a["backbone_ms"] * a["forward_share"]
-        bwd = a["backbone_ms"] - fwd
-    head = m["head"]["head_ms"] if on_gpu else gpu_model.head_ms(B, S, D, a)
-    select_dev = (scale(sel["device_topk_ms"], "linear", n, N) if on_gpu
-                  else gpu_model.select_ms(N, D, B, 2, a))
-    rows_bytes = S * D * 4
-
-    def copy(key, pinned, nbytes):
-        return rw[key] if on_gpu else gpu_model.copy_ms(nbytes, pinned, a)
-
-    feat_copy = copy("features_d2h_ms", False, B * D * 4) + a["sync_ms"]
-    today_sampler = args.today_sampler
-    host = sel["host"].get(today_sampler)
-    if host is None:
-        raise SystemExit(f"--today-sampler {today_sampler!r} was not measured; add it to "
-                         f"--samplers (measured: {', '.join(sel['host']) or 'none'})")
-    query = max(host["select_ms"] - sel["host_rule_ms"], 0.0)
-    host_select = scale(query, host["scale_rule"], n, N) + sel["host_rule_target_ms"]
-    telemetry_today = scale(rw["telemetry_ms"], "linear", rw["rows"], N) / args.recall_every
-    note = sel["note_ms"] if on_gpu else gpu_model.note_ms(S, D, a)
-    push_today = copy("grad_d2h_pageable_ms", False, rows_bytes) + rw["push_ms"]
-    parts_today = {
-        "forward": fwd, "features_to_host": feat_copy, "host_select": host_select,
-        "pull": rw["pull_ms"], "rows_to_device_pageable": copy("rows_h2d_pageable_ms", False,
-                                                               rows_bytes),
-        "head": head, "push_in_backward": push_today, "backward_and_optimizer": bwd,
-        "telemetry_amortised": telemetry_today, "syncs": a["sync_ms"] * args.syncs_today}
-    # labels + the most neighbours a batch can need, out (one sync); the selection back in
-    k_max = math.ceil(neighbour_slots(S, 1) / B * 1.25) + 1
-    ids_copies = gpu_model.copy_ms(B * (1 + k_max) * 8, False, a) + \
-        gpu_model.copy_ms((S + B) * 8, True, a)
-
-    def new_path(pull: float, push: float) -> dict:
-        push_new = copy("grad_d2h_pinned_ms", True, rows_bytes) + push + note
-        return {
-            "forward": fwd, "device_select": select_dev,
-            "host_rule_on_ids": sel["host_rule_target_ms"], "ids_copies": ids_copies,
-            "pull": pull, "rows_to_device_pinned": copy("rows_h2d_pinned_ms", True, rows_bytes),
-            "head": head, "max(backward_and_optimizer, push_and_note)": max(bwd, push_new),
-            "telemetry_amortised": select_dev / args.recall_every,
-            "syncs": a["sync_ms"] * args.syncs_new}
-
-    parts_new = new_path(rw["pull_ms"], rw["push_ms"])
-    push_new = copy("grad_d2h_pinned_ms", True, rows_bytes) + rw["push_ms"] + note
-    # what the new path would be with other row-store figures: the issue's server (12 ms
-    # pull, ~47 ms push), and none on the critical path (rows kept on the devices)
-    what_if = {"issue_server_pull_12_push_47": sum(new_path(12.0, 47.0).values()),
-               "rows_on_the_devices_no_pull_no_push": sum(new_path(0.0, 0.0).values())}
-    gpu_only = fwd + bwd + head
-    today, new = sum(parts_today.values()), sum(parts_new.values())
-    return {
-        "config": {"backbone": bb["backbone"] if on_gpu and bb["batch"] == B
-                   else "ir50 (its GPU time assumed)", "batch": B, "num_classes": N,
-                   "sample_num": S, "dim": D, "today_sampler": today_sampler,
-                   "recall_every": args.recall_every},
-        "gpu_only_ms": round(gpu_only, 2), "today_ms": round(today, 2),
-        "new_path_ms": round(new, 2), "today_vs_gpu_only": round(today / gpu_only, 2),
-        "new_vs_gpu_only": round(new / gpu_only, 2), "target_ratio": 1.2,
-        "target_met": bool(new <= 1.2 * gpu_only),
-        "today_parts_ms": _rounded(parts_today), "new_path_parts_ms": _rounded(parts_new),
-        "push_and_note_ms": round(push_new, 2),
-        "new_path_if_ms": {k: round(v, 2) for k, v in what_if.items()},
-        "new_path_if_vs_gpu_only": {k: round(v / (fwd + bwd + head), 2)
-                                    for k, v in what_if.items()},
-        "other_host_samplers_today_ms": {
-            name: round(today - host_select + scale(max(h["select_ms"] - sel["host_rule_ms"], 0),
-                                                    h["scale_rule"], n, N)
-                        + sel["host_rule_target_ms"], 2) for name, h in sel["host"].items()},
-        "assumptions": [
-            f"GPU figures from gpu_model.py ({a['gpu']})" if not on_gpu else
-            "GPU parts measured on this GPU",
-            f"backbone forward + backward + SGD {a['backbone_ms']} ms (the issue's ~120 ms of "
-            f"GPU work for ir50 at batch 256), forward {a['forward_share']:.2f} of it"
-            if not (on_gpu and bb["batch"] == B) else "backbone measured at the target batch",
-            "data loading keeps up in worker processes and its pinned copy overlaps compute: 0",
-            f"host samplers measured at {n} rows on this host and scaled to {N} "
-            "(annoy, hnsw: log N; faiss IVF: sqrt N; exact: N); the rule's host work measured "
-            f"at {N} classes",
-            "pull and push measured against a real parameter-server process on this host; "
-            "their cost follows S x D, not N",
-            f"recall telemetry: today exact search over all rows read from the server on the "
-            f"CPU (measured at {rw['rows']} rows, scaled by N) every {args.recall_every} "
-            "steps; new path: the same top-k on the device copy",
-            "new path: the push (and the note of the pushed rows) overlaps the backbone's "
-            "backward, modelled as max(backward, push): the overlap itself is not built here",
-            f"host-device syncs: {args.syncs_today} today (the issue counts 8-15), "
-            f"{args.syncs_new} on the new path (the selection's ids, the loss check), "
-            f"{a['sync_ms']} ms each beyond the host work they expose",
-        ],
-    }
-
-
-def _rounded(parts: dict) -> dict:
-    return {k: round(v, 2) for k, v in parts.items()}
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -381,7 +271,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true",
                     help="tiny sizes (2,000 rows, D 32, batch 16, convnet-s): a smoke test")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file to write ('' : none)")
+    ap.add_argument("--reproject", metavar="JSON", default=None,
+                    help="recompute the projection from the measurements in this earlier "
+                         "output (its configuration; measures nothing)")
     args = ap.parse_args(argv)
+    if args.reproject:
+        return _reproject(args)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     gpu = device.type == "cuda"

@@ -36,6 +36,17 @@ def test_quick_run_writes_the_projection(tmp_path):
     for part in ("data_ms", "forward_ms", "backward_ms", "optimizer_ms"):
         assert m["backbone"][part] >= 0
     assert {"pull_ms", "push_ms", "telemetry_ms"} <= set(m["rows"])
+
+    # --reproject: the same projection from the saved measurements, and with another
+    # backbone figure only the backbone's parts move
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_breakdown.py"),
+                            "--reproject", str(out), "--out", "", "--gpu-backbone-ms", "240"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    re = json.loads(again.stdout)
+    assert re["measured"] == m and re["reprojected"]["command"].endswith(str(out))
+    assert re["projection"]["gpu_only_ms"] == pytest.approx(proj["gpu_only_ms"] + 120, abs=0.05)
+    assert re["projection"]["today_parts_ms"]["pull"] == proj["today_parts_ms"]["pull"]
     assert {"device_select_ms", "device_topk_ms", "host_rule_target_ms", "note_ms"} <= \
         set(m["selection"])
     assert "faiss" in m["selection"]["host"] and m["head"]["head_ms"] > 0
@@ -67,6 +78,11 @@ def test_projection_overlaps_the_push_with_the_backward_only_on_the_new_path():
     assert slow["new_path_if_ms"] == quiet["new_path_if_ms"]
     assert quiet["new_path_if_ms"]["rows_on_the_devices_no_pull_no_push"] == pytest.approx(
         quiet["new_path_ms"] - 10.0, abs=0.05)  # the 10 ms pull gone; the push was hidden
+    # the dist store: no pull, no push, whatever the server's figures
+    assert slow["dist_store_ms"] == quiet["dist_store_ms"] < quiet["new_path_ms"] - 10.0
+    assert "pull" not in quiet["dist_store_parts_ms"]
+    assert quiet["dist_store_vs_gpu_only"] == pytest.approx(
+        quiet["dist_store_ms"] / quiet["gpu_only_ms"], abs=0.01)
     # today the push is serial: +180 ms of push is +180 ms of step
     assert slow["today_ms"] - quiet["today_ms"] == pytest.approx(180.0, abs=0.05)
     assert quiet["today_parts_ms"]["host_select"] == pytest.approx(298.0 + 3.0, abs=0.01)
