@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 
 __all__ = ["HeadOutput", "correct_count", "register_head", "build_head", "list_heads",
-           "check_batch"]
+           "check_batch", "RowStoreHeadMixin"]
 
 
 class HeadOutput(NamedTuple):
@@ -73,3 +74,44 @@ def check_batch(features: torch.Tensor, labels: torch.Tensor, dim: int) -> None:
                          f"({features.shape[0]},), got shape {tuple(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+
+
+class RowStoreHeadMixin:
+    """What the trainer calls on a head whose rows live in a row store (``self.rowstore``),
+    shared by :class:`~hfsoftmax.heads.SampledHead` and
+    :class:`~hfsoftmax.heads.dist_sampled.DistSampledHead` (listed before ``nn.Module``):
+    the rows' learning rate, the step counter a checkpoint keeps (the head holds no
+    tensors of its own: the rows are the store's), and the selections' coverage (counts in
+    ``self._picks``, one per class, or None)."""
+
+    def set_lr(self, lr: float) -> None:
+        """Set the rows' SGD learning rate (the trainer: the backbone's LR x the rule's)."""
+        self.rowstore.set_lr(lr)
+        self.lr = float(lr)
+
+    def get_extra_state(self):
+        """The step counter, for checkpoints."""
+        return {"step": self.step}
+
+    def set_extra_state(self, state) -> None:
+        """Restore :meth:`get_extra_state`'s step counter."""
+        self.step = int(state.get("step", 0))
+
+    def coverage(self, reset: bool = True) -> dict:
+        """How the negatives spread over the classes since the last reset (an epoch, as the
+        trainer calls it): ``coverage``, the share of classes that were a selected
+        non-label column at least once (so received a negative gradient), and
+        ``picks_top1pct``, the share of all such picks taken by the 1 % most picked classes
+        (about 0.01 for uniform sampling; near 1 when a few "hub" rows are everybody's
+        nearest). Counted on this rank's selections (the sharded head: the global
+        selections, the same on every rank)."""
+        if self._picks is None:
+            return {"coverage": 0.0, "picks_top1pct": None}
+        picks = self._picks.cpu().numpy()  # one copy per call (an epoch), not per step
+        total = int(picks.sum())
+        top = np.sort(picks)[::-1][:max(1, self.num_classes // 100)]
+        out = {"coverage": float(np.count_nonzero(picks) / self.num_classes),
+               "picks_top1pct": float(top.sum() / total) if total else None}
+        if reset:
+            self._picks.zero_()
+        return out

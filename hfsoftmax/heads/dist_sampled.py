@@ -50,7 +50,7 @@ from torch import nn
 
 from .. import distributed as hd
 from ..samplers.selection import sample_log_weights
-from .base import HeadOutput, check_batch, register_head
+from .base import HeadOutput, RowStoreHeadMixin, check_batch, register_head
 from .dist_softmax import gather_features, shard_logits, sharded_cross_entropy
 from .logits import DEFAULT_SCALE, LogitSpec
 from .push import host_array, host_copy, to_device
@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 
 @register_head("dist-sampled")
-class DistSampledHead(nn.Module):
+class DistSampledHead(RowStoreHeadMixin, nn.Module):
     """Softmax over ``sample_num`` classes selected over the global batch, the rows sharded
     over the ranks; see the module docstring. ``rowstore``: this rank's
     :class:`~hfsoftmax.rowstore_dist.DistRowStore` (or a
@@ -117,37 +117,10 @@ class DistSampledHead(nn.Module):
                 f"s={self.spec.s}, m={self.spec.m}, logq={self.logq}")
 
     # -- what the trainer calls besides forward ----------------------------------------
-    def set_lr(self, lr: float) -> None:
-        """Set the rows' SGD learning rate (the trainer: the backbone's LR x the rule's)."""
-        self.rowstore.set_lr(lr)
-        self.lr = float(lr)
-
-    def get_extra_state(self):
-        """The step counter, for checkpoints (the head has no tensors)."""
-        return {"step": self.step}
-
-    def set_extra_state(self, state) -> None:
-        """Restore :meth:`get_extra_state`'s step counter."""
-        self.step = int(state.get("step", 0))
-
     def stats(self) -> dict:
         """This head's timings and recall, and the selector's copy refreshes."""
         self._wait_push()
         return {**self.telemetry, **self.sampler.stats()}
-
-    def coverage(self, reset: bool = True) -> dict:
-        """As :meth:`hfsoftmax.heads.SampledHead.coverage`, over the global selections (the
-        same on every rank)."""
-        if self._picks is None:
-            return {"coverage": 0.0, "picks_top1pct": None}
-        picks = self._picks.cpu().numpy()
-        total = int(picks.sum())
-        top = np.sort(picks)[::-1][:max(1, self.num_classes // 100)]
-        out = {"coverage": float(np.count_nonzero(picks) / self.num_classes),
-               "picks_top1pct": float(top.sum() / total) if total else None}
-        if reset:
-            self._picks.zero_()
-        return out
 
     # -- the step ------------------------------------------------------------------------
     def _wait_push(self) -> None:

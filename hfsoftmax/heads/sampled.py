@@ -79,7 +79,7 @@ from torch import nn
 
 from .. import distributed as hd
 from ..samplers.selection import sample_log_weights
-from .base import HeadOutput, check_batch, register_head
+from .base import HeadOutput, RowStoreHeadMixin, check_batch, register_head
 from .logits import DEFAULT_SCALE, LogitSpec
 from .push import host_array as _host_array, host_copy, host_inputs as _host_inputs, \
     to_device as _to_device
@@ -116,7 +116,7 @@ def exact_topk(features: torch.Tensor, rowstore, k: int, cosine: bool,
 
 
 @register_head("sampled")
-class SampledHead(nn.Module):
+class SampledHead(RowStoreHeadMixin, nn.Module):
     """Softmax over ``sample_num`` selected rows of a row store (see the module docstring).
 
     ``interval``: rebuild the sampler's index every this many training steps (None: the
@@ -180,17 +180,6 @@ class SampledHead(nn.Module):
                 f"interval={self.interval}, logq={self.logq}")
 
     # -- what the trainer calls besides forward ----------------------------------------
-    def set_lr(self, lr: float) -> None:
-        """Set the row store's SGD learning rate (call it with the backbone's LR)."""
-        self.rowstore.set_lr(lr)
-        self.lr = float(lr)
-
-    def get_extra_state(self):
-        return {"step": self.step}
-
-    def set_extra_state(self, state) -> None:
-        self.step = int(state.get("step", 0))
-
     def stats(self) -> dict:
         """Telemetry for logs: this head's timings and recall, plus the sampler's figures
         (rebuild time, index age in steps, rebuild count). Waits for a push in flight (its
@@ -199,24 +188,6 @@ class SampledHead(nn.Module):
         out = dict(self.telemetry)
         if hasattr(self.sampler, "stats"):
             out.update(self.sampler.stats())
-        return out
-
-    def coverage(self, reset: bool = True) -> dict:
-        """How the negatives spread over the classes since the last reset (an epoch, as the
-        trainer calls it): ``coverage``, the share of classes that were a selected
-        non-label column at least once (so received a negative gradient), and
-        ``picks_top1pct``, the share of all such picks taken by the 1 % most picked classes
-        (about 0.01 for uniform sampling; near 1 when a few "hub" rows are everybody's
-        nearest). Counted on this rank's selections."""
-        if self._picks is None:
-            return {"coverage": 0.0, "picks_top1pct": None}
-        picks = self._picks.cpu().numpy()  # one copy per call (an epoch), not per step
-        total = int(picks.sum())
-        top = np.sort(picks)[::-1][:max(1, self.num_classes // 100)]
-        out = {"coverage": float(np.count_nonzero(picks) / self.num_classes),
-               "picks_top1pct": float(top.sum() / total) if total else None}
-        if reset:
-            self._picks.zero_()
         return out
 
     # -- index maintenance ---------------------------------------------------------------
