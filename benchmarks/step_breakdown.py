@@ -186,9 +186,10 @@ def measure_selection(args, device, clock, rows, x, y) -> tuple[dict, np.ndarray
 
 def measure_rows(args, device, clock, ids: np.ndarray, features: torch.Tensor) -> dict:
     """Pull, copies, push and the recall telemetry against a real parameter-server
-    process holding ``--measure-classes`` x D rows (SGD momentum 0.9, weight decay)."""
+    process holding ``--measure-classes`` x D rows (SGD momentum 0.9, weight decay); the
+    pull and push of the same rows held in this process (``--row-store dist``'s shard)."""
     from hfsoftmax.heads.sampled import exact_topk
-    from hfsoftmax.rowstore import RemoteRowStore, SGDConfig
+    from hfsoftmax.rowstore import LocalRowStore, RemoteRowStore, SGDConfig
     from paramserver import ParamClient
     from tests.ps_utils import start_server, stop_server
 
@@ -206,6 +207,12 @@ def measure_rows(args, device, clock, ids: np.ndarray, features: torch.Tensor) -
         w = store.pull(ids)
         grads = np.random.default_rng(0).standard_normal((s, d)).astype(np.float32) * 1e-3
         out["push_ms"] = clock.median(lambda: store.push(ids, grads), device_timer=False)
+        # --row-store dist keeps each rank's shard in-process (a paramserver.Table, the same
+        # SGD): the pull and push of one process holding all rows (W = 1), no server
+        local = LocalRowStore(n, d, SGDConfig(lr=0.1, momentum=0.9, weight_decay=5e-4), seed=0)
+        out["local_pull_ms"] = clock.median(lambda: local.pull(ids), device_timer=False)
+        out["local_push_ms"] = clock.median(lambda: local.push(ids, grads), device_timer=False)
+        del local
         if device.type == "cuda":  # the copies this machine cannot time without a GPU
             pinned = torch.from_numpy(w).pin_memory()
             g_dev = torch.from_numpy(grads).to(device)

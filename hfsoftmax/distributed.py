@@ -86,6 +86,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0,
         device = device if device is not None else torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
+        global _NCCL_DEVICE
+        _NCCL_DEVICE = torch.device("cuda", torch.cuda.current_device())
     from datetime import timedelta
 
     dist.init_process_group(backend=backend, init_method="env://",
@@ -107,10 +109,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+#: the CUDA device this rank's NCCL communicator is bound to (init_distributed): a
+#: collective called from another thread (the row store's worker) must use it, not that
+#: thread's current device (cuda:0 on a new thread)
+_NCCL_DEVICE: torch.device | None = None
+
+
 def _comm_device(t: torch.Tensor | None = None) -> torch.device:
-    # gloo only moves CPU tensors; nccl only CUDA ones (this rank's current device).
+    # gloo only moves CPU tensors; nccl only CUDA ones (this rank's bound device).
     if dist.get_backend() == "gloo":
         return torch.device("cpu")
+    if _NCCL_DEVICE is not None:
+        return _NCCL_DEVICE
     if t is not None and t.is_cuda:
         return t.device
     return torch.device("cuda", torch.cuda.current_device())

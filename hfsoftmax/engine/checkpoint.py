@@ -227,6 +227,10 @@ class Checkpointer:
         if os.path.isfile(best_path) and os.path.abspath(path) != best_path:
             self.best_rows = load_checkpoint(best_path).get("ps_snapshot")
         rows = ckpt.get("ps_snapshot")
+        if ckpt.get("ps_kind") == "dist" and self.store is not None and not self.sharded:
+            logger.warning("--resume %s: its rows were sharded over the ranks (--row-store "
+                           "dist); this run keeps all of them in every process. Add "
+                           "--row-store dist to keep sharding them", path)
         if self.store is not None:
             if rows is None:
                 raise ValueError(f"--resume {path} has no row-store snapshot (was it trained "

@@ -175,7 +175,10 @@ class HeldoutTop1:
         out = {}
         store = self.store
         if getattr(store, "sharded", False):  # rows over the ranks: every rank sends rank 0
-            store = store.gather_rows(0)      # its shard (rank 0 holds them all, once)
+            wait = getattr(store, "wait", None)  # its shard (rank 0 holds them all, once),
+            if wait is not None:                 # after the last step's SGD on it
+                wait()
+            store = store.gather_rows(0)
         if self.validator is not None:
             r = self.validator(backbone, self.head, store, device)
             name = self.validator.name

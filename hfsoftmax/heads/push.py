@@ -88,7 +88,13 @@ class ThreadedRowStore:
         from ..rowstore import LocalRowStore
 
         self.inner = inner
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rowstore")
+        # the worker thread works on this thread's CUDA device (the current device is per
+        # thread: a new one starts on cuda:0, wrong for every rank but the first)
+        cuda_dev = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="rowstore",
+            initializer=None if cuda_dev is None else torch.cuda.set_device,
+            initargs=() if cuda_dev is None else (cuda_dev,))
         self._last: Future | None = None
         #: whether the head may submit pushes without waiting (see the module docstring)
         self.async_push = not (hd.is_dist() and isinstance(inner, LocalRowStore))

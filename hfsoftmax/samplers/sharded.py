@@ -53,7 +53,7 @@ def merge_shard_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> torch.T
     the same tensor on every rank."""
     g = scores.shape[0]
     packed = torch.cat([scores.double(), ids.double()], dim=1)  # ids < 2**53: exact
-    every = hd.all_gather_tensor(packed)                        # (W * G, 2k), rank order
+    every = hd.all_gather_tensor(packed, [g] * hd.world_size())  # (W * G, 2k), rank order
     w = every.shape[0] // max(g, 1) if g else 1
     every = every.reshape(w, g, 2 * k)
     cand_s = every[:, :, :k].permute(1, 0, 2).reshape(g, w * k)
