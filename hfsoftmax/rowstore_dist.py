@@ -224,10 +224,38 @@ class DistRowStore:
         another number of shards (another W, or one file of a local run) is refused naming
         ``python -m paramserver.reshard``; the ranks' shards must be of one step."""
         import torch
+        from paramserver.snapcheck import SnapshotError
+
+        path = os.fspath(path)
+        t, error = None, None
+        try:  # every rank reaches the collective below, failed or not (no rank left waiting)
+            t = self._read_shard(path)
+        except (ValueError, SnapshotError, OSError) as e:
+            error = e
+        ok = 0 if error is not None else 1
+        mine = torch.tensor([ok, t.updates if t is not None else -1], dtype=torch.int64)
+        every = hd.all_gather_tensor(mine[None], [1] * self.world).tolist()
+        if error is not None:
+            raise error
+        failed = [r for r, (good, _) in enumerate(every) if not good]
+        if failed:
+            raise ValueError(f"row snapshot {path}: rank(s) {failed} could not read their "
+                             "shard (their log says why)")
+        steps = [u for _, u in every]
+        if len(set(steps)) > 1:
+            raise ValueError(f"row snapshot {path}: the ranks' shards are of different steps "
+                             f"{steps}; they were not written together")
+        self.table = t
+        self.version += 1
+        logger.info("rows [%d, %d) of %r restored from %s (%d updates)", self.start,
+                    self.stop, self.name, self.shard_path(path), t.updates)
+
+    def _read_shard(self, path: str):
+        """This rank's table of snapshot ``path``, checked against this rank's rows
+        (``ValueError`` naming the file and the fix)."""
         from paramserver.reshard import find_snapshot_files
         from paramserver.snapcheck import SnapshotError, open_snapshot
 
-        path = os.fspath(path)
         try:
             files = find_snapshot_files(path, self.world)
         except SnapshotError as e:
@@ -251,14 +279,7 @@ class DistRowStore:
                              f"[{t.row_start}, {t.row_start + t.num_rows}) of {t.global_rows} "
                              f"x {t.dim}; rank {self.rank} needs [{self.start}, {self.stop}) "
                              f"of {self.num_rows} x {self.dim}")
-        steps = hd.all_gather_tensor(torch.tensor([t.updates], dtype=torch.int64)).tolist()
-        if len(set(steps)) > 1:
-            raise ValueError(f"row snapshot {path}: the ranks' shards are of different steps "
-                             f"{steps}; they were not written together")
-        self.table = t
-        self.version += 1
-        logger.info("rows [%d, %d) of %r restored from %s (%d updates)", self.start,
-                    self.stop, self.name, files[self.rank], t.updates)
+        return t
 
     def delete_snapshot(self, path: str | os.PathLike) -> None:
         """Remove this rank's file of snapshot ``path``."""

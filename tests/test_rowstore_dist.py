@@ -121,6 +121,19 @@ def _worker(rank: int, port: int, outdir: str):
         _run(again, batches, rank, WORLD, range(HALF, STEPS))
         result["resume"] = {"straight": _shard_state(head.rowstore),
                             "resumed": _shard_state(again.rowstore)}
+        # a shard only rank 1 cannot read: both ranks raise (none waits in a collective)
+        bad = os.path.join(outdir, "rows_bad.safetensors")
+        head.rowstore.snapshot(bad)
+        hd.barrier()
+        if rank == 1:
+            with open(head.rowstore.shard_path(bad), "r+b") as fh:
+                fh.truncate(100)
+        hd.barrier()
+        try:
+            _head(case).rowstore.restore(bad)
+            result["bad_restore"] = "restored"
+        except ValueError as e:
+            result["bad_restore"] = str(e)
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         hd.destroy_distributed()
@@ -242,3 +255,9 @@ def test_shards_tile_the_table_and_name_the_owner():
         DistRowStore(2, 4, rank=0, world=3)
     with pytest.raises(ValueError, match="selector is for rows"):
         DistSampledHead(store, ShardSelector(10, 4, 0, 3), 5)
+
+
+def test_a_shard_one_rank_cannot_read_fails_every_rank(two_ranks):
+    _, res = two_ranks
+    assert "rank(s) [1] could not read their shard" in res[0]["bad_restore"]
+    assert "rows_bad.safetensors.00001-of-00002" in res[1]["bad_restore"]
