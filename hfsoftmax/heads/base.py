@@ -1,6 +1,7 @@
 """What every classifier head returns, and the head registry."""
 from __future__ import annotations
 
+import time
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -81,7 +82,8 @@ class RowStoreHeadMixin:
     shared by :class:`~hfsoftmax.heads.SampledHead` and
     :class:`~hfsoftmax.heads.dist_sampled.DistSampledHead` (listed before ``nn.Module``):
     the rows' learning rate, the step counter a checkpoint keeps (the head holds no
-    tensors of its own: the rows are the store's), and the selections' coverage (counts in
+    tensors of its own: the rows are the store's), the telemetry for logs, the wait for a
+    push in flight on the store's thread, and the selections' coverage (counts in
     ``self._picks``, one per class, or None)."""
 
     def set_lr(self, lr: float) -> None:
@@ -96,6 +98,25 @@ class RowStoreHeadMixin:
     def set_extra_state(self, state) -> None:
         """Restore :meth:`get_extra_state`'s step counter."""
         self.step = int(state.get("step", 0))
+
+    def stats(self) -> dict:
+        """Telemetry for logs: this head's timings and recall, plus the sampler's figures
+        (an index's rebuild time, age and count; the sharded selector's copy refreshes).
+        Waits for a push in flight (its thread may be talking to the sampler)."""
+        self._wait_push()
+        out = dict(self.telemetry)
+        if hasattr(self.sampler, "stats"):
+            out.update(self.sampler.stats())
+        return out
+
+    def _wait_push(self) -> None:
+        """Wait for the previous step's push (and its fresh rows) where it runs on the row
+        store's thread; raise its error."""
+        wait = getattr(self.rowstore, "wait", None)
+        if wait is not None:
+            t0 = time.perf_counter()
+            wait()
+            self.telemetry["push_wait_s"] = time.perf_counter() - t0
 
     def coverage(self, reset: bool = True) -> dict:
         """How the negatives spread over the classes since the last reset (an epoch, as the

@@ -116,18 +116,7 @@ class DistSampledHead(RowStoreHeadMixin, nn.Module):
                 f"{st.stop}), sample_num={self.sample_num}, logit={self.spec.logit}, "
                 f"s={self.spec.s}, m={self.spec.m}, logq={self.logq}")
 
-    # -- what the trainer calls besides forward ----------------------------------------
-    def stats(self) -> dict:
-        """This head's timings and recall, and the selector's copy refreshes."""
-        self._wait_push()
-        return {**self.telemetry, **self.sampler.stats()}
-
     # -- the step ------------------------------------------------------------------------
-    def _wait_push(self) -> None:
-        wait = getattr(self.rowstore, "wait", None)
-        if wait is not None:
-            wait()
-
     def _offsets(self, extra, slots: np.ndarray, device) -> torch.Tensor | None:
         """This rank's columns of the log-Q offsets: (n,) or (G, n); None when off."""
         if not self.logq:

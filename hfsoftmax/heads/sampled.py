@@ -121,10 +121,11 @@ class SampledHead(RowStoreHeadMixin, nn.Module):
 
     ``interval``: rebuild the sampler's index every this many training steps (None: the
     sampler's own ``interval``; the first training step builds the first index, and until it
-    is ready the selection is labels + random classes). ``recall_every`` (0: off) logs, every this many steps, the fraction of each
-    sample's true top-``recall_k`` classes (exact scores over all rows, read in chunks) that
-    the selection contains. :meth:`stats` gives the latest figures. The head has no
-    parameters: the trainer's LR schedule reaches the rows through :meth:`set_lr`.
+    is ready the selection is labels + random classes). ``recall_every`` (0: off) logs,
+    every this many steps, the fraction of each sample's true top-``recall_k`` classes
+    (exact scores over all rows, read in chunks) that the selection contains. :meth:`stats`
+    gives the latest figures. The head has no parameters: the trainer's LR schedule reaches
+    the rows through :meth:`set_lr`.
     """
 
     def __init__(self, rowstore, sampler, sample_num: int, logit: str = "linear",
@@ -180,16 +181,6 @@ class SampledHead(RowStoreHeadMixin, nn.Module):
                 f"interval={self.interval}, logq={self.logq}")
 
     # -- what the trainer calls besides forward ----------------------------------------
-    def stats(self) -> dict:
-        """Telemetry for logs: this head's timings and recall, plus the sampler's figures
-        (rebuild time, index age in steps, rebuild count). Waits for a push in flight (its
-        thread may be talking to the sampler)."""
-        self._wait_push()
-        out = dict(self.telemetry)
-        if hasattr(self.sampler, "stats"):
-            out.update(self.sampler.stats())
-        return out
-
     # -- index maintenance ---------------------------------------------------------------
     def rebuild_index(self, wait: bool = True) -> None:
         """Rebuild the sampler's index from the current rows now (rank 0 only).
@@ -215,15 +206,6 @@ class SampledHead(RowStoreHeadMixin, nn.Module):
             self.sampler.maybe_rebuild(self.step, self.rowstore.reader(self.chunk_rows))
 
     # -- the step ------------------------------------------------------------------------
-    def _wait_push(self) -> None:
-        """Wait for the previous step's push (and its fresh rows) where it runs on the row
-        store's thread; raise its error."""
-        wait = getattr(self.rowstore, "wait", None)
-        if wait is not None:
-            t0 = time.perf_counter()
-            wait()
-            self.telemetry["push_wait_s"] = time.perf_counter() - t0
-
     def _sampler_select(self, features: torch.Tensor, labels: torch.Tensor):
         # the log-Q offsets (or own slots) are asked for only when used: a sampler of one's
         # own needs ``log_weights`` only for logq=True or "sample"
