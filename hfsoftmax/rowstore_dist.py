@@ -41,16 +41,11 @@ import numpy as np
 
 from . import distributed as hd
 from .rowstore import SGDConfig, _as_grads
-from paramserver.table import Table
+from paramserver.table import Table, shard_bounds
 
 __all__ = ["DistRowStore", "GatheredRows", "shard_bounds"]
 
 logger = logging.getLogger(__name__)
-
-
-def shard_bounds(num_rows: int, world: int) -> list[tuple[int, int]]:
-    """Each rank's global row range ``[a, b)``: rank ``i`` holds ``[i*N//W, (i+1)*N//W)``."""
-    return [(i * num_rows // world, (i + 1) * num_rows // world) for i in range(world)]
 
 
 class DistRowStore:

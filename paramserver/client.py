@@ -26,6 +26,7 @@ import numpy as np
 import zmq
 
 from .optim import SGDConfig
+from .table import shard_bounds
 from .wire import decode_arrays, decode_header, encode
 
 __all__ = ["ParamClient", "ParamServerError"]
@@ -211,8 +212,7 @@ class ParamClient:
         return self._all({"op": "register", "worker": self.worker_id})[0]["workers"]
 
     def _ranges(self, num_rows: int) -> list[tuple[int, int]]:
-        s = len(self._conns)
-        return [(i * num_rows // s, (i + 1) * num_rows // s) for i in range(s)]
+        return shard_bounds(num_rows, len(self._conns))
 
     def create_table(self, name: str, num_rows: int, dim: int, *, init: str = "normal",
                      std: float = 0.01, seed: int = 0) -> bool:

@@ -34,7 +34,7 @@ import numpy as np
 
 from .snapcheck import SnapshotError, open_snapshot
 from .snapshot import write_snapshot
-from .table import Table
+from .table import Table, shard_bounds
 
 __all__ = ["shard_file_names", "find_snapshot_files", "load_tables", "reshard", "main"]
 
@@ -159,7 +159,7 @@ def reshard(path: str | os.PathLike, count: int, out: str | os.PathLike | None =
     for i, f in enumerate(files):
         shard = {}
         for name, t in full.items():
-            a, b = i * t.num_rows // count, (i + 1) * t.num_rows // count
+            a, b = shard_bounds(t.num_rows, count)[i]
             s = Table(name, b - a, t.dim, init=t.init, std=t.std, seed=t.seed, row_start=a,
                       optim=t.optim, weight=np.ascontiguousarray(t.weight[a:b]),
                       momentum=np.ascontiguousarray(t.momentum[a:b]), global_rows=t.num_rows)

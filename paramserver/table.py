@@ -16,7 +16,8 @@ import numpy as np
 
 from .optim import NonFiniteUpdateError, SGDConfig, check_summed_grads, sgd_rows
 
-__all__ = ["Table", "INITS", "init_rows", "TABLE_NAME", "MAX_STEP", "MAX_DIM", "check_name"]
+__all__ = ["Table", "INITS", "init_rows", "TABLE_NAME", "MAX_STEP", "MAX_DIM", "check_name",
+           "shard_bounds"]
 
 INITS = ("zeros", "normal", "uniform")
 # Table names: what the wire, the snapshot files and the logs accept (fullmatch: no "\n").
@@ -37,6 +38,14 @@ def check_name(name: object) -> str:
 # Rows are initialised in blocks of this many global rows, each from its own seeded stream,
 # so any shard can generate its rows without generating the rows before it.
 _INIT_BLOCK = 4096
+
+
+def shard_bounds(num_rows: int, count: int) -> list[tuple[int, int]]:
+    """Each shard's global row range ``[a, b)`` when ``num_rows`` rows are split over
+    ``count`` shards: shard ``i`` holds ``[i*N//count, (i+1)*N//count)``. The one split rule
+    of the client over server shards, of :mod:`paramserver.reshard` and of the trainer's
+    rows sharded over ranks (``--row-store dist``), so each reads the others' files."""
+    return [(i * num_rows // count, (i + 1) * num_rows // count) for i in range(count)]
 
 
 def init_rows(init: str, start: int, stop: int, dim: int, std: float, seed: int) -> np.ndarray:
