@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import sys
@@ -44,7 +43,8 @@ import torch  # noqa: E402
 import gpu_model  # noqa: E402
 from ann_recall import recall_at_k  # noqa: E402
 from hfsoftmax.samplers import build_sampler  # noqa: E402
-from hfsoftmax.samplers.selection import neighbour_slots, select_classes  # noqa: E402
+from hfsoftmax.samplers.selection import (  # noqa: E402
+    neighbour_slots, neighbours_per_sample, select_classes)
 from hfsoftmax.samplers.synthetic import clustered_rows, queries_near  # noqa: E402
 from timing import median_ms  # noqa: E402
 
@@ -52,12 +52,13 @@ from timing import median_ms  # noqa: E402
 def device_split(sampler, x, y, sample_num: int, repeats: int) -> dict:
     """The device sampler's select split into its top-k over the copy and the host rule."""
     b, n = x.shape[0], sampler.num_classes
-    k_max = math.ceil(neighbour_slots(sample_num, 1) / b * sampler.neighbour_oversample) + 1
+    k_max = neighbours_per_sample(neighbour_slots(sample_num, 1), b,
+                                  sampler.neighbour_oversample)
     xt = torch.from_numpy(x)
     dev_ms = median_ms(lambda: sampler.rows.topk(xt, min(k_max, n)), repeats)
     nb = sampler.rows.topk(xt, min(k_max, n))[1].numpy()
-    k = math.ceil(neighbour_slots(sample_num, np.unique(y).size) / b
-                  * sampler.neighbour_oversample) + 1
+    k = neighbours_per_sample(neighbour_slots(sample_num, np.unique(y).size), b,
+                              sampler.neighbour_oversample)
     rng = np.random.default_rng(0)
     host_ms = median_ms(lambda: select_classes(y, nb[:, :k], sample_num, n, rng), repeats)
     return {"device_part_ms": dev_ms, "host_part_ms": host_ms, "k_max": int(k_max)}

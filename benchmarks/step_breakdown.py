@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -63,7 +62,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import gpu_model  # noqa: E402
-from step_projection import _reproject, project, scale  # noqa: E402,F401
+from step_projection import _reproject, project  # noqa: E402,F401
 
 #: how a host sampler's query cost grows with N (the measured time at n is scaled to N)
 SCALE_RULES = {"annoy": "log", "hnsw": "log", "faiss": "sqrt", "exact": "linear",
@@ -142,7 +141,8 @@ def measure_selection(args, device, clock, rows, x, y) -> tuple[dict, np.ndarray
     the selection rule's host work at the target N. Returns the figures and the device
     sampler's class ids (what pull and push then move)."""
     from hfsoftmax.samplers import build_sampler
-    from hfsoftmax.samplers.selection import neighbour_slots, select_classes
+    from hfsoftmax.samplers.selection import (neighbour_slots, neighbours_per_sample,
+                                              select_classes)
 
     n, d = rows.shape
     b, s = x.shape[0], args.sample_num
@@ -166,10 +166,11 @@ def measure_selection(args, device, clock, rows, x, y) -> tuple[dict, np.ndarray
     dev.rebuild(rows)
     out["device_copy_s"] = round(time.perf_counter() - t0, 2)
     out["device_select_ms"] = clock.median(lambda: dev.select(xd, yd, s), device_timer=False)
-    k_max = math.ceil(neighbour_slots(s, 1) / b * dev.neighbour_oversample) + 1
+    k_max = neighbours_per_sample(neighbour_slots(s, 1), b, dev.neighbour_oversample)
     out["device_topk_ms"] = clock.median(lambda: dev.rows.topk(xd, min(k_max, n)))
     nb = dev.rows.topk(xd, min(k_max, n))[1].cpu().numpy()
-    k = math.ceil(neighbour_slots(s, np.unique(y).size) / b * dev.neighbour_oversample) + 1
+    k = neighbours_per_sample(neighbour_slots(s, np.unique(y).size), b,
+                              dev.neighbour_oversample)
     for key, classes in (("host_rule_ms", n), ("host_rule_target_ms", args.num_classes)):
         rng = np.random.default_rng(0)
         out[key] = clock.median(lambda: select_classes(y, nb[:, :k], s, classes, rng),

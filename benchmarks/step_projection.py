@@ -24,7 +24,7 @@ def scale(ms: float, rule: str, n: int, target: int) -> float:
 def project(m: dict, args, a: dict) -> dict:
     """One step of the target configuration on the GPU, in ms, from the measured parts
     ``m`` and the assumptions ``a`` (see the module docstring). Pure: tested on its own."""
-    from hfsoftmax.samplers.selection import neighbour_slots
+    from hfsoftmax.samplers.selection import neighbour_slots, neighbours_per_sample
 
     N, D, B, S = args.num_classes, args.dim, args.batch, args.sample_num
     on_gpu = m["device"] == "cuda"
@@ -61,7 +61,7 @@ def project(m: dict, args, a: dict) -> dict:
         "head": head, "push_in_backward": push_today, "backward_and_optimizer": bwd,
         "telemetry_amortised": telemetry_today, "syncs": a["sync_ms"] * args.syncs_today}
     # labels + the most neighbours a batch can need, out (one sync); the selection back in
-    k_max = math.ceil(neighbour_slots(S, 1) / B * 1.25) + 1
+    k_max = neighbours_per_sample(neighbour_slots(S, 1), B, 1.25)
     ids_copies = gpu_model.copy_ms(B * (1 + k_max) * 8, False, a) + \
         gpu_model.copy_ms((S + B) * 8, True, a)
 

@@ -30,13 +30,12 @@ on the accelerator).
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
 
 from .device_rows import DeviceRows, to_device
-from .selection import check_labels, neighbour_slots
+from .selection import check_labels, neighbour_slots, neighbours_per_sample
 from .selector import ClassSampler, check_policy
 
 __all__ = ["DeviceSampler"]
@@ -162,7 +161,7 @@ class DeviceSampler(ClassSampler):
             # them on the host once the labels are known there
             need_max = neighbour_slots(sample_num, 1, self.random_share)
             if need_max > 0:
-                k_max = math.ceil(need_max / b * self.neighbour_oversample) + 1
+                k_max = neighbours_per_sample(need_max, b, self.neighbour_oversample)
                 nb = self.index.topk(x, min(k_max, self.num_classes))[1]
         lab, nb = self._labels_host(labels, nb)
         lab = check_labels(lab, self.num_classes)
@@ -178,7 +177,7 @@ class DeviceSampler(ClassSampler):
                                 "random classes until the first refresh is ready")
                     self._warned_no_index = True
             elif need > 0:
-                k = math.ceil(need / b * self.neighbour_oversample) + 1
+                k = neighbours_per_sample(need, b, self.neighbour_oversample)
                 neighbours = nb[:, :min(k, self.num_classes)]
         out = self._apply_rule(lab, neighbours, sample_num, log_weights)
         if out_device is not None:

@@ -35,11 +35,13 @@ its (B, S) block is a training step's.)
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 __all__ = ["check_labels", "check_random_share", "interleave_neighbours", "neighbour_slots",
-           "own_slots", "random_topup", "sample_log_weights", "select_classes",
-           "topup_log_weights"]
+           "neighbours_per_sample", "own_slots", "random_topup", "sample_log_weights",
+           "select_classes", "select_with_correction", "topup_log_weights"]
 
 
 def check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -123,6 +125,13 @@ def neighbour_slots(sample_num: int, num_labels: int, random_share: float = 0.0)
     return free - int(round(float(random_share) * free))
 
 
+def neighbours_per_sample(need: int, batch: int, oversample: float) -> int:
+    """How many nearest classes each of ``batch`` samples asks for so that ``need``
+    neighbour slots (:func:`neighbour_slots`) fill after de-duplication:
+    ``ceil(need / batch * oversample) + 1``. One formula for every sampler's search."""
+    return math.ceil(need / batch * oversample) + 1
+
+
 def check_random_share(random_share) -> float:
     """``random_share`` as a float in [0, 1], or ValueError naming the value."""
     if isinstance(random_share, bool) or not isinstance(random_share, (int, float, np.floating)) \
@@ -166,6 +175,25 @@ def select_classes(labels: np.ndarray, neighbours: np.ndarray | None, sample_num
     class_ids = np.concatenate([chosen, rand])
     remapped = np.searchsorted(uniq, labels).astype(np.int64, copy=False)
     return class_ids, remapped, int(near.size)
+
+
+def select_with_correction(labels: np.ndarray, neighbours: np.ndarray | None,
+                           sample_num: int, num_classes: int, rng: np.random.Generator,
+                           random_share: float, log_weights: bool | str):
+    """:func:`select_classes` and the log-Q output ``log_weights`` asks for:
+    ``(class_ids, remapped, num_neighbours, extra)``, ``extra`` None (``False``), the (S,)
+    offsets of :func:`topup_log_weights` (``True``: labels and neighbours 0, the random
+    top-up ``log(#others / #random)``, all zeros when every class is selected) or each
+    sample's own slots (``"sample"``: :func:`own_slots`). The one end of every sampler's
+    selection (index, device, sharded), so all select and correct alike."""
+    ids, remapped, n_near = select_classes(labels, neighbours, sample_num, num_classes, rng,
+                                           random_share)
+    extra = None
+    if log_weights == "sample":
+        extra = own_slots(ids, remapped, neighbours)
+    elif log_weights:
+        extra = topup_log_weights(ids.size, num_classes, np.unique(labels).size + n_near)
+    return ids, remapped, n_near, extra
 
 
 def topup_log_weights(sample_num: int, num_classes: int, num_fixed: int) -> np.ndarray:

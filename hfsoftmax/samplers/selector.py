@@ -24,7 +24,6 @@ Zhang et al., "Accelerated Training for Massive Classification via Dynamic Class
 from __future__ import annotations
 
 import logging
-import math
 import sys
 
 import numpy as np
@@ -32,8 +31,8 @@ import numpy as np
 from .fresh import FreshRows, merge_topk
 from .handle import IndexHandle, RowsSource
 from .index import Index, check_features, check_table, normalize
-from .selection import (check_labels, check_random_share, neighbour_slots, own_slots,
-                        select_classes, topup_log_weights)
+from .selection import (check_labels, check_random_share, neighbour_slots,
+                        neighbours_per_sample, select_with_correction)
 
 __all__ = ["ClassSampler", "check_policy"]
 
@@ -331,7 +330,7 @@ class ClassSampler:
             elif need > 0:
                 if self.fresh is not None:  # the fresh rows' search runs where the features are
                     self.fresh.to(device)
-                k = math.ceil(need / x.shape[0] * self.neighbour_oversample) + 1
+                k = neighbours_per_sample(need, x.shape[0], self.neighbour_oversample)
                 neighbours = self._neighbours(x, min(k, self.num_classes))
         out = self._apply_rule(lab, neighbours, sample_num, log_weights)
         if device is not None:
@@ -348,21 +347,15 @@ class ClassSampler:
 
     def _apply_rule(self, lab: np.ndarray, neighbours: np.ndarray | None, sample_num: int,
                     log_weights: bool | str) -> tuple:
-        """The end of :meth:`select` on the host: the rule (``select_classes``, with this
+        """The end of :meth:`select` on the host: the rule and the log-Q output
+        ``log_weights`` asks for (:func:`~.selection.select_with_correction`, with this
         sampler's RNG) over the checked labels and the neighbours found (or None), recording
-        ``last_num_neighbours``, and the log-Q output ``log_weights`` asks for; numpy arrays.
-        One place, so every sampler (the device one too) selects and corrects alike."""
-        ids, remapped, n_near = select_classes(lab, neighbours, sample_num, self.num_classes,
-                                               self.rng, self.random_share)
+        ``last_num_neighbours``; numpy arrays."""
+        ids, remapped, n_near, extra = select_with_correction(
+            lab, neighbours, sample_num, self.num_classes, self.rng, self.random_share,
+            log_weights)
         self.last_num_neighbours = n_near
-        out = (ids, remapped)
-        if log_weights == "sample":
-            out += (own_slots(ids, remapped, neighbours),)
-        elif log_weights:  # labels and neighbours 0, the random top-up log(#others / #random);
-            # all zeros when every class is selected (no class left for a random one to stand for)
-            out += (topup_log_weights(ids.size, self.num_classes,
-                                      np.unique(lab).size + n_near),)
-        return out
+        return (ids, remapped, extra) if log_weights else (ids, remapped)
 
     # ------------------------------------------------------------------ telemetry
     def stats(self) -> dict:

@@ -37,8 +37,8 @@ import torch
 
 from .. import distributed as hd
 from .device_rows import DeviceRows
-from .selection import (check_labels, neighbour_slots, own_slots, select_classes,
-                        topup_log_weights)
+from .selection import (check_labels, neighbour_slots, neighbours_per_sample,
+                        select_with_correction)
 from .selector import check_policy
 
 __all__ = ["ShardSelector", "merge_shard_topk"]
@@ -174,7 +174,7 @@ class ShardSelector:
             # the same k, so the merge is one collective; trimmed once the labels are known
             need_max = neighbour_slots(sample_num, 1, self.random_share)
             if need_max > 0:
-                k_max = min(math.ceil(need_max / g * self.neighbour_oversample) + 1,
+                k_max = min(neighbours_per_sample(need_max, g, self.neighbour_oversample),
                             self.num_classes)
                 nb = self._shard_topk(g_feat.detach(), k_max)
         if nb is not None and nb.device == g_lab.device:
@@ -189,16 +189,12 @@ class ShardSelector:
         if nb is not None:
             need = neighbour_slots(sample_num, np.unique(lab).size, self.random_share)
             if need > 0:
-                k = math.ceil(need / g * self.neighbour_oversample) + 1
+                k = neighbours_per_sample(need, g, self.neighbour_oversample)
                 neighbours = nb[:, :min(k, nb.shape[1])]
-        ids, remapped, n_near = select_classes(lab, neighbours, sample_num, self.num_classes,
-                                               self.rng, self.random_share)
+        ids, remapped, n_near, extra = select_with_correction(
+            lab, neighbours, sample_num, self.num_classes, self.rng, self.random_share,
+            log_weights)
         self.last_num_neighbours = n_near
-        extra = None
-        if log_weights == "sample":
-            extra = own_slots(ids, remapped, neighbours)
-        elif log_weights:
-            extra = topup_log_weights(ids.size, self.num_classes, np.unique(lab).size + n_near)
         return ids, remapped, extra
 
     def exact_topk(self, g_feat: torch.Tensor, shard_rows: np.ndarray, k: int) -> torch.Tensor:
